@@ -1,0 +1,165 @@
+"""The KV page pool: ref-counted pages, chained page hashes for prefix caching, LRU reuse.
+
+The block manager alone owns pages. A page holds `block_size` tokens of K/V for every layer.
+A *full* page whose tokens are known is identified by a chained hash (hash of the previous page's
+hash and its own token ids), so equal prefixes map to equal hashes wherever they are computed
+(ingress, router, worker). Pages whose last user finished keep their hash and stay reusable until
+the pool needs them: free pages form an LRU queue, and taking one evicts its hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+
+from workers.sequence import Sequence
+
+_ROOT_HASH = b"zipserve-page-v1"
+
+
+def hash_page(parent: bytes | None, token_ids) -> bytes:
+    """Chained hash of one full page (stable across processes and machines)."""
+    h = hashlib.blake2b(parent or _ROOT_HASH, digest_size=16)
+    h.update(array("q", token_ids).tobytes())
+    return h.digest()
+
+
+def page_hashes(token_ids: list[int], block_size: int, start: list[bytes] | None = None) -> list[bytes]:
+    """Hashes of every full page of `token_ids`, extending the already computed `start` list."""
+    hashes = list(start or [])
+    for i in range(len(hashes), len(token_ids) // block_size):
+        parent = hashes[i - 1] if i else None
+        hashes.append(hash_page(parent, token_ids[i * block_size : (i + 1) * block_size]))
+    return hashes
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_cache: bool = True):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_cache = enable_prefix_cache
+        self.ref_count = [0] * num_blocks
+        self.block_hash: list[bytes | None] = [None] * num_blocks
+        self.hash_to_block: dict[bytes, int] = {}
+        # Free pages in eviction order (head evicted first). Pages here have ref_count 0.
+        self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.prefix_queries = 0  # prompt tokens looked up
+        self.prefix_hits = 0  # of which found cached
+
+    # ---- queries -------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_queue)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self.hash_to_block)
+
+    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        """New pages `seq` needs so its table covers `num_tokens` tokens."""
+        return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
+
+    def cached_prefix(self, seq: Sequence) -> list[int]:
+        """Pages holding a cached prefix of `seq`'s tokens (no references taken).
+
+        At least one token is always left to compute, since its logits are needed."""
+        if not self.enable_prefix_cache:
+            return []
+        seq.block_hashes = page_hashes(seq.token_ids, self.block_size, seq.block_hashes)
+        max_blocks = (seq.num_tokens - 1) // self.block_size
+        hits = []
+        for h in seq.block_hashes[:max_blocks]:
+            block = self.hash_to_block.get(h)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def can_allocate(self, num_blocks: int, cached: list[int] = ()) -> bool:
+        # Cached pages that are free leave the free queue when taken, so they count against it too.
+        reused_free = sum(1 for b in cached if self.ref_count[b] == 0)
+        return num_blocks + reused_free <= self.num_free_blocks
+
+    # ---- mutations -----------------------------------------------------------------------
+    def allocate(self, seq: Sequence, cached: list[int], num_new_tokens: int) -> None:
+        """Give a fresh sequence its cached prefix pages plus pages for its first chunk."""
+        assert not seq.block_table and seq.num_computed_tokens == 0
+        for b in cached:
+            self._take(b)
+            seq.block_table.append(b)
+        seq.num_computed_tokens = len(cached) * self.block_size
+        seq.num_committed_blocks = len(cached)
+        seq.num_cached_prompt_tokens = seq.num_computed_tokens
+        if self.enable_prefix_cache:
+            self.prefix_queries += seq.num_tokens
+            self.prefix_hits += seq.num_computed_tokens
+        self.append_slots(seq, num_new_tokens)
+
+    def append_slots(self, seq: Sequence, num_new_tokens: int) -> None:
+        need = self.blocks_needed(seq, seq.num_computed_tokens + num_new_tokens)
+        if need > self.num_free_blocks:
+            raise RuntimeError(f"out of KV pages: need {need}, have {self.num_free_blocks}")
+        for _ in range(need):
+            seq.block_table.append(self._pop_free())
+
+    def commit_full_blocks(self, seq: Sequence) -> None:
+        """Register hashes for `seq`'s pages that became full and computed this step."""
+        if not self.enable_prefix_cache:
+            return
+        n_full = seq.num_computed_tokens // self.block_size
+        if n_full <= seq.num_committed_blocks:
+            return
+        if len(seq.block_hashes) < n_full:
+            seq.block_hashes = page_hashes(seq.token_ids, self.block_size, seq.block_hashes)
+        for i in range(seq.num_committed_blocks, n_full):
+            block, h = seq.block_table[i], seq.block_hashes[i]
+            if self.block_hash[block] is None and h not in self.hash_to_block:
+                self.block_hash[block] = h
+                self.hash_to_block[h] = block
+        seq.num_committed_blocks = n_full
+
+    def free(self, seq: Sequence) -> None:
+        """Drop `seq`'s references; its pages become free (tail first in eviction order)."""
+        for b in reversed(seq.block_table):
+            self.ref_count[b] -= 1
+            assert self.ref_count[b] >= 0, f"double free of page {b}"
+            if self.ref_count[b] == 0:
+                self.free_queue[b] = None
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+        seq.num_committed_blocks = 0
+
+    def reset_prefix_cache(self) -> None:
+        for b in list(self.hash_to_block.values()):
+            self.block_hash[b] = None
+        self.hash_to_block.clear()
+
+    # ---- internals -----------------------------------------------------------------------
+    def _take(self, block: int) -> None:
+        if self.ref_count[block] == 0:
+            del self.free_queue[block]
+        self.ref_count[block] += 1
+
+    def _pop_free(self) -> int:
+        block, _ = self.free_queue.popitem(last=False)
+        h = self.block_hash[block]
+        if h is not None:  # evict the page's cached identity
+            del self.hash_to_block[h]
+            self.block_hash[block] = None
+        self.ref_count[block] = 1
+        return block
+
+    def check_invariants(self, seqs: list[Sequence]) -> None:
+        """Raise AssertionError if refs, free queue or hashes disagree with the live tables."""
+        refs = [0] * self.num_blocks
+        for s in seqs:
+            assert len(set(s.block_table)) == len(s.block_table), f"{s.request_id}: page twice in table"
+            for b in s.block_table:
+                refs[b] += 1
+        assert refs == self.ref_count, "ref counts disagree with page tables"
+        free = {b for b in range(self.num_blocks) if refs[b] == 0}
+        assert free == set(self.free_queue), "free queue disagrees with ref counts"
+        for h, b in self.hash_to_block.items():
+            assert self.block_hash[b] == h, f"hash index broken at page {b}"
+        assert sum(h is not None for h in self.block_hash) == len(self.hash_to_block)

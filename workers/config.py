@@ -1,0 +1,103 @@
+"""Engine configuration: one typed object, validated once, unknown keys rejected.
+
+Zipage silently dropped options it did not know (its README ran without a feature because of a
+renamed flag); here every key must be a field, or `EngineConfig.from_kwargs` raises naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# Feature names owned by later work; a config that asks for them gets a clear error.
+COMPRESSION_FEATURE = "Compressed PagedAttention (budget_blocks; issue 3)"
+TRITON_FEATURE = "the Triton GPU backend (backend='triton'; issue 4)"
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    block_size: int = 256
+    num_blocks: int | None = None  # pages in the pool; None = size from kv_cache_memory_gb / GPU memory
+    kv_cache_memory_gb: float | None = None  # alternative to num_blocks
+    gpu_memory_utilization: float = 0.9  # on CUDA when neither of the two above is set
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192  # tokens per step (decode tokens + prefill chunks)
+    max_model_len: int | None = None  # None = the model's max_position_embeddings
+    enable_prefix_cache: bool = True
+    backend: str = "torch"
+    device: str | None = None  # None = cuda if available else cpu
+    dtype: str | None = None  # None = bfloat16 on cuda, float32 on cpu
+    budget_blocks: int | None = None  # None = full KV
+    seed: int = 0
+    tokenizer: str | None = None  # None = the model folder
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown engine config key(s): {', '.join(unknown)}; known keys: {', '.join(sorted(known))}"
+            )
+        cfg = cls(model=model, **kwargs)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if not isinstance(self.model, (str, os.PathLike)) or not os.path.isdir(self.model):
+            raise FileNotFoundError(f"model folder not found: {self.model!r}")
+        if not os.path.isfile(os.path.join(self.model, "config.json")):
+            raise FileNotFoundError(f"no config.json in model folder {self.model!r}")
+        _positive_int(self, "block_size")
+        _positive_int(self, "max_num_seqs")
+        _positive_int(self, "max_num_batched_tokens")
+        if self.num_blocks is not None:
+            _positive_int(self, "num_blocks")
+        if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:
+            raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_model_len is not None:
+            _positive_int(self, "max_model_len")
+        if self.backend not in ("torch", "triton"):
+            raise ValueError(f"backend must be 'torch' or 'triton', got {self.backend!r}")
+        if self.backend == "triton":
+            raise NotImplementedError(f"{TRITON_FEATURE} is not built yet; use backend='torch'")
+        if self.budget_blocks is not None:
+            raise NotImplementedError(
+                f"{COMPRESSION_FEATURE} is not built yet; leave budget_blocks=None (full KV)"
+            )
+        if self.dtype is not None and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as e:
+                raise ValueError(f"bad device {self.device!r}: {e}") from None
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype is not None:
+            return _DTYPES[self.dtype]
+        return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _positive_int(cfg, name: str) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -1,0 +1,202 @@
+"""The engine step loop: schedule -> run the model -> sample -> append, detokenize, stop -> free.
+
+This is the API the serving worker drives: `add_request`, `step` (returns what changed), `abort_request`
+(frees the request's pages at once) and `stats`. `LLM` (workers/llm.py) is a thin offline wrapper.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+
+import torch
+
+from workers.block_manager import BlockManager
+from workers.config import EngineConfig
+from workers.model_runner import ModelRunner
+from workers.models import read_model_args
+from workers.outputs import RequestOutput
+from workers.sampler import sample, top_logprobs
+from workers.sampling_params import SamplingParams
+from workers.scheduler import Scheduler
+from workers.sequence import Sequence, Status
+from workers.tokenizer import detokenize_step, init_detokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = cfg = config
+        args, _ = read_model_args(cfg.model)
+        self.max_model_len = cfg.max_model_len or args.max_position_embeddings
+        if self.max_model_len > args.max_position_embeddings:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
+                             f"max_position_embeddings {args.max_position_embeddings}")
+        torch.manual_seed(cfg.seed)
+        self.runner = ModelRunner(cfg, self.max_model_len)
+        self.model_args = args
+        pool_tokens = self.runner.num_blocks * cfg.block_size
+        if pool_tokens < self.max_model_len:
+            if cfg.max_model_len is not None:
+                raise ValueError(f"the KV pool holds {pool_tokens} tokens, less than max_model_len "
+                                 f"{cfg.max_model_len}: give more pages/memory or lower max_model_len")
+            log.warning("lowering max_model_len from %d to %d, what the KV pool holds", self.max_model_len, pool_tokens)
+            self.max_model_len = pool_tokens
+        self.block_manager = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_cache)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+        self.eos_token_ids = set(args.eos_token_ids)
+        if not self.eos_token_ids and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids = {self.tokenizer.eos_token_id}
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.requests: dict[str, Sequence] = {}
+        self._arrivals = itertools.count()
+        self.num_steps = 0
+        self.num_generated_tokens = 0
+        self.num_prompt_tokens_computed = 0
+
+    # ---- requests ------------------------------------------------------------------------
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"the model folder {self.config.model!r} has no tokenizer; pass token ids")
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
+        """Validate and queue a request; raises ValueError on bad input and changes nothing then."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        ids = self.tokenize(prompt)
+        if not ids:
+            raise ValueError("prompt is empty")
+        vocab = self.model_args.vocab_size
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; this model accepts prompts of at most "
+                             f"{self.max_model_len - 1} tokens (max_model_len {self.max_model_len})")
+        seq = Sequence(request_id, ids, len(ids), params, next(self._arrivals))
+        if params.seed is not None:
+            seq.generator = torch.Generator().manual_seed(params.seed)
+        init_detokenizer(seq)
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Cancel a request; its pages return to the pool now. False if it is unknown or done."""
+        seq = self.requests.pop(request_id, None)
+        if seq is None or seq.is_finished:
+            return False
+        seq.finish_reason = "abort"
+        self.scheduler.finish(seq)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the step ------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch; returns an output for every request that changed."""
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        logits = self.runner.execute(sched.chunks)
+        samplers = [c.seq for c in sched.chunks if c.samples]
+        for c in sched.chunks:
+            if not c.samples:
+                self.num_prompt_tokens_computed += c.num_new_tokens
+            c.seq.num_computed_tokens += c.num_new_tokens
+            self.block_manager.commit_full_blocks(c.seq)
+        outputs = []
+        if samplers:
+            tokens, logprobs = sample(logits, [s.params for s in samplers], [s.generator for s in samplers],
+                                      self.generator)
+            for row, (seq, tok) in enumerate(zip(samplers, tokens)):
+                if seq.params.logprobs is not None:
+                    seq.logprobs.append(top_logprobs(logprobs[row], tok, seq.params.logprobs))
+                outputs.append(self._append_token(seq, tok))
+        self.num_steps += 1
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
+        seq.token_ids.append(token)
+        self.num_generated_tokens += 1
+        p = seq.params
+        new_text = detokenize_step(self.tokenizer, seq) if self.tokenizer is not None else ""
+        if not p.ignore_eos and token in self.eos_token_ids:
+            seq.finish_reason = "stop"
+        elif token in p.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+        elif p.stop and new_text:
+            new_text = self._check_stop_strings(seq, new_text)
+        if seq.finish_reason is None and (seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+            seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            self.scheduler.finish(seq)
+            del self.requests[seq.request_id]
+        return self._output(seq, [token], new_text)
+
+    def _check_stop_strings(self, seq: Sequence, new_text: str) -> str:
+        """End `seq` at the first stop string that the new text completes; returns the new text kept."""
+        longest = max(len(s) for s in seq.params.stop)
+        window_start = max(0, len(seq.text) - len(new_text) - longest + 1)
+        best = None
+        for s in seq.params.stop:
+            i = seq.text.find(s, window_start)
+            if i >= 0 and (best is None or i < best[0]):
+                best = (i, s)
+        if best is None:
+            return new_text
+        i, s = best
+        cut = i + len(s) if seq.params.include_stop_str_in_output else i
+        old_len = len(seq.text) - len(new_text)
+        seq.text = seq.text[:cut]
+        seq.finish_reason, seq.stop_reason = "stop", s
+        return seq.text[old_len:]
+
+    def _output(self, seq: Sequence, new_tokens: list[int], new_text: str) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
+            token_ids=seq.output_token_ids,
+            text=seq.text,
+            finished=seq.is_finished,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+            new_token_ids=new_tokens,
+            new_text=new_text,
+            num_cached_tokens=seq.num_cached_prompt_tokens,
+            logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+        )
+
+    # ---- observability -------------------------------------------------------------------
+    def stats(self) -> dict:
+        bm = self.block_manager
+        return {
+            "total_pages": bm.num_blocks,
+            "free_pages": bm.num_free_blocks,
+            "used_pages": bm.num_blocks - bm.num_free_blocks,
+            "cached_pages": bm.num_cached_blocks,
+            "block_size": bm.block_size,
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "max_num_seqs": self.scheduler.max_num_seqs,
+            "prefix_cache_queries": bm.prefix_queries,
+            "prefix_cache_hits": bm.prefix_hits,
+            "preemptions": self.scheduler.num_preemptions,
+            "steps": self.num_steps,
+            "generated_tokens": self.num_generated_tokens,
+            "max_model_len": self.max_model_len,
+        }
+
+    def check_invariants(self) -> None:
+        live = self.scheduler.running + list(self.scheduler.waiting)
+        self.block_manager.check_invariants(live)
+        for s in self.scheduler.waiting:
+            assert not s.block_table and s.status is Status.WAITING

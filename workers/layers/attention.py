@@ -1,0 +1,52 @@
+"""Paged attention layer: project, RoPE, store K/V into pages, attend over each request's pages.
+
+The batch's attention metadata is passed in explicitly (no process-global context), so the data flow
+from the model runner to every layer is visible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kernels.kv_store import store_kv_ref
+from kernels.paged_attention import paged_attention_ref
+from workers.layers.norm import RMSNorm
+from workers.layers.rotary import RotaryEmbedding
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] flat cache slot of each new token
+    block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0
+    query_start_loc: torch.Tensor  # [B+1] int32
+    kv_lens: torch.Tensor  # [B] cache length per request after this step's writes
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int, *, qkv_bias: bool,
+                 o_bias: bool, qk_norm: bool, rms_eps: float, rotary: RotaryEmbedding):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.q_size, self.kv_size = n_heads * head_dim, n_kv_heads * head_dim
+        self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, hidden, bias=o_bias)
+        self.q_norm = RMSNorm(head_dim, rms_eps) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, rms_eps) if qk_norm else None
+        self.rotary = rotary
+        self.scale = head_dim**-0.5
+
+    def forward(self, positions, x, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata):
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.n_heads, self.head_dim)
+        k = k.view(-1, self.n_kv_heads, self.head_dim)
+        v = v.view(-1, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        k_cache, v_cache = kv_cache
+        store_kv_ref(k, v, k_cache, v_cache, meta.slot_mapping)
+        o = paged_attention_ref(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.kv_lens, self.scale)
+        return self.o_proj(o.reshape(-1, self.q_size))

@@ -1,0 +1,129 @@
+"""One decoder-only transformer for Qwen3, Qwen2 and Llama, with the architectures' switches.
+
+Differences handled by `ModelArgs`: Qwen3 normalises q and k per head (q_norm/k_norm); Qwen2 has
+biases on q/k/v; Llama may have `attention_bias` (q/k/v/o) and `mlp_bias`; any of them may tie the
+LM head to the embedding and scale RoPE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from workers.layers.attention import Attention, AttentionMetadata
+from workers.layers.mlp import SwiGLU
+from workers.layers.norm import RMSNorm
+from workers.layers.rotary import RotaryEmbedding
+
+ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope_theta: float
+    rope_scaling: dict | None
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+        archs = cfg.get("architectures") or []
+        arch = next((a for a in archs if a in ARCHITECTURES), None)
+        if arch is None:
+            raise ValueError(f"unsupported model architecture {archs!r}; supported: {', '.join(ARCHITECTURES)}")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {cfg['hidden_act']!r} (only silu)")
+        if cfg.get("use_sliding_window"):
+            raise ValueError("sliding-window attention is not supported")
+        # transformers >= 5 writes rope_parameters (theta inside); older folders rope_theta + rope_scaling.
+        rope = dict(cfg.get("rope_parameters") or {})
+        theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+        scaling = rope or cfg.get("rope_scaling")
+        if scaling and scaling.get("rope_type", scaling.get("type")) == "default":
+            scaling = None
+        if cfg.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError("partial rotary embeddings are not supported")
+        heads = cfg["num_attention_heads"]
+        eos = cfg.get("eos_token_id")
+        eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
+        attn_bias = bool(cfg.get("attention_bias", False))
+        return cls(
+            architecture=arch,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=arch == "Qwen2ForCausalLM" or attn_bias,
+            o_bias=arch == "LlamaForCausalLM" and attn_bias,
+            mlp_bias=arch == "LlamaForCausalLM" and bool(cfg.get("mlp_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM",
+            eos_token_ids=eos,
+        )
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, a: ModelArgs, rotary: RotaryEmbedding):
+        super().__init__()
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.self_attn = Attention(a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim, qkv_bias=a.qkv_bias,
+                                   o_bias=a.o_bias, qk_norm=a.qk_norm, rms_eps=a.rms_norm_eps, rotary=rotary)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.mlp = SwiGLU(a.hidden_size, a.intermediate_size, a.mlp_bias)
+
+    def forward(self, positions, h, residual, kv_cache, meta):
+        if residual is None:
+            residual = h
+            h = self.input_layernorm(h)
+        else:
+            h, residual = self.input_layernorm(h, residual)
+        h = self.self_attn(positions, h, kv_cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
+
+
+class DecoderModel(nn.Module):
+    """Token ids -> hidden states -> logits, over a paged KV cache [2, L, num_blocks, block, H_kv, D]."""
+
+    def __init__(self, a: ModelArgs, max_positions: int):
+        super().__init__()
+        self.args = a
+        rotary = RotaryEmbedding(a.head_dim, max_positions, a.rope_theta, a.rope_scaling)
+        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(a, rotary) for _ in range(a.num_layers))
+        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.lm_head = None if a.tie_word_embeddings else nn.Linear(a.hidden_size, a.vocab_size, bias=False)
+
+    def forward(self, input_ids, positions, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        h, residual = self.embed_tokens(input_ids), None
+        for i, layer in enumerate(self.layers):
+            h, residual = layer(positions, h, residual, (kv_cache[0, i], kv_cache[1, i]), meta)
+        h, _ = self.norm(h, residual)
+        return h
+
+    def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return torch.nn.functional.linear(h, weight).float()

@@ -1,0 +1,100 @@
+"""Build a `DecoderModel` from a Hugging Face folder (config.json + *.safetensors)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob
+import json
+import logging
+import os
+
+import torch
+from safetensors import safe_open
+
+from workers.models.decoder import DecoderModel, ModelArgs
+
+log = logging.getLogger(__name__)
+
+# HF projection name -> (our fused parameter, which shard: index into the fused layout)
+_FUSED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+def read_model_args(path: str) -> tuple[ModelArgs, dict]:
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    args = ModelArgs.from_hf_config(cfg)
+    gen_path = os.path.join(path, "generation_config.json")
+    if os.path.isfile(gen_path):  # generation_config's eos list wins (chat models add end-of-turn ids)
+        with open(gen_path) as f:
+            eos = json.load(f).get("eos_token_id")
+        if eos is not None:
+            eos = tuple(eos) if isinstance(eos, list) else (eos,)
+            args = dataclasses.replace(args, eos_token_ids=tuple(dict.fromkeys(args.eos_token_ids + eos)))
+    return args, cfg
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def load_model(path: str, device: torch.device, dtype: torch.dtype, max_positions: int) -> DecoderModel:
+    args, _ = read_model_args(path)
+    with _default_dtype(dtype), torch.device(device):
+        model = DecoderModel(args, max_positions)
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {path!r}")
+    params = dict(model.named_parameters())
+    loaded: set[tuple[str, int]] = set()
+    a = args
+    sizes = {"qkv_proj": [a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.num_kv_heads * a.head_dim],
+             "gate_up_proj": [a.intermediate_size, a.intermediate_size]}
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for hf_name in f.keys():
+                if "rotary_emb" in hf_name:
+                    continue
+                if hf_name == "lm_head.weight" and a.tie_word_embeddings:
+                    continue
+                name = hf_name.removeprefix("model.")
+                parts = name.split(".")
+                shard = None
+                for i, p in enumerate(parts):
+                    if p in _FUSED:
+                        parts[i], shard = _FUSED[p]
+                name = ".".join(parts)
+                if name not in params:
+                    raise ValueError(f"unexpected weight {hf_name!r} in {file}")
+                tensor = f.get_tensor(hf_name)
+                target = params[name].data
+                if shard is not None:
+                    fused = parts[-2]
+                    off = sum(sizes[fused][:shard])
+                    target = target.narrow(0, off, sizes[fused][shard])
+                if target.shape != tensor.shape:
+                    raise ValueError(f"weight {hf_name!r} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
+                target.copy_(tensor.to(dtype))
+                loaded.add((name, -1 if shard is None else shard))
+    missing = []
+    for name in params:
+        fused = name.split(".")[-2]
+        want = [(name, i) for i in range(len(sizes[fused]))] if fused in sizes else [(name, -1)]
+        missing += [f"{n}[{i}]" if i >= 0 else n for n, i in want if (n, i) not in loaded]
+    if missing:
+        raise ValueError(f"weights missing from {path!r}: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    log.info("loaded %s (%d layers, %.1fM params) from %s", a.architecture, a.num_layers,
+             sum(p.numel() for p in params.values()) / 1e6, path)
+    return model.eval()

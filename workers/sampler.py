@@ -1,0 +1,64 @@
+"""Token sampling: greedy, temperature, top-k, top-p, min-p, per-request seeds, top-n logprobs.
+
+Logprobs are those of the model's raw distribution (before temperature and truncation), as in the
+OpenAI API. Seeded requests draw from their own generator, so a seeded run repeats exactly whatever
+else shares its batches.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from workers.sampling_params import SamplingParams
+
+
+def truncate_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Apply temperature, top-k, top-p and min-p to rows of fp32 logits; masked entries get -inf."""
+    device = logits.device
+    temp = torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)
+    logits = logits / temp
+    top_k = [p.top_k for p in params]
+    top_p = [p.top_p for p in params]
+    min_p = [p.min_p for p in params]
+    if any(k > 0 for k in top_k) or any(p < 1 for p in top_p):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        rank = torch.arange(logits.shape[-1], device=device).unsqueeze(0)
+        k = torch.tensor([k if k > 0 else logits.shape[-1] for k in top_k], device=device).unsqueeze(1)
+        drop = rank >= k
+        probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
+        before = probs.cumsum(-1) - probs  # mass strictly before each token
+        drop |= before >= torch.tensor(top_p, device=device).unsqueeze(1)
+        drop[:, 0] = False  # the most likely token always survives
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    if any(m > 0 for m in min_p):
+        probs = logits.softmax(-1)
+        floor = torch.tensor(min_p, device=device).unsqueeze(1) * probs.max(-1, keepdim=True).values
+        logits = logits.masked_fill(probs < floor, float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+           default_generator: torch.Generator | None = None) -> tuple[list[int], torch.Tensor]:
+    """Return the sampled token per row and the raw log-softmax (fp32) for logprobs."""
+    logits = logits.float()
+    logprobs = logits.log_softmax(-1)
+    tokens = logits.argmax(-1)
+    rand = [i for i, p in enumerate(params) if not p.greedy]
+    if rand:
+        idx = torch.tensor(rand, device=logits.device)
+        probs = truncate_logits(logits[idx], [params[i] for i in rand]).softmax(-1)
+        for j, i in enumerate(rand):
+            gen = generators[i] or default_generator
+            # Sampling on the CPU keeps seeded streams identical on any device.
+            tokens[i] = torch.multinomial(probs[j].cpu(), 1, generator=gen).item()
+    return tokens.tolist(), logprobs
+
+
+def top_logprobs(logprobs_row: torch.Tensor, token: int, n: int) -> dict[int, float]:
+    """{sampled token: logprob, then the top-n others} for one row."""
+    out = {token: logprobs_row[token].item()}
+    if n > 0:
+        vals, ids = logprobs_row.topk(n)
+        for v, i in zip(vals.tolist(), ids.tolist()):
+            out.setdefault(i, v)
+    return out

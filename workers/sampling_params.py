@@ -1,0 +1,54 @@
+"""Per-request sampling settings, validated at construction so bad input fails before any work."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 = off
+    min_p: float = 0.0
+    seed: int | None = None
+    max_tokens: int = 16
+    ignore_eos: bool = False
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None  # top-n logprobs per generated token (0 = only the sampled token's)
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        _check(_is_number(self.temperature) and self.temperature >= 0, "temperature must be >= 0", self.temperature)
+        _check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p must be in (0, 1]", self.top_p)
+        _check(_is_int(self.top_k) and (self.top_k >= 0 or self.top_k == -1), "top_k must be -1, 0 or a positive integer", self.top_k)
+        if self.top_k == -1:
+            self.top_k = 0
+        _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p must be in [0, 1]", self.min_p)
+        _check(self.seed is None or _is_int(self.seed), "seed must be an integer or None", self.seed)
+        _check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens must be a positive integer", self.max_tokens)
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings", self.stop)
+        _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative integers", self.stop_token_ids)
+        _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20), "logprobs must be None or in [0, 20]", self.logprobs)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # rejects NaN
+
+
+def _check(ok: bool, message: str, value) -> None:
+    if not ok:
+        raise ValueError(f"{message}, got {value!r}")
