@@ -33,6 +33,7 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         s = torch.einsum("bhgd,bkhd->bhgk", qd, k) * scale
         valid = torch.arange(nblk * bs, device=q.device)[None, :] < kv_lens[idx][:, None]
         s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+        v = v.masked_fill(~valid[:, :, None, None], 0.0)  # stale slots may hold anything, even NaN
         o = torch.einsum("bhgk,bkhd->bhgd", s.softmax(-1), v)
         out[rows] = o.reshape(len(decode), h_q, d).to(q.dtype)
     for b in range(len(lens)):

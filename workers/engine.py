@@ -138,6 +138,8 @@ class LLMEngine:
         if seq.finish_reason is None and (seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len):
             seq.finish_reason = "length"
         if seq.finish_reason is not None:
+            if seq.stop_reason is None or not isinstance(seq.stop_reason, str):  # flush held-back bytes
+                new_text += detokenize_step(self.tokenizer, seq, final=True) if self.tokenizer is not None else ""
             self.scheduler.finish(seq)
             del self.requests[seq.request_id]
         return self._output(seq, [token], new_text)

@@ -25,12 +25,16 @@ def init_detokenizer(seq: Sequence) -> None:
     seq.text = ""
 
 
-def detokenize_step(tokenizer, seq: Sequence) -> str:
-    """Append the text of newly generated tokens to seq.text; returns the new text (maybe "")."""
+def detokenize_step(tokenizer, seq: Sequence, final: bool = False) -> str:
+    """Append the text of newly generated tokens to seq.text; returns the new text (maybe "").
+
+    Text ending in an incomplete UTF-8 sequence is held back until more tokens come, or `final`."""
     ids = seq.token_ids
+    if seq.read_offset == len(ids):
+        return ""
     prefix = tokenizer.decode(ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=True)
     full = tokenizer.decode(ids[seq.prefix_offset :], skip_special_tokens=True)
-    if len(full) > len(prefix) and not full.endswith("\ufffd"):
+    if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
         delta = full[len(prefix) :]
         seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
         seq.text += delta

@@ -1,0 +1,109 @@
+"""Sampling: seeded repeatability, support restriction by top-k / top-p / min-p, stop conditions."""
+
+import pytest
+import torch
+
+from workers import LLM, SamplingParams
+from workers.sampler import sample, truncate_logits
+
+PROMPTS = [[7, 8, 9, 10, 11] * 5, [3, 4, 5], list(range(40, 70))]
+
+
+@pytest.fixture(scope="module")
+def llm(qwen3_path):
+    return LLM(qwen3_path, block_size=16)
+
+
+def test_seeded_runs_repeat(llm):
+    p = [SamplingParams(temperature=1.0, max_tokens=30, seed=s, ignore_eos=True) for s in (1, 2, 1)]
+    a = llm.generate(PROMPTS, p, use_tqdm=False)
+    # Same seeds, different batch composition and order: identical streams.
+    b = llm.generate(PROMPTS[::-1], p[::-1], use_tqdm=False)[::-1]
+    c = llm.generate([PROMPTS[0]], p[0], use_tqdm=False)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    assert a[0].token_ids == c[0].token_ids
+    d = llm.generate([PROMPTS[0]], SamplingParams(temperature=1.0, max_tokens=30, seed=2, ignore_eos=True), use_tqdm=False)
+    assert d[0].token_ids != a[0].token_ids
+
+
+def _draws(logits, params, n=4000):
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.zeros(logits.shape[-1])
+    for _ in range(n):
+        tok, _ = sample(logits[None], [params], [None], gen)
+        counts[tok[0]] += 1
+    return counts / n
+
+
+def test_top_k_top_p_min_p_restrict_support_and_keep_proportions():
+    torch.manual_seed(0)
+    logits = torch.randn(12) * 2
+    probs = logits.softmax(-1)
+    order = probs.argsort(descending=True)
+    # top-k: only the k most likely tokens, renormalised.
+    freq = _draws(logits, SamplingParams(temperature=1.0, top_k=3))
+    allowed = order[:3]
+    assert freq[allowed].sum() == 1.0
+    expect = probs[allowed] / probs[allowed].sum()
+    assert torch.allclose(freq[allowed], expect, atol=0.03)
+    # top-p: the smallest set whose mass reaches p.
+    p = 0.7
+    cum = probs[order].cumsum(0)
+    keep = order[: int((cum < p).sum()) + 1]
+    freq = _draws(logits, SamplingParams(temperature=1.0, top_p=p))
+    assert freq[keep].sum() == 1.0 and (freq[keep] > 0).all()
+    # min-p: tokens with prob >= min_p * max prob.
+    mp = 0.3
+    keep = (probs >= mp * probs.max()).nonzero().flatten()
+    freq = _draws(logits, SamplingParams(temperature=1.0, min_p=mp))
+    assert freq[keep].sum() == 1.0
+    assert torch.allclose(freq[keep], probs[keep] / probs[keep].sum(), atol=0.03)
+
+
+def test_temperature_sharpens():
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    cold = truncate_logits(logits[None], [SamplingParams(temperature=0.25)]).softmax(-1)[0]
+    hot = truncate_logits(logits[None], [SamplingParams(temperature=4.0)]).softmax(-1)[0]
+    assert cold[0] > logits.softmax(-1)[0] > hot[0]
+
+
+def test_stop_string_cuts_text(llm):
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    full = llm.generate([PROMPTS[2]], greedy, use_tqdm=False)[0]
+    text = full.text
+    assert len(text) > 20
+    stop = text[10:14]
+    first = text.find(stop)
+    out = llm.generate([PROMPTS[2]], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=[stop, "\x00never"]),
+                       use_tqdm=False)[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == text[:first]
+    assert len(out.token_ids) < len(full.token_ids)
+    inc = llm.generate([PROMPTS[2]], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=stop,
+                                                    include_stop_str_in_output=True), use_tqdm=False)[0]
+    assert inc.text == text[: first + len(stop)]
+
+
+def test_stop_token_ids_and_eos(llm):
+    greedy = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    full = llm.generate([PROMPTS[1]], greedy, use_tqdm=False)[0]
+    tok = full.token_ids[5]
+    k = full.token_ids.index(tok)
+    out = llm.generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[tok]), use_tqdm=False)[0]
+    assert out.token_ids == full.token_ids[: k + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == tok
+    # EOS ends a request unless ignore_eos: make the model's own EOS id the stop.
+    llm.engine.eos_token_ids.add(tok)
+    try:
+        out = llm.generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=30), use_tqdm=False)[0]
+        assert out.token_ids == full.token_ids[: k + 1] and out.finish_reason == "stop" and out.stop_reason is None
+        out = llm.generate([PROMPTS[1]], greedy, use_tqdm=False)[0]
+        assert out.token_ids == full.token_ids and out.finish_reason == "length"
+    finally:
+        llm.engine.eos_token_ids.discard(tok)
+
+
+def test_text_equals_decode(llm):
+    out = llm.generate(["The quick brown fox"], SamplingParams(temperature=0, max_tokens=25, ignore_eos=True), use_tqdm=False)[0]
+    assert out.text == llm.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+    assert out.prompt == "The quick brown fox"
