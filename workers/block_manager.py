@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
+from dataclasses import dataclass
 
 from workers.sequence import Sequence
 
@@ -32,6 +33,20 @@ def page_hashes(token_ids: list[int], block_size: int, start: list[bytes] | None
         parent = hashes[i - 1] if i else None
         hashes.append(hash_page(parent, token_ids[i * block_size : (i + 1) * block_size]))
     return hashes
+
+
+@dataclass
+class CompactionPlan:
+    """Move `seq`'s kept cache entries from `src_table` into `dest_table` (keep_pages full pages + an
+    empty working page); `release` are the pages to drop once the data has moved."""
+
+    seq: Sequence
+    src_table: list[int]
+    dest_table: list[int]
+    release: list[int]
+    kv_len: int  # entries in the source cache
+    keep: int  # entries kept = keep_pages * block_size
+    num_fresh: int  # pages newly allocated because the source pages were shared
 
 
 class BlockManager:
@@ -56,9 +71,9 @@ class BlockManager:
     def num_cached_blocks(self) -> int:
         return len(self.hash_to_block)
 
-    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
-        """New pages `seq` needs so its table covers `num_tokens` tokens."""
-        return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
+    def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
+        """New pages `seq` needs so its table covers its cache plus `num_new_tokens` entries."""
+        return max(0, -(-(seq.kv_len + num_new_tokens) // self.block_size) - len(seq.block_table))
 
     def cached_prefix(self, seq: Sequence) -> list[int]:
         """Pages holding a cached prefix of `seq`'s tokens (no references taken).
@@ -97,15 +112,47 @@ class BlockManager:
         self.append_slots(seq, num_new_tokens)
 
     def append_slots(self, seq: Sequence, num_new_tokens: int) -> None:
-        need = self.blocks_needed(seq, seq.num_computed_tokens + num_new_tokens)
+        need = self.blocks_needed(seq, num_new_tokens)
         if need > self.num_free_blocks:
             raise RuntimeError(f"out of KV pages: need {need}, have {self.num_free_blocks}")
         for _ in range(need):
             seq.block_table.append(self._pop_free())
+        seq.num_owned_pages += need
+
+    def plan_compaction(self, seq: Sequence, keep_pages: int) -> CompactionPlan | None:
+        """Choose private pages to pack `seq`'s kept entries into; None if the pool is too short.
+
+        Shared pages are never written: the request's own pages (ref count 1) are reused in table order,
+        losing their hashes since their contents change; fresh pages stand in for shared ones."""
+        want = keep_pages + 1
+        writable = [b for b in seq.block_table if self.ref_count[b] == 1][:want]
+        fresh = want - len(writable)
+        if fresh > self.num_free_blocks:
+            return None
+        for b in writable:
+            h = self.block_hash[b]
+            if h is not None:
+                del self.hash_to_block[h]
+                self.block_hash[b] = None
+        dest = writable + [self._pop_free() for _ in range(fresh)]
+        used = set(dest)
+        plan = CompactionPlan(seq, list(seq.block_table), dest, [b for b in seq.block_table if b not in used],
+                              seq.kv_len, keep_pages * self.block_size, fresh)
+        seq.block_table = dest
+        seq.num_owned_pages = len(dest)
+        return plan
+
+    def release(self, blocks: list[int]) -> None:
+        """Drop one reference to each page (after a compaction has moved their data out)."""
+        for b in reversed(blocks):
+            self.ref_count[b] -= 1
+            assert self.ref_count[b] >= 0, f"double free of page {b}"
+            if self.ref_count[b] == 0:
+                self.free_queue[b] = None
 
     def commit_full_blocks(self, seq: Sequence) -> None:
         """Register hashes for `seq`'s pages that became full and computed this step."""
-        if not self.enable_prefix_cache:
+        if not self.enable_prefix_cache or seq.num_evicted:  # a compressed cache is no longer a prefix
             return
         n_full = seq.num_computed_tokens // self.block_size
         if n_full <= seq.num_committed_blocks:
@@ -121,14 +168,11 @@ class BlockManager:
 
     def free(self, seq: Sequence) -> None:
         """Drop `seq`'s references; its pages become free (tail first in eviction order)."""
-        for b in reversed(seq.block_table):
-            self.ref_count[b] -= 1
-            assert self.ref_count[b] >= 0, f"double free of page {b}"
-            if self.ref_count[b] == 0:
-                self.free_queue[b] = None
+        self.release(seq.block_table)
         seq.block_table = []
         seq.num_computed_tokens = 0
         seq.num_committed_blocks = 0
+        seq.num_owned_pages = 0
 
     def reset_prefix_cache(self) -> None:
         for b in list(self.hash_to_block.values()):

@@ -15,8 +15,57 @@ import torch
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # Feature names owned by later work; a config that asks for them gets a clear error.
-COMPRESSION_FEATURE = "Compressed PagedAttention (budget_blocks; issue 3)"
 TRITON_FEATURE = "the Triton GPU backend (backend='triton'; issue 4)"
+
+
+@dataclass
+class CompressionConfig:
+    """Scoring knobs of Compressed PagedAttention. Defaults: the paper's math configuration."""
+
+    query_window: int = 16  # post-RoPE queries of the last Q cache entries score the cache
+    use_global_score: bool = True
+    score_decay: float = 0.8  # G = max(A, decay * G_prev), once per compression
+    use_redundancy: bool = True
+    lightning_redundancy: bool = True  # pairs within one page only (else all pairs)
+    redundancy_threshold: float = 0.5
+    redundancy_temperature: float = 0.4
+    redundancy_lambda: float = 0.2  # S = lam * importance - (1 - lam) * redundancy
+    use_pooling: bool = True
+    pooling_width: int = 5
+    continuous_pooling: bool = False  # pool at every compression, not only the first
+    num_sink_tokens: int = 0  # always keep the first n cache entries
+    layer_group: int = 8  # layers scored at once (bounds the scratch memory)
+
+    @classmethod
+    def from_value(cls, value) -> "CompressionConfig":
+        if isinstance(value, cls):
+            return value
+        if value is None:
+            return cls()
+        if not isinstance(value, dict):
+            raise ValueError(f"compression must be a mapping of options, got {type(value).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown compression option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**value)
+
+    def validate(self, block_size: int, compressing: bool) -> None:
+        _positive_int(self, "query_window")
+        _positive_int(self, "layer_group")
+        if compressing and self.query_window + self.num_sink_tokens > block_size:
+            raise ValueError(f"query_window ({self.query_window}) + num_sink_tokens ({self.num_sink_tokens}) "
+                             f"must be <= block_size ({block_size})")
+        if isinstance(self.num_sink_tokens, bool) or not isinstance(self.num_sink_tokens, int) or self.num_sink_tokens < 0:
+            raise ValueError(f"num_sink_tokens must be a non-negative integer, got {self.num_sink_tokens!r}")
+        if not isinstance(self.pooling_width, int) or self.pooling_width < 1 or self.pooling_width % 2 == 0:
+            raise ValueError(f"pooling_width must be a positive odd integer, got {self.pooling_width!r}")
+        for name, lo, hi in (("score_decay", 0, 1), ("redundancy_threshold", -1, 1), ("redundancy_lambda", 0, 1)):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not lo <= v <= hi:
+                raise ValueError(f"{name} must be in [{lo}, {hi}], got {v!r}")
+        if not isinstance(self.redundancy_temperature, (int, float)) or not self.redundancy_temperature > 0:
+            raise ValueError(f"redundancy_temperature must be > 0, got {self.redundancy_temperature!r}")
 
 
 @dataclass
@@ -33,7 +82,8 @@ class EngineConfig:
     backend: str = "torch"
     device: str | None = None  # None = cuda if available else cpu
     dtype: str | None = None  # None = bfloat16 on cuda, float32 on cpu
-    budget_blocks: int | None = None  # None = full KV
+    budget_blocks: int | None = None  # None = full KV; else pages of history kept per request (+1 working)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
     seed: int = 0
     tokenizer: str | None = None  # None = the model folder
 
@@ -45,6 +95,8 @@ class EngineConfig:
             raise ValueError(
                 f"unknown engine config key(s): {', '.join(unknown)}; known keys: {', '.join(sorted(known))}"
             )
+        if "compression" in kwargs:
+            kwargs["compression"] = CompressionConfig.from_value(kwargs["compression"])
         cfg = cls(model=model, **kwargs)
         cfg.validate()
         return cfg
@@ -70,9 +122,8 @@ class EngineConfig:
         if self.backend == "triton":
             raise NotImplementedError(f"{TRITON_FEATURE} is not built yet; use backend='torch'")
         if self.budget_blocks is not None:
-            raise NotImplementedError(
-                f"{COMPRESSION_FEATURE} is not built yet; leave budget_blocks=None (full KV)"
-            )
+            _positive_int(self, "budget_blocks")
+        self.compression.validate(self.block_size, self.budget_blocks is not None)
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.device is not None:

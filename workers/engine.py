@@ -38,14 +38,18 @@ class LLMEngine:
         self.runner = ModelRunner(cfg, self.max_model_len)
         self.model_args = args
         pool_tokens = self.runner.num_blocks * cfg.block_size
-        if pool_tokens < self.max_model_len:
+        if cfg.budget_blocks is not None and self.runner.num_blocks < cfg.budget_blocks + 1:
+            raise ValueError(f"the KV pool has {self.runner.num_blocks} pages, fewer than one request's "
+                             f"budget + 1 = {cfg.budget_blocks + 1}")
+        if pool_tokens < self.max_model_len and cfg.budget_blocks is None:
             if cfg.max_model_len is not None:
                 raise ValueError(f"the KV pool holds {pool_tokens} tokens, less than max_model_len "
                                  f"{cfg.max_model_len}: give more pages/memory or lower max_model_len")
             log.warning("lowering max_model_len from %d to %d, what the KV pool holds", self.max_model_len, pool_tokens)
             self.max_model_len = pool_tokens
         self.block_manager = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_cache)
-        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len)
+        self.pages_freed_by_compression = 0
         self.tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
         self.eos_token_ids = set(args.eos_token_ids)
         if not self.eos_token_ids and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -81,7 +85,14 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens; this model accepts prompts of at most "
                              f"{self.max_model_len - 1} tokens (max_model_len {self.max_model_len})")
-        seq = Sequence(request_id, ids, len(ids), params, next(self._arrivals))
+        budget = params.budget_blocks if params.budget_blocks is not None else self.config.budget_blocks
+        if params.budget_blocks is not None and self.config.budget_blocks is None:
+            raise ValueError("this engine runs full KV (budget_blocks=None); per-request budget_blocks needs an "
+                             "engine started with a budget")
+        if -(-len(ids) // self.config.block_size) > self.block_manager.num_blocks:
+            raise ValueError(f"prompt has {len(ids)} tokens; the KV pool holds "
+                             f"{self.block_manager.num_blocks * self.config.block_size}")
+        seq = Sequence(request_id, ids, len(ids), params, next(self._arrivals), budget_blocks=budget)
         if params.seed is not None:
             seq.generator = torch.Generator().manual_seed(params.seed)
         init_detokenizer(seq)
@@ -104,7 +115,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; returns an output for every request that changed."""
         sched = self.scheduler.schedule()
-        if sched.is_empty:
+        self._compress(sched.compactions)  # early compressions (pages ran short), before the forward
+        if not sched.chunks:
             return []
         logits = self.runner.execute(sched.chunks)
         samplers = [c.seq for c in sched.chunks if c.samples]
@@ -121,8 +133,26 @@ class LLMEngine:
                 if seq.params.logprobs is not None:
                     seq.logprobs.append(top_logprobs(logprobs[row], tok, seq.params.logprobs))
                 outputs.append(self._append_token(seq, tok))
+        # Compression stage: requests whose cache reached budget + 1 full pages (or a long prompt ended).
+        plans = []
+        for seq in samplers:
+            if seq.status is Status.RUNNING:
+                plan = self.scheduler.plan_compression(seq)
+                if plan is not None:
+                    plans.append(plan)
+        self._compress(plans)
         self.num_steps += 1
         return outputs
+
+    def _compress(self, plans) -> None:
+        if not plans:
+            return
+        self.runner.compact(plans)
+        bm = self.block_manager
+        for plan in plans:  # the data has moved: now the replaced pages may go back to the pool
+            self.runner.compressor.apply(plan)
+            self.pages_freed_by_compression += sum(1 for b in plan.release if bm.ref_count[b] == 1) - plan.num_fresh
+            bm.release(plan.release)
 
     def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
         seq.token_ids.append(token)
@@ -192,13 +222,41 @@ class LLMEngine:
             "prefix_cache_queries": bm.prefix_queries,
             "prefix_cache_hits": bm.prefix_hits,
             "preemptions": self.scheduler.num_preemptions,
+            **self._compression_stats(),
             "steps": self.num_steps,
             "generated_tokens": self.num_generated_tokens,
             "max_model_len": self.max_model_len,
         }
 
+    def _compression_stats(self) -> dict:
+        B = self.config.budget_blocks
+        if B is None:
+            return {"budget_blocks": None}
+        sched = self.scheduler
+        return {
+            "budget_blocks": B,
+            "slots_total": self.block_manager.num_blocks // (B + 1),
+            "slots_free": max(0, sched.available_pages()) // (B + 1),
+            "reserved_requests": sum(s.reserved for s in sched.running),
+            "compressed_requests": sum(s.compressed for s in sched.running),
+            "early_compressions": sched.num_early_compressions,
+            "pages_freed_by_compression": self.pages_freed_by_compression,
+            "compression_scratch_bytes": self.runner.compression_scratch_bytes,
+            **self.runner.compressor.stats(),
+        }
+
     def check_invariants(self) -> None:
-        live = self.scheduler.running + list(self.scheduler.waiting)
-        self.block_manager.check_invariants(live)
-        for s in self.scheduler.waiting:
-            assert not s.block_table and s.status is Status.WAITING
+        """Page pool and per-request invariants (tests call this after every step)."""
+        sched, bs = self.scheduler, self.config.block_size
+        self.block_manager.check_invariants(sched.running + list(sched.waiting))
+        for s in sched.waiting:
+            assert not s.block_table and s.status is Status.WAITING and s.window_slot is None
+        for s in sched.running:
+            assert s.kv_len <= len(s.block_table) * bs
+            if s.budget_blocks is not None and s.num_computed_tokens >= s.num_tokens - 1:  # prefill done
+                assert len(s.block_table) <= s.budget_blocks + 1, f"{s.request_id} holds {len(s.block_table)} pages"
+            if s.reserved:
+                assert s.num_owned_pages <= s.peak_pages
+        assert sched.outstanding_pages() <= self.block_manager.num_free_blocks, "reservations exceed free pages"
+        slots = [s.window_slot for s in sched.running if s.window_slot is not None]
+        assert len(slots) == len(set(slots)) and not set(slots) & set(sched.free_window_slots)

@@ -12,7 +12,9 @@ import torch
 
 from workers.config import EngineConfig
 from workers.layers.attention import AttentionMetadata
-from workers.models import load_model, read_model_args
+from workers.block_manager import CompactionPlan
+from workers.compressor import Compressor
+from workers.models import load_model
 from workers.scheduler import ScheduledChunk
 
 log = logging.getLogger(__name__)
@@ -26,29 +28,69 @@ class ModelRunner:
         self.device, self.dtype = cfg.torch_device, cfg.torch_dtype
         self.block_size = cfg.block_size
         self.model = load_model(cfg.model, self.device, self.dtype, max_model_len)
-        self.args = self.model.args
+        self.args = a = self.model.args
+        self.max_model_len = max_model_len
+        self.compressing = cfg.budget_blocks is not None
+        self.global_scores = self.compressing and cfg.compression.use_global_score
         self.num_blocks = self._plan_num_blocks(max_model_len)
-        a = self.args
+        dev = self.device
         self.kv_cache = torch.empty(2, a.num_layers, self.num_blocks, self.block_size, a.num_kv_heads, a.head_dim,
-                                    device=self.device, dtype=self.dtype)
-        log.info("KV cache: %d pages of %d tokens (%.2f GiB, %s %s)", self.num_blocks, self.block_size,
-                 self.kv_cache.numel() * self.kv_cache.element_size() / 2**30, self.device, self.dtype)
+                                    device=dev, dtype=self.dtype)
+        self.compressor = None
+        if self.compressing:
+            Q = cfg.compression.query_window
+            q_window = torch.zeros(a.num_layers, cfg.max_num_seqs, Q, a.num_heads, a.head_dim, device=dev, dtype=self.dtype)
+            scores = (torch.zeros(a.num_layers, self.num_blocks, self.block_size, a.num_kv_heads, device=dev)
+                      if self.global_scores else None)
+            self.compressor = Compressor(cfg.compression, self.kv_cache, q_window, scores, self.block_size, a.head_dim**-0.5)
+        log.info("KV cache: %d pages of %d tokens (%.2f GiB, %s %s)%s", self.num_blocks, self.block_size,
+                 self.num_blocks * self.bytes_per_block / 2**30, dev, self.dtype,
+                 f"; compression: budget {cfg.budget_blocks} pages, window buffers {self.window_bytes / 2**20:.1f} MiB, "
+                 f"scratch {self.compression_scratch_bytes / 2**20:.1f} MiB" if self.compressing else "")
 
     @property
     def bytes_per_block(self) -> int:
+        """K and V of one page over all layers, plus its global scores (fp32) when those are on."""
         a = self.args
-        return 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * torch.finfo(self.dtype).bits // 8
+        kv = 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * torch.finfo(self.dtype).bits // 8
+        scores = a.num_layers * self.block_size * a.num_kv_heads * 4 if self.global_scores else 0
+        return kv + scores
+
+    @property
+    def window_bytes(self) -> int:
+        if not self.compressing:
+            return 0
+        a = self.args
+        return (a.num_layers * self.cfg.max_num_seqs * self.cfg.compression.query_window * a.num_heads * a.head_dim
+                * torch.finfo(self.dtype).bits // 8)
+
+    @property
+    def compression_scratch_bytes(self) -> int:
+        """Upper bound of the compressor's temporaries for one request (the longest cache: a prompt of
+        max_model_len at its end-of-prefill compression), per layer group, fp32."""
+        if not self.compressing:
+            return 0
+        a, c = self.args, self.cfg.compression
+        n, lg = self.max_model_len, min(c.layer_group, a.num_layers)
+        logits = 2 * lg * a.num_heads * c.query_window * n * 4  # window logits + probabilities
+        gathered = 3 * lg * n * a.num_kv_heads * a.head_dim * 4  # K, V copies and normalised keys
+        per_token = 6 * lg * a.num_kv_heads * n * 4  # A, G, S, R, sort keys and indices
+        tile = self.block_size if c.lightning_redundancy else min(n, 1024)
+        redundancy = 2 * lg * a.num_kv_heads * tile * (self.block_size if c.lightning_redundancy else n) * 4
+        if c.lightning_redundancy:
+            redundancy *= -(-n // self.block_size)
+        return logits + gathered + per_token + (redundancy if c.use_redundancy else 0)
 
     def _plan_num_blocks(self, max_model_len: int) -> int:
         cfg = self.cfg
         if cfg.num_blocks is not None:
             return cfg.num_blocks
         if cfg.kv_cache_memory_gb is not None:
-            budget = int(cfg.kv_cache_memory_gb * 2**30)
+            budget = int(cfg.kv_cache_memory_gb * 2**30) - self.window_bytes - self.compression_scratch_bytes
         elif self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             reserve = total * (1 - cfg.gpu_memory_utilization) + 2 * 2**30  # activations and workspace
-            budget = int(free - reserve)
+            budget = int(free - reserve) - self.window_bytes - self.compression_scratch_bytes
         else:
             # Enough for every slot at full length, capped: CPU memory is shared with everything else.
             need = cfg.max_num_seqs * -(-max_model_len // self.block_size) * self.bytes_per_block
@@ -63,31 +105,53 @@ class ModelRunner:
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Run one step; returns fp32 logits for the chunks that sample, in chunk order."""
         bs = self.block_size
-        ids, pos, qsl, kv_lens, tables, sample_rows = [], [], [0], [], [], []
+        Q = self.cfg.compression.query_window
+        ids, pos, cache_idx, qsl, kv_lens, tables, sample_rows = [], [], [], [0], [], [], []
+        win_rows, win_slots, win_pos = [], [], []
         for c in chunks:
-            s, n = c.seq.num_computed_tokens, c.num_new_tokens
-            ids.extend(c.seq.token_ids[s : s + n])
+            seq, n = c.seq, c.num_new_tokens
+            s, kv = seq.num_computed_tokens, seq.kv_len  # position and cache index of the first new token
+            ids.extend(seq.token_ids[s : s + n])
             pos.extend(range(s, s + n))
+            cache_idx.extend(range(kv, kv + n))
+            if seq.window_slot is not None:  # the chunk's last Q queries go to the request's ring
+                for j in range(max(0, n - Q), n):
+                    win_rows.append(qsl[-1] + j)
+                    win_slots.append(seq.window_slot)
+                    win_pos.append((kv + j) % Q)
             qsl.append(qsl[-1] + n)
-            kv_lens.append(s + n)
-            tables.append(c.seq.block_table)
+            kv_lens.append(kv + n)
+            tables.append(seq.block_table)
             if c.samples:
                 sample_rows.append(qsl[-1] - 1)
         dev = self.device
         width = max(len(t) for t in tables)
         table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
         positions = torch.tensor(pos, dtype=torch.long)
-        # Slot of each new token: its page (from the request's table) * block_size + offset.
+        # Slot of each new token: the page holding its cache index * block_size + offset.
+        cidx = torch.tensor(cache_idx, dtype=torch.long)
         owner = torch.repeat_interleave(torch.arange(len(chunks)), torch.tensor(qsl[1:]) - torch.tensor(qsl[:-1]))
-        slots = table[owner, positions // bs].long() * bs + positions % bs
+        slots = table[owner, cidx // bs].long() * bs + cidx % bs
+
+        def to_dev(x, dtype=torch.long):
+            return torch.tensor(x, dtype=dtype).to(dev, non_blocking=True)
+
         meta = AttentionMetadata(
             slot_mapping=slots.to(dev, non_blocking=True),
             block_tables=table.to(dev, non_blocking=True),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32).to(dev, non_blocking=True),
-            kv_lens=torch.tensor(kv_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            query_start_loc=to_dev(qsl, torch.int32),
+            kv_lens=to_dev(kv_lens, torch.int32),
+            window_rows=to_dev(win_rows) if win_rows else None,
+            window_slots=to_dev(win_slots) if win_rows else None,
+            window_pos=to_dev(win_pos) if win_rows else None,
         )
-        h = self.model(torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True),
-                       positions.to(dev, non_blocking=True), self.kv_cache, meta)
+        q_window = self.compressor.q_window if self.compressor is not None else None
+        h = self.model(to_dev(ids), positions.to(dev, non_blocking=True), self.kv_cache, meta, q_window)
         if not sample_rows:
             return torch.empty(0, self.args.vocab_size, device=dev)
         return self.model.compute_logits(h[torch.tensor(sample_rows, device=dev)])
+
+    def compact(self, plans: list[CompactionPlan]) -> None:
+        """Run the compression stage for these plans (scores, selection, packing)."""
+        if plans:
+            self.compressor.run(plans)

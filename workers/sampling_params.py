@@ -18,6 +18,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # top-n logprobs per generated token (0 = only the sampled token's)
+    budget_blocks: int | None = None  # per-request KV budget in pages (None = the engine's)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -34,6 +35,8 @@ class SamplingParams:
         _check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens must be a positive integer", self.max_tokens)
         _check(all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings", self.stop)
         _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative integers", self.stop_token_ids)
+        _check(self.budget_blocks is None or (_is_int(self.budget_blocks) and self.budget_blocks >= 1),
+               "budget_blocks must be None or a positive integer", self.budget_blocks)
         _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20), "logprobs must be None or in [0, 20]", self.logprobs)
 
     @property

@@ -31,6 +31,16 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)
     num_committed_blocks: int = 0  # leading pages already offered to the prefix cache
     num_cached_prompt_tokens: int = 0  # prefix-cache hit at the last admission
+    # Compressed PagedAttention. The cache holds kv_len = num_computed_tokens - num_evicted entries;
+    # positions stay the token indices (never renumbered).
+    budget_blocks: int | None = None  # pages of history kept (None = full KV)
+    num_evicted: int = 0
+    num_scored: int = 0  # leading cache entries that carry a global score from a past compression
+    num_compressions: int = 0
+    window_slot: int | None = None  # row of the query-window buffer (compressing requests only)
+    reserved: bool = False  # admitted with its peak pages reserved (never preempted)
+    peak_pages: int = 0  # most fresh pages it may own at once (when reserved)
+    num_owned_pages: int = 0  # pages it allocated itself (not prefix-cache hits)
     num_preemptions: int = 0
     finish_reason: str | None = None
     stop_reason: str | int | None = None
@@ -46,6 +56,14 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def kv_len(self) -> int:
+        return self.num_computed_tokens - self.num_evicted
+
+    @property
+    def compressed(self) -> bool:
+        return self.num_compressions > 0
 
     @property
     def num_output_tokens(self) -> int:

@@ -7,6 +7,7 @@ from the model runner to every layer is visible.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -17,12 +18,22 @@ from workers.layers.norm import RMSNorm
 from workers.layers.rotary import RotaryEmbedding
 
 
+class LayerCache(NamedTuple):
+    k: torch.Tensor  # [num_blocks, block_size, H_kv, D]
+    v: torch.Tensor
+    q_window: torch.Tensor | None  # [window slots, Q, H_q, D]: recent post-RoPE queries per request
+
+
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] flat cache slot of each new token
     block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0
     query_start_loc: torch.Tensor  # [B+1] int32
     kv_lens: torch.Tensor  # [B] cache length per request after this step's writes
+    # Query-window writes: q rows -> (request's window slot, ring index = cache index % Q)
+    window_rows: torch.Tensor | None = None
+    window_slots: torch.Tensor | None = None
+    window_pos: torch.Tensor | None = None
 
 
 class Attention(nn.Module):
@@ -38,7 +49,7 @@ class Attention(nn.Module):
         self.rotary = rotary
         self.scale = head_dim**-0.5
 
-    def forward(self, positions, x, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata):
+    def forward(self, positions, x, cache: LayerCache, meta: AttentionMetadata):
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.n_heads, self.head_dim)
         k = k.view(-1, self.n_kv_heads, self.head_dim)
@@ -46,7 +57,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
-        k_cache, v_cache = kv_cache
-        store_kv_ref(k, v, k_cache, v_cache, meta.slot_mapping)
-        o = paged_attention_ref(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.kv_lens, self.scale)
+        store_kv_ref(k, v, cache.k, cache.v, meta.slot_mapping)
+        if cache.q_window is not None and meta.window_rows is not None:
+            cache.q_window[meta.window_slots, meta.window_pos] = q[meta.window_rows].to(cache.q_window.dtype)
+        o = paged_attention_ref(q, cache.k, cache.v, meta.block_tables, meta.query_start_loc, meta.kv_lens, self.scale)
         return self.o_proj(o.reshape(-1, self.q_size))

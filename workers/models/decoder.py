@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from workers.layers.attention import Attention, AttentionMetadata
+from workers.layers.attention import Attention, AttentionMetadata, LayerCache
 from workers.layers.mlp import SwiGLU
 from workers.layers.norm import RMSNorm
 from workers.layers.rotary import RotaryEmbedding
@@ -106,7 +106,7 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    """Token ids -> hidden states -> logits, over a paged KV cache [2, L, num_blocks, block, H_kv, D]."""
+    """Token ids -> hidden states -> logits, over a paged KV cache."""
 
     def __init__(self, a: ModelArgs, max_positions: int):
         super().__init__()
@@ -117,10 +117,13 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.lm_head = None if a.tie_word_embeddings else nn.Linear(a.hidden_size, a.vocab_size, bias=False)
 
-    def forward(self, input_ids, positions, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids, positions, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                q_window: torch.Tensor | None = None) -> torch.Tensor:
+        """kv_cache: [2, L, num_blocks, block, H_kv, D]; q_window: [L, slots, Q, H_q, D] or None."""
         h, residual = self.embed_tokens(input_ids), None
         for i, layer in enumerate(self.layers):
-            h, residual = layer(positions, h, residual, (kv_cache[0, i], kv_cache[1, i]), meta)
+            cache = LayerCache(kv_cache[0, i], kv_cache[1, i], None if q_window is None else q_window[i])
+            h, residual = layer(positions, h, residual, cache, meta)
         h, _ = self.norm(h, residual)
         return h
 

@@ -1,0 +1,88 @@
+"""The compression stage: score a request's cache and pack the kept entries into its private pages.
+
+It executes `CompactionPlan`s made by the scheduler and block manager (which pages to read, which to
+write); it changes device tensors only. Sequence bookkeeping is the engine's (`apply`), and the pages a
+plan releases go back to the pool only after `run` has returned (on GPU: after its event).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from kernels.compress import compression_scores_ref, select_keep_ref
+from workers.block_manager import CompactionPlan
+from workers.config import CompressionConfig
+
+
+class Compressor:
+    def __init__(self, cfg: CompressionConfig, kv_cache: torch.Tensor, q_window: torch.Tensor,
+                 score_cache: torch.Tensor | None, block_size: int, scale: float):
+        self.cfg = cfg
+        self.kv_cache = kv_cache  # [2, L, NB, bs, H_kv, D]
+        self.q_window = q_window  # [L, slots, Q, H_q, D]
+        self.score_cache = score_cache  # [L, NB, bs, H_kv] fp32, or None without global scores
+        self.block_size = block_size
+        self.scale = scale
+        self.num_compressions = 0
+        self.total_seconds = 0.0
+
+    @torch.inference_mode()
+    def run(self, plans: list[CompactionPlan]) -> None:
+        for plan in plans:
+            t0 = time.perf_counter()
+            self._compact(plan)
+            self.total_seconds += time.perf_counter() - t0
+            self.num_compressions += 1
+
+    def kept_indices(self, plan: CompactionPlan, layers: slice) -> torch.Tensor:
+        """Indices (cache order) of the entries kept per (layer, KV head): [layers, H_kv, keep]."""
+        return self._score_and_select(plan, layers)[0]
+
+    def _score_and_select(self, plan: CompactionPlan, layers: slice):
+        seq, bs, Q = plan.seq, self.block_size, self.cfg.query_window
+        n = plan.kv_len
+        src = torch.tensor(plan.src_table[: -(-n // bs)], device=self.kv_cache.device)
+        h_kv, d = self.kv_cache.shape[-2:]
+        lg = layers.stop - layers.start
+        k = self.kv_cache[0, layers, src].reshape(lg, -1, h_kv, d)[:, :n]
+        ring = torch.tensor([(n - Q + i) % Q for i in range(Q)], device=src.device)
+        q_win = self.q_window[layers, seq.window_slot][:, ring]
+        g_prev = None
+        if self.score_cache is not None and seq.num_scored:
+            g_prev = self.score_cache[layers, src].reshape(lg, -1, h_kv)[:, : seq.num_scored].transpose(1, 2)
+        scores, g = compression_scores_ref(q_win, k, g_prev, seq.num_scored, seq.num_compressions == 0,
+                                           self.scale, self.cfg, bs)
+        return select_keep_ref(scores, plan.keep), g, src
+
+    def _compact(self, plan: CompactionPlan) -> None:
+        bs = self.block_size
+        num_layers = self.kv_cache.shape[1]
+        h_kv, d = self.kv_cache.shape[-2:]
+        n, keep = plan.kv_len, plan.keep
+        dest = torch.tensor(plan.dest_table[: keep // bs], device=self.kv_cache.device)
+        for l0 in range(0, num_layers, self.cfg.layer_group):
+            layers = slice(l0, min(num_layers, l0 + self.cfg.layer_group))
+            lg = layers.stop - layers.start
+            idx, g, src = self._score_and_select(plan, layers)
+            gather = idx.unsqueeze(-1).expand(-1, -1, -1, d)
+            for kv in (0, 1):
+                old = self.kv_cache[kv, layers, src].reshape(lg, -1, h_kv, d)[:, :n]  # a copy: safe in place
+                kept = old.transpose(1, 2).gather(2, gather).transpose(1, 2)
+                self.kv_cache[kv, layers, dest] = kept.reshape(lg, keep // bs, bs, h_kv, d)
+            if self.score_cache is not None:
+                self.score_cache[layers, dest] = g.gather(2, idx).transpose(1, 2).reshape(lg, keep // bs, bs, h_kv)
+
+    def apply(self, plan: CompactionPlan) -> None:
+        """Sequence bookkeeping once a plan's data has moved."""
+        seq = plan.seq
+        seq.num_evicted += plan.kv_len - plan.keep
+        seq.num_scored = plan.keep if self.score_cache is not None else 0
+        seq.num_compressions += 1
+
+    def stats(self) -> dict:
+        return {
+            "compressions": self.num_compressions,
+            "mean_compression_ms": 1000 * self.total_seconds / self.num_compressions if self.num_compressions else 0.0,
+        }
