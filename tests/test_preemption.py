@@ -1,32 +1,17 @@
 """Preemption by recompute under a tiny page pool yields the same greedy outputs."""
 
 from tests.tiny_models import hf_greedy
+from tests.engine_driver import run_checked
 from workers import LLM, SamplingParams
 
 PROMPTS = [[(i * 13 + j) % 250 + 3 for j in range(20 + 9 * i)] for i in range(6)]
-
-
-def _run_checked(llm, prompts, params):
-    """Drive the engine step by step, checking page-pool invariants after every step."""
-    eng = llm.engine
-    for i, p in enumerate(prompts):
-        eng.add_request(f"r{i}", p, params)
-    done = {}
-    while eng.has_unfinished_requests():
-        for out in eng.step():
-            if out.finished:
-                done[out.request_id] = out
-        eng.check_invariants()
-        for s in eng.scheduler.running:
-            assert len(s.block_table) * eng.config.block_size >= s.num_computed_tokens
-    return [done[f"r{i}"] for i in range(len(prompts))]
 
 
 def test_preemption_same_outputs(model_factory):
     path = model_factory("llama", heads=4, kv_heads=2)
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
     llm = LLM(path, block_size=16, num_blocks=14, max_num_batched_tokens=32)  # 224 tokens for ~500 needed
-    outs = _run_checked(llm, PROMPTS, params)
+    outs = run_checked(llm, PROMPTS, params, _tables_cover_cache)
     assert llm.stats()["preemptions"] > 0
     assert [o.token_ids for o in outs] == hf_greedy(path, PROMPTS, 48)
     assert llm.stats()["free_pages"] == 14
@@ -36,6 +21,11 @@ def test_preemption_with_prefix_cache_off(model_factory):
     path = model_factory("llama", heads=4, kv_heads=2)
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     llm = LLM(path, block_size=8, num_blocks=20, max_num_batched_tokens=16, enable_prefix_cache=False)
-    outs = _run_checked(llm, PROMPTS, params)
+    outs = run_checked(llm, PROMPTS, params, _tables_cover_cache)
     assert llm.stats()["preemptions"] > 0
     assert [o.token_ids for o in outs] == hf_greedy(path, PROMPTS, 30)
+
+
+def _tables_cover_cache(eng):
+    for s in eng.scheduler.running:
+        assert len(s.block_table) * eng.config.block_size >= s.num_computed_tokens

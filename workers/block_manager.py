@@ -38,7 +38,10 @@ def page_hashes(token_ids: list[int], block_size: int, start: list[bytes] | None
 @dataclass
 class CompactionPlan:
     """Move `seq`'s kept cache entries from `src_table` into `dest_table` (keep_pages full pages + an
-    empty working page); `release` are the pages to drop once the data has moved."""
+    empty working page); `release` are the pages to drop once the data has moved.
+
+    The sequence's bookkeeping is updated when the plan is made (so this step's scheduling already sees
+    the compacted cache); the plan keeps the values from before, which the compressor needs."""
 
     seq: Sequence
     src_table: list[int]
@@ -46,7 +49,9 @@ class CompactionPlan:
     release: list[int]
     kv_len: int  # entries in the source cache
     keep: int  # entries kept = keep_pages * block_size
-    num_fresh: int  # pages newly allocated because the source pages were shared
+    num_fresh: int  # pages newly allocated (for shared pages, or to spare cached prefix pages)
+    num_scored: int  # leading source entries that carry a global score
+    first: bool  # the request's first compression
 
 
 class BlockManager:
@@ -119,27 +124,35 @@ class BlockManager:
             seq.block_table.append(self._pop_free())
         seq.num_owned_pages += need
 
-    def plan_compaction(self, seq: Sequence, keep_pages: int) -> CompactionPlan | None:
+    def plan_compaction(self, seq: Sequence, keep_pages: int, spare_pages: int = 0) -> CompactionPlan | None:
         """Choose private pages to pack `seq`'s kept entries into; None if the pool is too short.
 
-        Shared pages are never written: the request's own pages (ref count 1) are reused in table order,
-        losing their hashes since their contents change; fresh pages stand in for shared ones."""
+        Shared pages are never written. The request's own unhashed pages are reused first; pages that
+        hold a cached prefix are spared by using free pages instead while `spare_pages` allows (so the
+        prefix stays cached after the request compresses), and are otherwise overwritten, losing their
+        hash. Fresh pages stand in for shared ones."""
         want = keep_pages + 1
-        writable = [b for b in seq.block_table if self.ref_count[b] == 1][:want]
-        fresh = want - len(writable)
+        writable = [b for b in seq.block_table if self.ref_count[b] == 1]
+        dest = [b for b in writable if self.block_hash[b] is None][:want]
+        hashed = [b for b in writable if self.block_hash[b] is not None]
+        need = want - len(dest)
+        required = max(0, need - len(hashed))
+        fresh = required + max(0, min(need - required, spare_pages - required))
         if fresh > self.num_free_blocks:
             return None
-        for b in writable:
-            h = self.block_hash[b]
-            if h is not None:
-                del self.hash_to_block[h]
-                self.block_hash[b] = None
-        dest = writable + [self._pop_free() for _ in range(fresh)]
+        for b in hashed[: need - fresh]:
+            del self.hash_to_block[self.block_hash[b]]
+            self.block_hash[b] = None
+            dest.append(b)
+        dest += [self._pop_free() for _ in range(fresh)]
         used = set(dest)
         plan = CompactionPlan(seq, list(seq.block_table), dest, [b for b in seq.block_table if b not in used],
-                              seq.kv_len, keep_pages * self.block_size, fresh)
+                              seq.kv_len, keep_pages * self.block_size, fresh, seq.num_scored, not seq.compressed)
         seq.block_table = dest
         seq.num_owned_pages = len(dest)
+        seq.num_evicted += plan.kv_len - plan.keep
+        seq.num_scored = plan.keep
+        seq.num_compressions += 1
         return plan
 
     def release(self, blocks: list[int]) -> None:
@@ -173,6 +186,7 @@ class BlockManager:
         seq.num_computed_tokens = 0
         seq.num_committed_blocks = 0
         seq.num_owned_pages = 0
+        seq.decoding = False
 
     def reset_prefix_cache(self) -> None:
         for b in list(self.hash_to_block.values()):

@@ -1,8 +1,8 @@
 """The compression stage: score a request's cache and pack the kept entries into its private pages.
 
 It executes `CompactionPlan`s made by the scheduler and block manager (which pages to read, which to
-write); it changes device tensors only. Sequence bookkeeping is the engine's (`apply`), and the pages a
-plan releases go back to the pool only after `run` has returned (on GPU: after its event).
+write, from which state); it changes device tensors only. The pages a plan releases go back to the pool
+only after `run` has returned (on GPU: after its event).
 """
 
 from __future__ import annotations
@@ -50,10 +50,9 @@ class Compressor:
         ring = torch.tensor([(n - Q + i) % Q for i in range(Q)], device=src.device)
         q_win = self.q_window[layers, seq.window_slot][:, ring]
         g_prev = None
-        if self.score_cache is not None and seq.num_scored:
-            g_prev = self.score_cache[layers, src].reshape(lg, -1, h_kv)[:, : seq.num_scored].transpose(1, 2)
-        scores, g = compression_scores_ref(q_win, k, g_prev, seq.num_scored, seq.num_compressions == 0,
-                                           self.scale, self.cfg, bs)
+        if self.score_cache is not None and plan.num_scored:
+            g_prev = self.score_cache[layers, src].reshape(lg, -1, h_kv)[:, : plan.num_scored].transpose(1, 2)
+        scores, g = compression_scores_ref(q_win, k, g_prev, plan.num_scored, plan.first, self.scale, self.cfg, bs)
         return select_keep_ref(scores, plan.keep), g, src
 
     def _compact(self, plan: CompactionPlan) -> None:
@@ -73,13 +72,6 @@ class Compressor:
                 self.kv_cache[kv, layers, dest] = kept.reshape(lg, keep // bs, bs, h_kv, d)
             if self.score_cache is not None:
                 self.score_cache[layers, dest] = g.gather(2, idx).transpose(1, 2).reshape(lg, keep // bs, bs, h_kv)
-
-    def apply(self, plan: CompactionPlan) -> None:
-        """Sequence bookkeeping once a plan's data has moved."""
-        seq = plan.seq
-        seq.num_evicted += plan.kv_len - plan.keep
-        seq.num_scored = plan.keep if self.score_cache is not None else 0
-        seq.num_compressions += 1
 
     def stats(self) -> dict:
         return {

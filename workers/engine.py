@@ -130,6 +130,7 @@ class LLMEngine:
             tokens, logprobs = sample(logits, [s.params for s in samplers], [s.generator for s in samplers],
                                       self.generator)
             for row, (seq, tok) in enumerate(zip(samplers, tokens)):
+                seq.decoding = True
                 if seq.params.logprobs is not None:
                     seq.logprobs.append(top_logprobs(logprobs[row], tok, seq.params.logprobs))
                 outputs.append(self._append_token(seq, tok))
@@ -150,7 +151,6 @@ class LLMEngine:
         self.runner.compact(plans)
         bm = self.block_manager
         for plan in plans:  # the data has moved: now the replaced pages may go back to the pool
-            self.runner.compressor.apply(plan)
             self.pages_freed_by_compression += sum(1 for b in plan.release if bm.ref_count[b] == 1) - plan.num_fresh
             bm.release(plan.release)
 
@@ -253,7 +253,7 @@ class LLMEngine:
             assert not s.block_table and s.status is Status.WAITING and s.window_slot is None
         for s in sched.running:
             assert s.kv_len <= len(s.block_table) * bs
-            if s.budget_blocks is not None and s.num_computed_tokens >= s.num_tokens - 1:  # prefill done
+            if s.budget_blocks is not None and s.decoding:
                 assert len(s.block_table) <= s.budget_blocks + 1, f"{s.request_id} holds {len(s.block_table)} pages"
             if s.reserved:
                 assert s.num_owned_pages <= s.peak_pages

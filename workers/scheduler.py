@@ -178,7 +178,7 @@ class Scheduler:
         B = seq.budget_blocks
         if B is None or seq.kv_len < (B + 1) * self.block_size:
             return None
-        plan = self.bm.plan_compaction(seq, B)
+        plan = self.bm.plan_compaction(seq, B, spare_pages=max(0, self.available_pages()))
         while plan is None:  # private pages short (shared pages to replace): opportunistic ones yield
             victim = next((s for s in reversed(self.running) if not s.reserved and not s.compressed and s is not seq), None)
             if victim is None:

@@ -35,12 +35,13 @@ class Sequence:
     # positions stay the token indices (never renumbered).
     budget_blocks: int | None = None  # pages of history kept (None = full KV)
     num_evicted: int = 0
-    num_scored: int = 0  # leading cache entries that carry a global score from a past compression
+    num_scored: int = 0  # leading cache entries kept by a past compression (they carry global scores)
     num_compressions: int = 0
     window_slot: int | None = None  # row of the query-window buffer (compressing requests only)
     reserved: bool = False  # admitted with its peak pages reserved (never preempted)
     peak_pages: int = 0  # most fresh pages it may own at once (when reserved)
     num_owned_pages: int = 0  # pages it allocated itself (not prefix-cache hits)
+    decoding: bool = False  # its prompt (and any recomputed tokens) are in; set when it samples
     num_preemptions: int = 0
     finish_reason: str | None = None
     stop_reason: str | int | None = None

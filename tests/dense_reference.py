@@ -1,0 +1,160 @@
+"""A dense, deliberately plain implementation of the Compressed PagedAttention policy: the test oracle.
+
+No pages, no chunking, no batching, no shared code with the engine: transformers' own modules supply
+the weights, norms, projections, RoPE tables and MLPs; this file keeps one request's K/V per layer as
+dense [N, H_kv, D] tensors, scores them with explicit loops and masks, and keeps exactly the same
+entries the policy says (see kernels/compress.py for the policy's statement). Greedy decoding only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _rotate_half(x):
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+class DenseCompressedReference:
+    def __init__(self, path: str, block_size: int, budget_blocks: int | None, ccfg):
+        from transformers import AutoModelForCausalLM
+
+        self.hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        c = self.hf.config
+        self.n_heads, self.n_kv = c.num_attention_heads, c.num_key_value_heads
+        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        self.bs, self.budget, self.c = block_size, budget_blocks, ccfg
+        self.kept_log = []  # per compression: [layer][head] -> list of original token positions kept
+
+    # ---- scoring, written out loop by loop ---------------------------------------------------
+    def _scores(self, qs, K, G_prev, first):
+        """qs: [Q, H_q, D] window queries (last Q entries); K: [N, H_kv, D]; G_prev: [H_kv, n_prev] or None.
+        Returns S [H_kv, N], G [H_kv, N]."""
+        c, N, Q = self.c, K.shape[0], qs.shape[0]
+        group = self.n_heads // self.n_kv
+        S = torch.empty(self.n_kv, N)
+        G = torch.empty(self.n_kv, N)
+        for h in range(self.n_kv):
+            A = torch.zeros(N)
+            for i in range(Q):
+                visible = N - Q + i + 1
+                best = torch.full((visible,), -1.0)
+                for g in range(group):
+                    logits = (K[:visible, h] @ qs[i, h * group + g]) / math.sqrt(self.head_dim)
+                    best = torch.maximum(best, torch.softmax(logits, 0))
+                A[:visible] += best
+            A /= Q
+            g_h = A.clone()
+            if c.use_global_score and G_prev is not None:
+                n_prev = G_prev.shape[1]
+                g_h[:n_prev] = torch.maximum(A[:n_prev], c.score_decay * G_prev[h])
+            G[h] = g_h
+            s = g_h.clone()
+            if c.use_pooling and (first or c.continuous_pooling):
+                w = c.pooling_width // 2
+                s = torch.stack([g_h[max(0, j - w): j + w + 1].max() for j in range(N)])
+            if c.use_redundancy:
+                kn = K[:, h] / K[:, h].norm(dim=-1, keepdim=True).clamp(min=1e-6)
+                sim = kn @ kn.T
+                same_scope = torch.ones(N, N, dtype=torch.bool)
+                if c.lightning_redundancy:
+                    page = torch.arange(N) // self.bs
+                    same_scope = page[:, None] == page[None, :]
+                r = torch.zeros(N)
+                for n in range(N):
+                    latest = None
+                    for m in range(N):
+                        if m != n and same_scope[m, n] and sim[m, n] > c.redundancy_threshold:
+                            latest = m
+                    for m in range(N):
+                        if m != n and same_scope[m, n] and m != latest:
+                            r[m] += sim[m, n]
+                norm = self.bs if c.lightning_redundancy else N
+                R = torch.softmax(r / (c.redundancy_temperature * norm), 0)
+                s = c.redundancy_lambda * s - (1 - c.redundancy_lambda) * R
+            s[: c.num_sink_tokens] = float("inf")
+            s[N - Q:] = float("inf")
+            S[h] = s
+        return S, G
+
+    @staticmethod
+    def _keep(scores, k):
+        """Top k by score; ties to the later entry; returned in original order."""
+        n = len(scores)
+        order = sorted(range(n), key=lambda j: (-scores[j].item(), -j))
+        return sorted(order[:k])
+
+    # ---- the model, one request --------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompt: list[int], max_tokens: int) -> list[int]:
+        model = self.hf.model
+        L = len(model.layers)
+        K = [torch.empty(0, self.n_kv, self.head_dim) for _ in range(L)]
+        V = [torch.empty(0, self.n_kv, self.head_dim) for _ in range(L)]
+        pos_of = [[torch.empty(0, dtype=torch.long) for _ in range(self.n_kv)] for _ in range(L)]  # provenance
+        Gs = [None] * L
+        queries = [[] for _ in range(L)]  # post-RoPE queries of every token, in order
+        n_compressions = 0
+        tokens, out = list(prompt), []
+        todo = list(prompt)
+        while True:
+            start = len(tokens) - len(todo)
+            positions = torch.arange(start, len(tokens))
+            h = model.embed_tokens(torch.tensor([todo]))
+            cos, sin = model.rotary_emb(h, positions[None])
+            for li, layer in enumerate(model.layers):
+                attn = layer.self_attn
+                x = layer.input_layernorm(h)[0]
+                T = x.shape[0]
+                q = attn.q_proj(x).view(T, self.n_heads, self.head_dim)
+                k = attn.k_proj(x).view(T, self.n_kv, self.head_dim)
+                v = attn.v_proj(x).view(T, self.n_kv, self.head_dim)
+                if hasattr(attn, "q_norm"):
+                    q, k = attn.q_norm(q), attn.k_norm(k)
+                cs, sn = cos[0][:, None, :], sin[0][:, None, :]
+                q = q * cs + _rotate_half(q) * sn
+                k = k * cs + _rotate_half(k) * sn
+                queries[li].extend(q)
+                N0 = K[li].shape[0]
+                K[li] = torch.cat([K[li], k])
+                V[li] = torch.cat([V[li], v])
+                for hh in range(self.n_kv):
+                    pos_of[li][hh] = torch.cat([pos_of[li][hh], positions])
+                o = torch.empty(T, self.n_heads, self.head_dim)
+                for t in range(T):
+                    visible = N0 + t + 1
+                    for hq in range(self.n_heads):
+                        hk = hq // (self.n_heads // self.n_kv)
+                        w = torch.softmax(K[li][:visible, hk] @ q[t, hq] / math.sqrt(self.head_dim), 0)
+                        o[t, hq] = w @ V[li][:visible, hk]
+                a = attn.o_proj(o.reshape(T, -1))
+                h = h + a[None]
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
+            logits = self.hf.lm_head(model.norm(h))[0, -1]
+            nxt = int(logits.argmax())
+            out.append(nxt)
+            tokens.append(nxt)
+            if len(out) == max_tokens:
+                return out
+            # Compression point: cache reached budget + 1 full pages (or a long prompt ended).
+            N = K[0].shape[0]
+            if self.budget is not None and N >= (self.budget + 1) * self.bs:
+                keep_n = self.budget * self.bs
+                Q = self.c.query_window
+                log = []
+                for li in range(L):
+                    qs = torch.stack(queries[li][-Q:])
+                    S, G = self._scores(qs, K[li], Gs[li], n_compressions == 0)
+                    keeps = [self._keep(S[hh], keep_n) for hh in range(self.n_kv)]
+                    K[li] = torch.stack([K[li][keeps[hh], hh] for hh in range(self.n_kv)], dim=1)
+                    V[li] = torch.stack([V[li][keeps[hh], hh] for hh in range(self.n_kv)], dim=1)
+                    Gs[li] = torch.stack([G[hh][keeps[hh]] for hh in range(self.n_kv)]) if self.c.use_global_score else None
+                    for hh in range(self.n_kv):
+                        pos_of[li][hh] = pos_of[li][hh][keeps[hh]]
+                    log.append([pos_of[li][hh].tolist() for hh in range(self.n_kv)])
+                self.kept_log.append(log)
+                n_compressions += 1
+            todo = [nxt]
