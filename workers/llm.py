@@ -13,8 +13,15 @@ from workers.sampling_params import SamplingParams
 
 
 class LLM:
-    def __init__(self, model: str, **config):
-        self.engine = LLMEngine(EngineConfig.from_kwargs(model, **config))
+    def __init__(self, model: str | None = None, *, config_file: str | None = None, **config):
+        """LLM(model, **config), or LLM(config_file="configs/engine/x.yaml", **overrides)."""
+        if config_file is not None:
+            cfg = EngineConfig.from_yaml(config_file, model, **config)
+        elif model is None:
+            raise ValueError("LLM needs a model folder (or config_file=...)")
+        else:
+            cfg = EngineConfig.from_kwargs(model, **config)
+        self.engine = LLMEngine(cfg)
         self._ids = itertools.count()
 
     @property
