@@ -11,14 +11,24 @@ import time
 
 import torch
 
-from kernels.compress import compression_scores_ref, select_keep_ref
+from kernels.compress import (compact_ref, compact_triton, compression_scores_ref, compression_scores_triton,
+                              select_keep_ref, select_keep_triton)
 from workers.block_manager import CompactionPlan
 from workers.config import CompressionConfig
+
+# backend -> (scores, select, compact): the plain-torch references or their Triton versions.
+BACKENDS = {
+    "torch": (compression_scores_ref, select_keep_ref, compact_ref),
+    "triton": (compression_scores_triton, select_keep_triton, compact_triton),
+}
 
 
 class Compressor:
     def __init__(self, cfg: CompressionConfig, kv_cache: torch.Tensor, q_window: torch.Tensor,
-                 score_cache: torch.Tensor | None, block_size: int, scale: float):
+                 score_cache: torch.Tensor | None, block_size: int, scale: float, backend: str = "torch"):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
+        self.scores_fn, self.select_fn, self.compact_fn = BACKENDS[backend]
         self.cfg = cfg
         self.kv_cache = kv_cache  # [2, L, NB, bs, H_kv, D]
         self.q_window = q_window  # [L, slots, Q, H_q, D]
@@ -52,25 +62,21 @@ class Compressor:
         g_prev = None
         if self.score_cache is not None and plan.num_scored:
             g_prev = self.score_cache[layers, src].reshape(lg, -1, h_kv)[:, : plan.num_scored].transpose(1, 2)
-        scores, g = compression_scores_ref(q_win, k, g_prev, plan.num_scored, plan.first, self.scale, self.cfg, bs)
-        return select_keep_ref(scores, plan.keep), g, src
+        scores, g = self.scores_fn(q_win, k, g_prev, plan.num_scored, plan.first, self.scale, self.cfg, bs)
+        return self.select_fn(scores, plan.keep), g, src
 
     def _compact(self, plan: CompactionPlan) -> None:
         bs = self.block_size
-        num_layers = self.kv_cache.shape[1]
-        h_kv, d = self.kv_cache.shape[-2:]
+        num_layers, h_kv = self.kv_cache.shape[1], self.kv_cache.shape[-2]
         n, keep = plan.kv_len, plan.keep
         dest = torch.tensor(plan.dest_table[: keep // bs], device=self.kv_cache.device)
         for l0 in range(0, num_layers, self.cfg.layer_group):
             layers = slice(l0, min(num_layers, l0 + self.cfg.layer_group))
             lg = layers.stop - layers.start
             idx, g, src = self._score_and_select(plan, layers)
-            gather = idx.unsqueeze(-1).expand(-1, -1, -1, d)
             for kv in (0, 1):
-                old = self.kv_cache[kv, layers, src].reshape(lg, -1, h_kv, d)[:, :n]  # a copy: safe in place
-                kept = old.transpose(1, 2).gather(2, gather).transpose(1, 2)
-                self.kv_cache[kv, layers, dest] = kept.reshape(lg, keep // bs, bs, h_kv, d)
-            if self.score_cache is not None:
+                self.compact_fn(self.kv_cache[kv, layers], src, n, idx, dest)  # dest may reuse src pages
+            if self.score_cache is not None:  # the new G (not the old cached scores) moves with the kept entries
                 self.score_cache[layers, dest] = g.gather(2, idx).transpose(1, 2).reshape(lg, keep // bs, bs, h_kv)
 
     def stats(self) -> dict:
