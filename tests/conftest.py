@@ -1,10 +1,13 @@
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is defined
+import torch
+
+# Without a GPU, Triton kernels run in the interpreter; it must be on before any kernel is defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest
-import torch
+import pytest  # noqa: E402
 
 from tests.tiny_models import build_model_folder
 

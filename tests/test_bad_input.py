@@ -37,9 +37,10 @@ def test_bad_config_values(qwen3_path, bad):
         LLM(qwen3_path, **bad)
 
 
-def test_unbuilt_features_say_so(qwen3_path):
-    with pytest.raises(NotImplementedError, match="Triton"):
-        LLM(qwen3_path, backend="triton")
+def test_triton_backend_on_cpu_needs_the_interpreter(qwen3_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        LLM(qwen3_path, backend="triton", device="cpu")
 
 
 @pytest.mark.parametrize("kw, msg", [

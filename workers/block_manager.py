@@ -208,9 +208,12 @@ class BlockManager:
         self.ref_count[block] = 1
         return block
 
-    def check_invariants(self, seqs: list[Sequence]) -> None:
-        """Raise AssertionError if refs, free queue or hashes disagree with the live tables."""
+    def check_invariants(self, seqs: list[Sequence], pending_release: list[int] = ()) -> None:
+        """Raise AssertionError if refs, free queue or hashes disagree with the live tables (plus the
+        references that in-flight compactions still hold on pages they will release)."""
         refs = [0] * self.num_blocks
+        for b in pending_release:
+            refs[b] += 1
         for s in seqs:
             assert len(set(s.block_table)) == len(s.block_table), f"{s.request_id}: page twice in table"
             for b in s.block_table:

@@ -36,7 +36,8 @@ class Compressor:
         self.block_size = block_size
         self.scale = scale
         self.num_compressions = 0
-        self.total_seconds = 0.0
+        self.total_seconds = 0.0  # host time to launch (CPU: to run) the compression stage
+        self.kept_log: list | None = None  # set to a list to record (request id, kept indices) per layer group
 
     @torch.inference_mode()
     def run(self, plans: list[CompactionPlan]) -> None:
@@ -74,6 +75,8 @@ class Compressor:
             layers = slice(l0, min(num_layers, l0 + self.cfg.layer_group))
             lg = layers.stop - layers.start
             idx, g, src = self._score_and_select(plan, layers)
+            if self.kept_log is not None:
+                self.kept_log.append((plan.seq.request_id, plan.num_scored, layers.start, idx.cpu()))
             for kv in (0, 1):
                 self.compact_fn(self.kv_cache[kv, layers], src, n, idx, dest)  # dest may reuse src pages
             if self.score_cache is not None:  # the new G (not the old cached scores) moves with the kept entries

@@ -14,9 +14,6 @@ import torch
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-# Feature names owned by later work; a config that asks for them gets a clear error.
-TRITON_FEATURE = "the Triton GPU backend (backend='triton'; issue 4)"
-
 
 @dataclass
 class CompressionConfig:
@@ -79,13 +76,16 @@ class EngineConfig:
     max_num_batched_tokens: int = 8192  # tokens per step (decode tokens + prefill chunks)
     max_model_len: int | None = None  # None = the model's max_position_embeddings
     enable_prefix_cache: bool = True
-    backend: str = "torch"
+    backend: str | None = None  # "torch" | "triton"; None = triton on CUDA, torch otherwise
     device: str | None = None  # None = cuda if available else cpu
     dtype: str | None = None  # None = bfloat16 on cuda, float32 on cpu
     budget_blocks: int | None = None  # None = full KV; else pages of history kept per request (+1 working)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     seed: int = 0
     tokenizer: str | None = None  # None = the model folder
+    load_format: str = "safetensors"  # or "dummy": random weights made on the device (benchmarks)
+    enforce_eager: bool = False  # True: no CUDA graphs for decode
+    cuda_graph_max_batch: int = 256  # decode batches up to this size replay captured graphs
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":
@@ -133,10 +133,14 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_model_len is not None:
             _positive_int(self, "max_model_len")
-        if self.backend not in ("torch", "triton"):
+        if self.load_format not in ("safetensors", "dummy"):
+            raise ValueError(f"load_format must be 'safetensors' or 'dummy', got {self.load_format!r}")
+        if self.backend not in (None, "torch", "triton"):
             raise ValueError(f"backend must be 'torch' or 'triton', got {self.backend!r}")
-        if self.backend == "triton":
-            raise NotImplementedError(f"{TRITON_FEATURE} is not built yet; use backend='torch'")
+        if (self.resolved_backend == "triton" and self.torch_device.type != "cuda"
+                and os.environ.get("TRITON_INTERPRET") != "1"):
+            raise ValueError("backend='triton' needs a CUDA device (or TRITON_INTERPRET=1 to run the kernels "
+                             "slowly on the CPU, as the tests do); use backend='torch' on the CPU")
         if self.budget_blocks is not None:
             _positive_int(self, "budget_blocks")
         self.compression.validate(self.block_size, self.budget_blocks is not None)
@@ -147,6 +151,12 @@ class EngineConfig:
                 torch.device(self.device)
             except (RuntimeError, TypeError) as e:
                 raise ValueError(f"bad device {self.device!r}: {e}") from None
+
+    @property
+    def resolved_backend(self) -> str:
+        if self.backend is not None:
+            return self.backend
+        return "triton" if self.torch_device.type == "cuda" else "torch"
 
     @property
     def torch_device(self) -> torch.device:

@@ -50,6 +50,7 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_cache)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len)
         self.pages_freed_by_compression = 0
+        self.in_flight: list[tuple[object, list]] = []  # (event, plans) of overlapped compressions
         self.tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
         self.eos_token_ids = set(args.eos_token_ids)
         if not self.eos_token_ids and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -105,18 +106,22 @@ class LLMEngine:
         if seq is None or seq.is_finished:
             return False
         seq.finish_reason = "abort"
-        self.scheduler.finish(seq)
+        if not seq.compressing:  # else its pages are freed when its compaction lands
+            self.scheduler.finish(seq)
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self.in_flight)
 
     # ---- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; returns an output for every request that changed."""
+        self._land_compressions()
         sched = self.scheduler.schedule()
         self._compress(sched.compactions)  # early compressions (pages ran short), before the forward
         if not sched.chunks:
+            if self.in_flight:  # only compressions left to wait for: wait for the oldest, then go on
+                self.in_flight[0][0].synchronize()
             return []
         logits = self.runner.execute(sched.chunks)
         samplers = [c.seq for c in sched.chunks if c.samples]
@@ -135,24 +140,38 @@ class LLMEngine:
                     seq.logprobs.append(top_logprobs(logprobs[row], tok, seq.params.logprobs))
                 outputs.append(self._append_token(seq, tok))
         # Compression stage: requests whose cache reached budget + 1 full pages (or a long prompt ended).
+        # On CUDA it overlaps the next steps' decode of the other requests (its own stream).
         plans = []
         for seq in samplers:
             if seq.status is Status.RUNNING:
                 plan = self.scheduler.plan_compression(seq)
                 if plan is not None:
                     plans.append(plan)
-        self._compress(plans)
+        self._compress(plans, overlap=True)
         self.num_steps += 1
         return outputs
 
-    def _compress(self, plans) -> None:
+    def _compress(self, plans, overlap: bool = False) -> None:
         if not plans:
             return
-        self.runner.compact(plans)
+        event = self.runner.compact(plans, overlap)
+        for plan in plans:
+            plan.seq.compressing = True
+        self.in_flight.append((event, plans))
+        if event is None:
+            self._land_compressions()
+
+    def _land_compressions(self) -> None:
+        """Finish compactions whose data has moved: free the replaced pages, resume the requests."""
         bm = self.block_manager
-        for plan in plans:  # the data has moved: now the replaced pages may go back to the pool
-            self.pages_freed_by_compression += sum(1 for b in plan.release if bm.ref_count[b] == 1) - plan.num_fresh
-            bm.release(plan.release)
+        while self.in_flight and (self.in_flight[0][0] is None or self.in_flight[0][0].query()):
+            _, plans = self.in_flight.pop(0)
+            for plan in plans:
+                self.pages_freed_by_compression += sum(1 for b in plan.release if bm.ref_count[b] == 1) - plan.num_fresh
+                bm.release(plan.release)
+                plan.seq.compressing = False
+                if plan.seq.finish_reason == "abort" and not plan.seq.is_finished:
+                    self.scheduler.finish(plan.seq)
 
     def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
         seq.token_ids.append(token)
@@ -248,7 +267,8 @@ class LLMEngine:
     def check_invariants(self) -> None:
         """Page pool and per-request invariants (tests call this after every step)."""
         sched, bs = self.scheduler, self.config.block_size
-        self.block_manager.check_invariants(sched.running + list(sched.waiting))
+        pending = [b for _, plans in self.in_flight for p in plans for b in p.release]
+        self.block_manager.check_invariants(sched.running + list(sched.waiting), pending)
         for s in sched.waiting:
             assert not s.block_table and s.status is Status.WAITING and s.window_slot is None
         for s in sched.running:

@@ -14,6 +14,7 @@ from workers.config import EngineConfig
 from workers.layers.attention import AttentionMetadata
 from workers.block_manager import CompactionPlan
 from workers.compressor import Compressor
+from workers.cuda_graph import DecodeGraphs
 from workers.models import load_model
 from workers.scheduler import ScheduledChunk
 
@@ -27,7 +28,8 @@ class ModelRunner:
         self.cfg = cfg
         self.device, self.dtype = cfg.torch_device, cfg.torch_dtype
         self.block_size = cfg.block_size
-        self.model = load_model(cfg.model, self.device, self.dtype, max_model_len)
+        self.model = load_model(cfg.model, self.device, self.dtype, max_model_len, cfg.load_format, cfg.seed,
+                                cfg.resolved_backend)
         self.args = a = self.model.args
         self.max_model_len = max_model_len
         self.compressing = cfg.budget_blocks is not None
@@ -37,12 +39,22 @@ class ModelRunner:
         self.kv_cache = torch.empty(2, a.num_layers, self.num_blocks, self.block_size, a.num_kv_heads, a.head_dim,
                                     device=dev, dtype=self.dtype)
         self.compressor = None
+        self.compress_stream = None
         if self.compressing:
             Q = cfg.compression.query_window
-            q_window = torch.zeros(a.num_layers, cfg.max_num_seqs, Q, a.num_heads, a.head_dim, device=dev, dtype=self.dtype)
+            # One row per request slot, plus a spare that padded CUDA-graph rows write into.
+            q_window = torch.zeros(a.num_layers, cfg.max_num_seqs + 1, Q, a.num_heads, a.head_dim, device=dev,
+                                   dtype=self.dtype)
             scores = (torch.zeros(a.num_layers, self.num_blocks, self.block_size, a.num_kv_heads, device=dev)
                       if self.global_scores else None)
-            self.compressor = Compressor(cfg.compression, self.kv_cache, q_window, scores, self.block_size, a.head_dim**-0.5)
+            self.compressor = Compressor(cfg.compression, self.kv_cache, q_window, scores, self.block_size,
+                                         a.head_dim**-0.5, backend=cfg.resolved_backend)
+        self.graphs = None
+        if dev.type == "cuda" and cfg.resolved_backend == "triton" and not cfg.enforce_eager:
+            top = min(cfg.max_num_seqs, cfg.cuda_graph_max_batch)
+            sizes = sorted({b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256) if b < top} | {top})
+            self.graphs = DecodeGraphs(self.model, self.kv_cache, self.compressor.q_window if self.compressor else None,
+                                       sizes, max_model_len, self.block_size)
         log.info("KV cache: %d pages of %d tokens (%.2f GiB, %s %s)%s", self.num_blocks, self.block_size,
                  self.num_blocks * self.bytes_per_block / 2**30, dev, self.dtype,
                  f"; compression: budget {cfg.budget_blocks} pages, window buffers {self.window_bytes / 2**20:.1f} MiB, "
@@ -136,11 +148,21 @@ class ModelRunner:
         def to_dev(x, dtype=torch.long):
             return torch.tensor(x, dtype=dtype).to(dev, non_blocking=True)
 
+        if self.graphs is not None and len(ids) == len(chunks) and self.graphs.fits(len(chunks)):
+            spare = self.graphs.spare_slot or 0
+            wslots = [c.seq.window_slot if c.seq.window_slot is not None else spare for c in chunks]
+            wpos = [(c.seq.kv_len) % Q for c in chunks]
+            h = self.graphs.run(to_dev(ids), positions.to(dev, non_blocking=True), slots.to(dev, non_blocking=True),
+                                table.to(dev, non_blocking=True), to_dev(kv_lens, torch.int32), to_dev(wslots), to_dev(wpos))
+            return self.model.compute_logits(h[torch.tensor(sample_rows, device=dev)])
+
         meta = AttentionMetadata(
             slot_mapping=slots.to(dev, non_blocking=True),
             block_tables=table.to(dev, non_blocking=True),
             query_start_loc=to_dev(qsl, torch.int32),
             kv_lens=to_dev(kv_lens, torch.int32),
+            max_query_len=max(qsl[i + 1] - qsl[i] for i in range(len(chunks))),
+            max_kv_len=max(kv_lens),
             window_rows=to_dev(win_rows) if win_rows else None,
             window_slots=to_dev(win_slots) if win_rows else None,
             window_pos=to_dev(win_pos) if win_rows else None,
@@ -151,7 +173,22 @@ class ModelRunner:
             return torch.empty(0, self.args.vocab_size, device=dev)
         return self.model.compute_logits(h[torch.tensor(sample_rows, device=dev)])
 
-    def compact(self, plans: list[CompactionPlan]) -> None:
-        """Run the compression stage for these plans (scores, selection, packing)."""
-        if plans:
+    def compact(self, plans: list[CompactionPlan], overlap: bool = False):
+        """Run the compression stage for these plans (scores, selection, packing).
+
+        overlap=True on CUDA: launch it on the compressor's own stream after the work queued so far, and
+        return the event that marks its end (the caller frees pages and resumes those requests only once
+        it has completed; other requests keep decoding meanwhile). Otherwise it runs in order; None."""
+        if not plans:
+            return None
+        if not (overlap and self.device.type == "cuda"):
             self.compressor.run(plans)
+            return None
+        if self.compress_stream is None:
+            self.compress_stream = torch.cuda.Stream(self.device)
+        self.compress_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.compress_stream):
+            self.compressor.run(plans)
+            done = torch.cuda.Event()
+            done.record(self.compress_stream)
+        return done

@@ -104,6 +104,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.compressing:  # waits for its compaction to land
+                i += 1
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if self._make_room(seq, n, out, i):
                 self.bm.append_slots(seq, n)

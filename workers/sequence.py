@@ -42,6 +42,7 @@ class Sequence:
     peak_pages: int = 0  # most fresh pages it may own at once (when reserved)
     num_owned_pages: int = 0  # pages it allocated itself (not prefix-cache hits)
     decoding: bool = False  # its prompt (and any recomputed tokens) are in; set when it samples
+    compressing: bool = False  # its compaction is in flight on the compressor's stream: not schedulable
     num_preemptions: int = 0
     finish_reason: str | None = None
     stop_reason: str | int | None = None

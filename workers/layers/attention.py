@@ -12,8 +12,6 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from kernels.kv_store import store_kv_ref
-from kernels.paged_attention import paged_attention_ref
 from workers.layers.norm import RMSNorm
 from workers.layers.rotary import RotaryEmbedding
 
@@ -24,12 +22,40 @@ class LayerCache(NamedTuple):
     q_window: torch.Tensor | None  # [window slots, Q, H_q, D]: recent post-RoPE queries per request
 
 
+@dataclass(frozen=True)
+class AttentionBackend:
+    """The kernels one backend uses; the torch references and the Triton kernels share signatures."""
+
+    name: str
+    store_kv: object
+    attention: object
+    store_q_window: object
+
+
+def get_attention_backend(name: str) -> AttentionBackend:
+    if name == "torch":
+        from kernels.kv_store import store_kv_ref
+        from kernels.paged_attention import paged_attention_ref
+        from kernels.window_store import store_q_window_ref
+
+        return AttentionBackend("torch", store_kv_ref, paged_attention_ref, store_q_window_ref)
+    if name == "triton":
+        from kernels.kv_store import store_kv_triton
+        from kernels.paged_attention import paged_attention_triton
+        from kernels.window_store import store_q_window_triton
+
+        return AttentionBackend("triton", store_kv_triton, paged_attention_triton, store_q_window_triton)
+    raise ValueError(f"unknown attention backend {name!r}")
+
+
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] flat cache slot of each new token
     block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0
     query_start_loc: torch.Tensor  # [B+1] int32
     kv_lens: torch.Tensor  # [B] cache length per request after this step's writes
+    max_query_len: int  # host-side bounds (grid sizes without a device sync)
+    max_kv_len: int
     # Query-window writes: q rows -> (request's window slot, ring index = cache index % Q)
     window_rows: torch.Tensor | None = None
     window_slots: torch.Tensor | None = None
@@ -38,8 +64,9 @@ class AttentionMetadata:
 
 class Attention(nn.Module):
     def __init__(self, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int, *, qkv_bias: bool,
-                 o_bias: bool, qk_norm: bool, rms_eps: float, rotary: RotaryEmbedding):
+                 o_bias: bool, qk_norm: bool, rms_eps: float, rotary: RotaryEmbedding, backend: AttentionBackend):
         super().__init__()
+        self.backend = backend
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.q_size, self.kv_size = n_heads * head_dim, n_kv_heads * head_dim
         self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=qkv_bias)
@@ -57,8 +84,10 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
-        store_kv_ref(k, v, cache.k, cache.v, meta.slot_mapping)
+        kern = self.backend
+        kern.store_kv(k, v, cache.k, cache.v, meta.slot_mapping)
         if cache.q_window is not None and meta.window_rows is not None:
-            cache.q_window[meta.window_slots, meta.window_pos] = q[meta.window_rows].to(cache.q_window.dtype)
-        o = paged_attention_ref(q, cache.k, cache.v, meta.block_tables, meta.query_start_loc, meta.kv_lens, self.scale)
+            kern.store_q_window(q, cache.q_window, meta.window_rows, meta.window_slots, meta.window_pos)
+        o = kern.attention(q, cache.k, cache.v, meta.block_tables, meta.query_start_loc, meta.kv_lens, self.scale,
+                           max_query_len=meta.max_query_len, max_kv_len=meta.max_kv_len)
         return self.o_proj(o.reshape(-1, self.q_size))

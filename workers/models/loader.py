@@ -12,6 +12,7 @@ import os
 import torch
 from safetensors import safe_open
 
+from workers.layers.attention import get_attention_backend
 from workers.models.decoder import DecoderModel, ModelArgs
 
 log = logging.getLogger(__name__)
@@ -50,10 +51,25 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
-def load_model(path: str, device: torch.device, dtype: torch.dtype, max_positions: int) -> DecoderModel:
+def load_model(path: str, device: torch.device, dtype: torch.dtype, max_positions: int,
+               load_format: str = "safetensors", seed: int = 0, backend: str = "torch") -> DecoderModel:
+    """load_format "safetensors" reads the folder's weights; "dummy" makes random weights on the device
+    (for benchmarks of real shapes from a config-only folder, so nothing large has to travel)."""
     args, _ = read_model_args(path)
     with _default_dtype(dtype), torch.device(device):
-        model = DecoderModel(args, max_positions)
+        model = DecoderModel(args, max_positions, get_attention_backend(backend))
+    if load_format == "dummy":
+        gen = torch.Generator(device=device).manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.fill_(1.0)
+                else:  # small weights keep activations finite through many layers
+                    p.normal_(0.0, 0.02, generator=gen)
+        log.info("made random %s weights (%d layers) on %s", args.architecture, args.num_layers, device)
+        return model.eval()
+    if load_format != "safetensors":
+        raise ValueError(f"load_format must be 'safetensors' or 'dummy', got {load_format!r}")
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {path!r}")
