@@ -88,6 +88,7 @@ def main(argv=None):
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--block-size", type=int, default=256)
     ap.add_argument("--backends", default="triton,torch")
+    ap.add_argument("--torch-max-batch", type=int, default=64, help="the torch reference is slow: cap its batch")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     from workers.config import EngineConfig
@@ -125,6 +126,8 @@ def main(argv=None):
                            if "embed_tokens" not in n)
         kv_token_bytes = runner.bytes_per_block / args.block_size
         for b in batches:
+            if backend == "torch" and b > args.torch_max_batch:
+                continue
             try:
                 ms = time_decode(runner, b, args.context)
             except torch.OutOfMemoryError:
