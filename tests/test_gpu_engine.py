@@ -21,22 +21,32 @@ def gpu_model(tmp_path_factory):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("budget", [None, 4])
 def test_triton_engine_equals_torch_engine(gpu_model, dtype, budget):
-    params = SamplingParams(temperature=0, max_tokens=96, ignore_eos=True)
+    """fp32: identical tokens. bf16: identical unless the reference itself was at a near-tie where the
+    backends part (top-2 logprob gap under 0.1 nats): bf16 rounding may legitimately flip those."""
+    params = SamplingParams(temperature=0, max_tokens=96, ignore_eos=True, logprobs=2)
     common = dict(device="cuda", dtype=dtype, block_size=16, budget_blocks=budget, max_num_batched_tokens=128,
-                  compression=dict(query_window=16))
+                  compression=dict(query_window=16), kv_cache_memory_gb=2)
     torch_out = LLM(gpu_model, backend="torch", **common).generate(PROMPTS, params, use_tqdm=False)
     llm = LLM(gpu_model, backend="triton", **common)
     triton_out = llm.generate(PROMPTS, params, use_tqdm=False)
-    n = 96 if dtype == "float32" else 64
+    n, same = (96, 0) if dtype == "float32" else (64, 0)
     for a, b in zip(torch_out, triton_out):
-        assert a.token_ids[:n] == b.token_ids[:n]
+        if a.token_ids[:n] == b.token_ids[:n]:
+            same += 1
+            continue
+        assert dtype == "bfloat16", "fp32 backends must agree exactly"
+        i = next(i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y)
+        top2 = sorted(a.logprobs[i].values(), reverse=True)[:2]
+        assert top2[0] - top2[1] < 0.1, f"diverged at token {i} without a near-tie ({top2})"
+    assert same >= len(PROMPTS) - 2
     if budget is not None:
         assert llm.stats()["compressions"] > 0
 
 
 def test_triton_engine_long_context_and_overlap(gpu_model):
     """Pages of 256, long prompts compressed at the end of chunked prefill, many requests: finishes, no leak."""
-    llm = LLM(gpu_model, device="cuda", backend="triton", block_size=256, budget_blocks=2, max_num_batched_tokens=512)
+    llm = LLM(gpu_model, device="cuda", backend="triton", block_size=256, budget_blocks=2, max_num_batched_tokens=512,
+              kv_cache_memory_gb=2)
     prompts = [[(i * 11 + j) % 300 + 3 for j in range(200 + 150 * i)] for i in range(12)]
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=600, ignore_eos=True), use_tqdm=False)
     assert all(len(o.token_ids) == 600 for o in outs)
@@ -52,7 +62,7 @@ def test_same_kept_sets_at_first_compressions(gpu_model):
     logs = {}
     for backend in ("torch", "triton"):
         llm = LLM(gpu_model, device="cuda", dtype="float32", backend=backend, block_size=16, budget_blocks=4,
-                  compression=dict(query_window=16))
+                  compression=dict(query_window=16), kv_cache_memory_gb=2)
         llm.engine.runner.compressor.kept_log = []
         llm.generate(PROMPTS, params, use_tqdm=False)
         logs[backend] = [(rid, layer, idx) for rid, scored, layer, idx in llm.engine.runner.compressor.kept_log
