@@ -51,6 +51,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len)
         self.pages_freed_by_compression = 0
         self.in_flight: list[tuple[object, list]] = []  # (event, plans) of overlapped compressions
+        self.deferred: list = []  # plans made at the end of a step, launched beside the next step's forward
         self.tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
         self.eos_token_ids = set(args.eos_token_ids)
         if not self.eos_token_ids and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -111,7 +112,7 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work() or bool(self.in_flight)
+        return self.scheduler.has_work() or bool(self.in_flight) or bool(self.deferred)
 
     # ---- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -120,10 +121,12 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         self._compress(sched.compactions)  # early compressions (pages ran short), before the forward
         if not sched.chunks:
+            self._launch_deferred()
             if self.in_flight:  # only compressions left to wait for: wait for the oldest, then go on
                 self.in_flight[0][0].synchronize()
             return []
-        logits = self.runner.execute(sched.chunks)
+        logits = self.runner.execute(sched.chunks)  # queued on the main stream; not waited for yet
+        self._launch_deferred()  # last step's compressions run on their own stream beside this forward
         samplers = [c.seq for c in sched.chunks if c.samples]
         for c in sched.chunks:
             if not c.samples:
@@ -140,14 +143,19 @@ class LLMEngine:
                     seq.logprobs.append(top_logprobs(logprobs[row], tok, seq.params.logprobs))
                 outputs.append(self._append_token(seq, tok))
         # Compression stage: requests whose cache reached budget + 1 full pages (or a long prompt ended).
-        # On CUDA it overlaps the next steps' decode of the other requests (its own stream).
+        # On CUDA it is launched beside the next step's forward, on its own stream; the requests it
+        # compacts sit out until it has landed. Elsewhere it runs now.
         plans = []
         for seq in samplers:
             if seq.status is Status.RUNNING:
                 plan = self.scheduler.plan_compression(seq)
                 if plan is not None:
+                    plan.seq.compressing = True
                     plans.append(plan)
-        self._compress(plans, overlap=True)
+        if self.runner.device.type == "cuda":
+            self.deferred += plans
+        else:
+            self._compress(plans)
         self.num_steps += 1
         return outputs
 
@@ -160,6 +168,10 @@ class LLMEngine:
         self.in_flight.append((event, plans))
         if event is None:
             self._land_compressions()
+
+    def _launch_deferred(self) -> None:
+        plans, self.deferred = self.deferred, []
+        self._compress(plans, overlap=True)
 
     def _land_compressions(self) -> None:
         """Finish compactions whose data has moved: free the replaced pages, resume the requests."""
@@ -268,6 +280,7 @@ class LLMEngine:
         """Page pool and per-request invariants (tests call this after every step)."""
         sched, bs = self.scheduler, self.config.block_size
         pending = [b for _, plans in self.in_flight for p in plans for b in p.release]
+        pending += [b for p in self.deferred for b in p.release]
         self.block_manager.check_invariants(sched.running + list(sched.waiting), pending)
         for s in sched.waiting:
             assert not s.block_table and s.status is Status.WAITING and s.window_slot is None
