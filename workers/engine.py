@@ -125,8 +125,9 @@ class LLMEngine:
             if self.in_flight:  # only compressions left to wait for: wait for the oldest, then go on
                 self.in_flight[0][0].synchronize()
             return []
+        data_ready = self.runner.mark()  # everything the deferred compressions read is written by now
         logits = self.runner.execute(sched.chunks)  # queued on the main stream; not waited for yet
-        self._launch_deferred()  # last step's compressions run on their own stream beside this forward
+        self._launch_deferred(after=data_ready)  # last step's compressions, on their own stream, beside it
         samplers = [c.seq for c in sched.chunks if c.samples]
         for c in sched.chunks:
             if not c.samples:
@@ -159,19 +160,19 @@ class LLMEngine:
         self.num_steps += 1
         return outputs
 
-    def _compress(self, plans, overlap: bool = False) -> None:
+    def _compress(self, plans, overlap: bool = False, after=None) -> None:
         if not plans:
             return
-        event = self.runner.compact(plans, overlap)
+        event = self.runner.compact(plans, overlap, after)
         for plan in plans:
             plan.seq.compressing = True
         self.in_flight.append((event, plans))
         if event is None:
             self._land_compressions()
 
-    def _launch_deferred(self) -> None:
+    def _launch_deferred(self, after=None) -> None:
         plans, self.deferred = self.deferred, []
-        self._compress(plans, overlap=True)
+        self._compress(plans, overlap=True, after=after)
 
     def _land_compressions(self) -> None:
         """Finish compactions whose data has moved: free the replaced pages, resume the requests."""

@@ -173,12 +173,22 @@ class ModelRunner:
             return torch.empty(0, self.args.vocab_size, device=dev)
         return self.model.compute_logits(h[torch.tensor(sample_rows, device=dev)])
 
-    def compact(self, plans: list[CompactionPlan], overlap: bool = False):
+    def mark(self):
+        """An event at the current point of the main stream (None off CUDA)."""
+        if self.device.type != "cuda":
+            return None
+        ev = torch.cuda.Event()
+        ev.record()
+        return ev
+
+    def compact(self, plans: list[CompactionPlan], overlap: bool = False, after=None):
         """Run the compression stage for these plans (scores, selection, packing).
 
         overlap=True on CUDA: launch it on the compressor's own stream after the work queued so far, and
         return the event that marks its end (the caller frees pages and resumes those requests only once
-        it has completed; other requests keep decoding meanwhile). Otherwise it runs in order; None."""
+        it has completed; other requests keep decoding meanwhile). `after`: a main-stream event to start
+        after (the end of the step that wrote the data), so work queued since then runs concurrently.
+        Otherwise it runs in order; None."""
         if not plans:
             return None
         if not (overlap and self.device.type == "cuda"):
@@ -186,7 +196,10 @@ class ModelRunner:
             return None
         if self.compress_stream is None:
             self.compress_stream = torch.cuda.Stream(self.device)
-        self.compress_stream.wait_stream(torch.cuda.current_stream(self.device))
+        if after is not None:
+            self.compress_stream.wait_event(after)
+        else:
+            self.compress_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.compress_stream):
             self.compressor.run(plans)
             done = torch.cuda.Event()
