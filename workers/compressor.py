@@ -23,6 +23,15 @@ BACKENDS = {
 }
 
 
+def _index(values: list[int], device: torch.device) -> torch.Tensor:
+    """An index tensor on `device`. On CUDA it goes through pinned memory without blocking the host: a
+    pageable copy would wait for the decode queued before it, and the compression would not overlap."""
+    t = torch.tensor(values, dtype=torch.long)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class Compressor:
     def __init__(self, cfg: CompressionConfig, kv_cache: torch.Tensor, q_window: torch.Tensor,
                  score_cache: torch.Tensor | None, block_size: int, scale: float, backend: str = "torch"):
@@ -54,11 +63,11 @@ class Compressor:
     def _score_and_select(self, plan: CompactionPlan, layers: slice):
         seq, bs, Q = plan.seq, self.block_size, self.cfg.query_window
         n = plan.kv_len
-        src = torch.tensor(plan.src_table[: -(-n // bs)], device=self.kv_cache.device)
+        src = _index(plan.src_table[: -(-n // bs)], self.kv_cache.device)
         h_kv, d = self.kv_cache.shape[-2:]
         lg = layers.stop - layers.start
         k = self.kv_cache[0, layers, src].reshape(lg, -1, h_kv, d)[:, :n]
-        ring = torch.tensor([(n - Q + i) % Q for i in range(Q)], device=src.device)
+        ring = _index([(n - Q + i) % Q for i in range(Q)], src.device)
         q_win = self.q_window[layers, seq.window_slot][:, ring]
         g_prev = None
         if self.score_cache is not None and plan.num_scored:
@@ -70,7 +79,7 @@ class Compressor:
         bs = self.block_size
         num_layers, h_kv = self.kv_cache.shape[1], self.kv_cache.shape[-2]
         n, keep = plan.kv_len, plan.keep
-        dest = torch.tensor(plan.dest_table[: keep // bs], device=self.kv_cache.device)
+        dest = _index(plan.dest_table[: keep // bs], self.kv_cache.device)
         for l0 in range(0, num_layers, self.cfg.layer_group):
             layers = slice(l0, min(num_layers, l0 + self.cfg.layer_group))
             lg = layers.stop - layers.start
