@@ -148,13 +148,16 @@ class ModelRunner:
         def to_dev(x, dtype=torch.long):
             return torch.tensor(x, dtype=dtype).to(dev, non_blocking=True)
 
+        # Index tensors are built before the forward is queued: a pageable copy after it would make the
+        # host wait for the forward, and nothing (e.g. compression) could be launched beside it.
+        rows = to_dev(sample_rows) if sample_rows else None
         if self.graphs is not None and len(ids) == len(chunks) and self.graphs.fits(len(chunks)):
             spare = self.graphs.spare_slot or 0
             wslots = [c.seq.window_slot if c.seq.window_slot is not None else spare for c in chunks]
             wpos = [(c.seq.kv_len) % Q for c in chunks]
             h = self.graphs.run(to_dev(ids), positions.to(dev, non_blocking=True), slots.to(dev, non_blocking=True),
                                 table.to(dev, non_blocking=True), to_dev(kv_lens, torch.int32), to_dev(wslots), to_dev(wpos))
-            return self.model.compute_logits(h[torch.tensor(sample_rows, device=dev)])
+            return self.model.compute_logits(h[rows])
 
         meta = AttentionMetadata(
             slot_mapping=slots.to(dev, non_blocking=True),
@@ -169,9 +172,9 @@ class ModelRunner:
         )
         q_window = self.compressor.q_window if self.compressor is not None else None
         h = self.model(to_dev(ids), positions.to(dev, non_blocking=True), self.kv_cache, meta, q_window)
-        if not sample_rows:
+        if rows is None:
             return torch.empty(0, self.args.vocab_size, device=dev)
-        return self.model.compute_logits(h[torch.tensor(sample_rows, device=dev)])
+        return self.model.compute_logits(h[rows])
 
     def mark(self):
         """An event at the current point of the main stream (None off CUDA)."""
