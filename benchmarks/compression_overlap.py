@@ -108,9 +108,37 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "compression_overlap.json"), "w") as f:
         json.dump(result, f, indent=2)
+    _plot(result, os.path.join(args.out, "compression_overlap.png"))
     print(json.dumps(result, indent=2))
     return result
 
 
+def _plot(r, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # the JSON is the record
+        return
+    fig, ax = plt.subplots(figsize=(7, 3))
+    alone = r["compress_kernel_ms"] - r["overlapped_ms"]
+    ax.barh(["decode (main stream)"], [r["decode_kernel_ms"]], color="tab:blue")
+    ax.barh(["compression (own stream)"], [r["overlapped_ms"]], color="tab:green", label="while decode kernels ran")
+    ax.barh(["compression (own stream)"], [alone], left=[r["overlapped_ms"]], color="tab:red", label="alone")
+    ax.set(xlabel=f"kernel time over {r['profiled_steps']} steps (ms)",
+           title=f"{r['shape']} x{r['requests']} requests, budget {r['budget_blocks']}x{r['block_size']}, {r['device']}: "
+                 f"{100 * r['overlap_fraction_of_compression']:.0f}% of compression overlapped")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--plot":  # redraw a result JSON
+        with open(sys.argv[2]) as f:
+            _plot(json.load(f), sys.argv[2].removesuffix(".json") + ".png")
+    else:
+        main()

@@ -260,6 +260,17 @@ class LLMEngine:
             "max_model_len": self.max_model_len,
         }
 
+    def routing_state(self) -> dict:
+        """What the router needs (scheduler/router.py reads it from `record_routing_stats`): capacity,
+        queue, and the hashes of every page this worker holds intact (prompt and generated pages)."""
+        bm, sched = self.block_manager, self.scheduler
+        return {
+            "block_size": bm.block_size, "total_pages": bm.num_blocks, "free_pages": max(0, sched.available_pages()),
+            "max_slots": sched.max_num_seqs, "running": len(sched.running), "waiting": len(sched.waiting),
+            "budget_blocks": self.config.budget_blocks, "cached": [h.hex() for h in bm.hash_to_block],
+            "healthy": True, "timestamp": time.time(),
+        }
+
     def _compression_stats(self) -> dict:
         B = self.config.budget_blocks
         if B is None:

@@ -1,0 +1,105 @@
+"""The Ray Serve request router that applies `CapacityAffinityPolicy` (scheduler/policy.py).
+
+Workers publish their state through Serve's `record_routing_stats` (the controller polls it every
+`request_routing_stats_period_s`, 0.1 s in our configs, and pushes it to every router): pages, slots,
+queue and the hashes of the pages they hold, generated pages included. Every ingress replica's router
+therefore builds the same prefix index from what the workers say, with no central actor on the
+request path. Between reports the router adds its own in-flight requests (sent after the worker's last
+report, not yet finished) so a burst does not pile onto one stale "free" worker.
+
+A request carries its routing facts as a `RouteRequest` (or the dict form `route_request_to_dict`
+makes) in the keyword argument `route`, or as the first positional argument. Requests without
+routing facts (health checks, admin calls) go to the replica with the fewest in-flight requests.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from scheduler.policy import CapacityAffinityPolicy, RouteRequest, WorkerState
+
+
+def route_request_to_dict(req: RouteRequest) -> dict:
+    return {"num_prompt_tokens": req.num_prompt_tokens, "page_hashes": [h.hex() for h in req.page_hashes],
+            "max_tokens": req.max_tokens, "budget_blocks": req.budget_blocks}
+
+
+def route_request_from(obj: Any) -> RouteRequest | None:
+    if isinstance(obj, RouteRequest):
+        return obj
+    if isinstance(obj, dict) and "num_prompt_tokens" in obj:
+        hashes = tuple(bytes.fromhex(h) if isinstance(h, str) else h for h in obj.get("page_hashes", ()))
+        return RouteRequest(int(obj["num_prompt_tokens"]), hashes, int(obj.get("max_tokens", 256)),
+                            obj.get("budget_blocks"))
+    return None
+
+
+def worker_state_from_stats(worker_id: str, stats: dict | None) -> WorkerState | None:
+    """The policy's view of a replica's last report (None before its first one)."""
+    if not stats or "total_pages" not in stats:
+        return None
+    return WorkerState(
+        worker_id=worker_id, block_size=stats["block_size"], total_pages=stats["total_pages"],
+        free_pages=stats["free_pages"], max_slots=stats["max_slots"], running=stats.get("running", 0),
+        waiting=stats.get("waiting", 0), budget_blocks=stats.get("budget_blocks"),
+        cached=frozenset(bytes.fromhex(h) for h in stats.get("cached", ())), healthy=stats.get("healthy", True),
+        timestamp=stats.get("timestamp", 0.0))
+
+
+class CapacityAffinityRouter(FIFOMixin, RequestRouter):
+    def initialize_state(self, prefill_tokens_per_s: float = 20000.0, mean_service_s: float = 60.0,
+                         balance_s: float = 1.0, seed: int | None = None):
+        self.policy = CapacityAffinityPolicy(prefill_tokens_per_s, mean_service_s, balance_s, seed=seed)
+        # replica -> {internal request id: (time sent, pages it will need)}
+        self.sent: dict[ReplicaID, dict[str, tuple[float, int]]] = {}
+        self.last_decision = None
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        req = self._route_of(pending_request)
+        by_id = {str(r.replica_id): r for r in candidate_replicas}
+        states = []
+        for r in candidate_replicas:
+            st = worker_state_from_stats(str(r.replica_id), r.routing_stats)
+            if st is None:
+                continue
+            for sent_at, pages in self.sent.get(r.replica_id, {}).values():
+                if sent_at > st.timestamp:  # not in its report yet
+                    st.in_flight += 1
+                    st.in_flight_pages += pages
+            states.append(st)
+        if req is None or not states:
+            return [sorted(candidate_replicas, key=lambda r: len(self.sent.get(r.replica_id, {})))]
+        decision = self.policy.choose(req, states)
+        self.last_decision = decision
+        if decision.worker_id is None:
+            return []
+        ranked = sorted(decision.costs, key=decision.costs.get)
+        return [[by_id[decision.worker_id]]] + [[by_id[w]] for w in ranked if w != decision.worker_id]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
+        req = self._route_of(pending_request)
+        pages = 0
+        if req is not None:
+            st = worker_state_from_stats(str(replica_id), self.curr_replicas[replica_id].routing_stats) \
+                if replica_id in self.curr_replicas else None
+            pages = st.peak_pages(req, st.hit_pages(req)) if st is not None else 0
+        self.sent.setdefault(replica_id, {})[pending_request.metadata.internal_request_id] = (time.time(), pages)
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        self.sent.get(replica_id, {}).pop(internal_request_id, None)
+
+    def on_replica_actor_died(self, replica_id: ReplicaID):
+        self.sent.pop(replica_id, None)
+        super().on_replica_actor_died(replica_id)
+
+    @staticmethod
+    def _route_of(pending_request: PendingRequest | None) -> RouteRequest | None:
+        if pending_request is None:
+            return None
+        if "route" in pending_request.kwargs:
+            return route_request_from(pending_request.kwargs["route"])
+        return route_request_from(pending_request.args[0]) if pending_request.args else None

@@ -1,0 +1,120 @@
+"""The capacity/affinity router inside a real Ray Serve app (CPU), with stub workers that report state."""
+
+import asyncio
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+from ray.serve.config import RequestRouterConfig  # noqa: E402
+
+from scheduler.policy import RouteRequest  # noqa: E402
+from scheduler.router import CapacityAffinityRouter, route_request_to_dict  # noqa: E402
+from workers.block_manager import page_hashes  # noqa: E402
+
+BS = 16
+
+
+@ray.remote(num_cpus=0)
+class Control:
+    """What the test tells the stubs: which replicas claim to be full or unhealthy."""
+
+    def __init__(self):
+        self.full, self.sick = set(), set()
+
+    def set(self, full=(), sick=()):
+        self.full, self.sick = set(full), set(sick)
+
+    def get(self):
+        return self.full, self.sick
+
+
+@serve.deployment(num_replicas=3, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0},
+                  request_router_config=RequestRouterConfig(
+                      request_router_class=CapacityAffinityRouter, request_router_kwargs={"seed": 0},
+                      request_routing_stats_period_s=0.1, request_routing_stats_timeout_s=5))
+class StubWorker:
+    """Holds pages like a compressed worker: peak pages per request, a prefix cache of page hashes."""
+
+    def __init__(self):
+        self.name = serve.get_replica_context().replica_id.unique_id
+        self.control = ray.get_actor("zipserve-test-control")
+        self.total, self.used, self.running, self.cached = 400, 0, 0, set()
+
+    async def __call__(self, route: dict, hold_s: float = 0.0) -> str:
+        need = min(-(-(route["num_prompt_tokens"] + route["max_tokens"]) // BS), 9)
+        self.used += need
+        self.running += 1
+        self.cached.update(route["page_hashes"])
+        await asyncio.sleep(hold_s)
+        self.used -= need
+        self.running -= 1
+        return self.name
+
+    async def record_routing_stats(self) -> dict:
+        full, sick = await self.control.get.remote()
+        return {"block_size": BS, "total_pages": self.total,
+                "free_pages": 0 if self.name in full else self.total - self.used, "max_slots": 64,
+                "running": self.running, "waiting": 0, "budget_blocks": 8, "cached": sorted(self.cached),
+                "healthy": self.name not in sick, "timestamp": time.time()}
+
+
+def _route(prompt, max_tokens=2000):
+    return route_request_to_dict(RouteRequest(len(prompt), tuple(page_hashes(prompt, BS)), max_tokens))
+
+
+@pytest.fixture(scope="module")
+def app():
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    control = Control.options(name="zipserve-test-control").remote()
+    handle = serve.run(StubWorker.bind(), name="router-test", route_prefix=None)
+    yield handle, control
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _call(handle, prompt, hold_s=0.0):
+    return handle.remote(_route(prompt), hold_s=hold_s).result(timeout_s=60)
+
+
+def _all_replicas(handle, n=3):
+    seen = set()
+    for i in range(200):
+        seen.add(_call(handle, [5000 + i, 7]))
+        if len(seen) == n:
+            return seen
+    raise AssertionError(f"only saw replicas {seen}")
+
+
+def test_shared_prefixes_land_together(app):
+    handle, _ = app
+    _all_replicas(handle)
+    time.sleep(0.5)  # every replica has reported at least once
+    prefix = list(range(1, 1 + 64 * BS))  # 1024 cached tokens: worth routing for
+    first = _call(handle, prefix + [1])
+    time.sleep(0.5)  # its report now lists the prefix pages
+    landed = {_call(handle, prefix + [i + 2]) for i in range(10)}
+    assert landed == {first}
+
+
+def test_full_worker_gets_none_and_unhealthy_is_skipped(app):
+    handle, control = app
+    names = sorted(_all_replicas(handle))
+    ray.get(control.set.remote(full=[names[0]], sick=[names[1]]))
+    time.sleep(0.6)
+    landed = {_call(handle, [9000 + i] * 40) for i in range(30)}
+    assert landed == {names[2]}
+    ray.get(control.set.remote())
+    time.sleep(0.6)
+
+
+def test_removed_replica_gets_no_more_requests(app):
+    """Kill one replica's actor mid-run: every later request succeeds and none goes to it."""
+    handle, _ = app
+    victim = sorted(_all_replicas(handle))[0]
+    actor = next(a for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["name"].startswith("SERVE_REPLICA") and a["name"].endswith(victim))
+    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+    landed = [_call(handle, [13000 + i, 3]) for i in range(40)]
+    assert victim not in landed and len(landed) == 40
