@@ -1,5 +1,7 @@
 """Compressed PagedAttention in the engine, against the dense reference policy and transformers."""
 
+import os
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -179,13 +181,14 @@ def test_pressure_compresses_early_instead_of_preempting(qwen3_path):
 REQ = st.tuples(st.integers(1, 40), st.integers(1, 45), st.sampled_from([None, 1, 2, 3]), st.integers(0, 2))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=int(os.environ.get("ZIPSERVE_HYPOTHESIS_EXAMPLES", 60)), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(reqs=st.lists(REQ, min_size=1, max_size=7), num_blocks=st.integers(8, 30), chunk=st.integers(4, 40),
        abort_at=st.lists(st.integers(0, 60), max_size=3), prefix=st.booleans())
 def test_random_workloads_keep_invariants(qwen3_path, reqs, num_blocks, chunk, abort_at, prefix):
     """Random mixes of budgets, prompt lengths, shared prefixes, aborts and a tight pool: invariants hold
     after every step (pages, reservations, budget + 1 after prefill), everything finishes, nothing leaks."""
-    llm = _cached_llm(qwen3_path, num_blocks, chunk, prefix)
+    llm = LLM(qwen3_path, block_size=8, budget_blocks=2, compression=dict(query_window=4), num_blocks=num_blocks,
+              max_num_batched_tokens=chunk, enable_prefix_cache=prefix, max_model_len=1024)
     eng = llm.engine
     shared = [9, 8, 7, 6, 5, 4, 3, 2, 1, 9, 8, 7, 6, 5, 4, 3]
     for i, (plen, mt, budget, fam) in enumerate(reqs):
@@ -202,17 +205,6 @@ def test_random_workloads_keep_invariants(qwen3_path, reqs, num_blocks, chunk, a
         assert step < 5000, "no progress"
     s = eng.stats()
     assert s["free_pages"] == s["total_pages"] and s["running"] == s["waiting"] == 0
-
-
-_LLMS = {}
-
-
-def _cached_llm(path, num_blocks, chunk, prefix):
-    key = (num_blocks, chunk, prefix)
-    if key not in _LLMS:
-        _LLMS[key] = LLM(path, block_size=8, budget_blocks=2, compression=dict(query_window=4), num_blocks=num_blocks,
-                         max_num_batched_tokens=chunk, enable_prefix_cache=prefix, max_model_len=1024)
-    return _LLMS[key]
 
 
 @pytest.mark.parametrize("kw, err, msg", [

@@ -122,15 +122,16 @@ class BlockManager:
             raise RuntimeError(f"out of KV pages: need {need}, have {self.num_free_blocks}")
         for _ in range(need):
             seq.block_table.append(self._pop_free())
-        seq.num_owned_pages += need
 
-    def plan_compaction(self, seq: Sequence, keep_pages: int, spare_pages: int = 0) -> CompactionPlan | None:
+    def plan_compaction(self, seq: Sequence, keep_pages: int, spare_pages: int = 0,
+                        max_fresh: int | None = None) -> CompactionPlan | None:
         """Choose private pages to pack `seq`'s kept entries into; None if the pool is too short.
 
         Shared pages are never written. The request's own unhashed pages are reused first; pages that
         hold a cached prefix are spared by using free pages instead while `spare_pages` allows (so the
         prefix stays cached after the request compresses), and are otherwise overwritten, losing their
-        hash. Fresh pages stand in for shared ones."""
+        hash. Fresh pages stand in for shared ones; `max_fresh` caps the fresh pages it may take (what
+        the request has reserved plus what nobody has): None if the shared ones alone need more."""
         want = keep_pages + 1
         writable = [b for b in seq.block_table if self.ref_count[b] == 1]
         dest = [b for b in writable if self.block_hash[b] is None][:want]
@@ -138,8 +139,10 @@ class BlockManager:
         need = want - len(dest)
         required = max(0, need - len(hashed))
         fresh = required + max(0, min(need - required, spare_pages - required))
-        if fresh > self.num_free_blocks:
+        limit = self.num_free_blocks if max_fresh is None else min(max_fresh, self.num_free_blocks)
+        if required > limit:
             return None
+        fresh = min(fresh, limit)
         for b in hashed[: need - fresh]:
             del self.hash_to_block[self.block_hash[b]]
             self.block_hash[b] = None
@@ -149,7 +152,6 @@ class BlockManager:
         plan = CompactionPlan(seq, list(seq.block_table), dest, [b for b in seq.block_table if b not in used],
                               seq.kv_len, keep_pages * self.block_size, fresh, seq.num_scored, not seq.compressed)
         seq.block_table = dest
-        seq.num_owned_pages = len(dest)
         seq.num_evicted += plan.kv_len - plan.keep
         seq.num_scored = plan.keep
         seq.num_compressions += 1
@@ -185,7 +187,6 @@ class BlockManager:
         seq.block_table = []
         seq.num_computed_tokens = 0
         seq.num_committed_blocks = 0
-        seq.num_owned_pages = 0
         seq.decoding = False
 
     def reset_prefix_cache(self) -> None:

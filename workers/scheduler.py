@@ -8,11 +8,15 @@ Full KV (budget None): requests grow freely; when one needs a page and none is f
 admitted request is preempted (pages freed, recomputed later; the prefix cache often makes that cheap).
 
 Compressed PagedAttention (budget B pages): a request's cache never exceeds B + 1 pages once its prompt
-is in, so its peak page need is known at admission (`peak_pages`). A request admitted *reserved* has
-that peak set aside and is never preempted; when the reservation does not fit, the request may still
-run *opportunistically* on pages nobody reserved, and is the first preempted. A compressed request is
-never preempted (its cache is lossy, it cannot be recomputed); an opportunistic request that runs out
-of pages while decoding is compressed early, at the pages it holds, rather than preempted.
+is in, so the fresh pages it may still need are known (`future_pages`): the growth of its table to
+its final size, plus, at its first compaction, a private page for every page of that table it shares
+(shared pages are never written). The latter is read off the current sharing, so it is recomputed
+every step: a new request that hits a page held by one other request makes that holder's need grow
+too, and its admission pays for that. A request admitted *reserved* has its need set aside and is
+never preempted; when the reservation does not fit, the request may still run *opportunistically* on
+pages nobody reserved, and is the first preempted. A compressed request is never preempted (its cache
+is lossy, it cannot be recomputed) and needs no more pages; an opportunistic request that runs out of
+pages while decoding is compressed early, at the pages it holds, rather than preempted.
 """
 
 from __future__ import annotations
@@ -76,25 +80,46 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     # ---- page reservations -----------------------------------------------------------------
-    def peak_pages(self, seq: Sequence, num_hit_pages: int) -> int:
-        """Most pages `seq` may own at once from now on (prefix-cache hits are not owned)."""
-        bs, B = self.block_size, seq.budget_blocks
+    def _end_tokens(self, seq: Sequence) -> int:
         end = seq.num_tokens + seq.params.max_tokens - seq.num_output_tokens
-        if self.max_model_len is not None:
-            end = min(end, self.max_model_len)
-        total = _pages(end, bs) - num_hit_pages
-        if B is None or _pages(end, bs) <= B + 1:
-            return total  # never compresses
-        # Prompt pages while prefilling, then B + 1 private pages after the first compaction.
-        return max(_pages(seq.num_tokens, bs) - num_hit_pages, B + 1)
+        return min(end, self.max_model_len) if self.max_model_len is not None else end
+
+    def future_pages(self, seq: Sequence, table_len: int | None = None, shared: int | None = None) -> int:
+        """Fresh pages `seq` may still take from the pool, from its current table (or a hypothetical one
+        of table_len pages of which `shared` are shared with other requests)."""
+        bs, B = self.block_size, seq.budget_blocks
+        n = len(seq.block_table) if table_len is None else table_len
+        if seq.compressed:
+            return 0  # constant at its budget + 1 private pages
+        end_pages = _pages(self._end_tokens(seq), bs)
+        if B is None or end_pages <= B + 1:
+            return max(0, end_pages - n)  # never compresses: growth only
+        if shared is None:
+            shared = sum(1 for b in seq.block_table if self.bm.ref_count[b] > 1)
+        prefill_pages = _pages(seq.num_tokens, bs) if not seq.decoding else 0
+        final = max(n, prefill_pages, B + 1)  # its table when it first compresses
+        return (final - n) + max(0, (B + 1) - (final - shared))  # growth + privatisation
 
     def outstanding_pages(self) -> int:
         """Pages promised to reserved requests but not yet allocated."""
-        return sum(max(0, s.peak_pages - s.num_owned_pages) for s in self.running if s.reserved)
+        return sum(self.future_pages(s) for s in self.running if s.reserved)
 
     def available_pages(self) -> int:
         """Free pages nobody has reserved."""
         return self.bm.num_free_blocks - self.outstanding_pages()
+
+    def hit_costs(self, cached: list[int]) -> tuple[int, int]:
+        """(free cached pages a new request takes, pages whose sole holder will now have to privatise
+        them at its first compaction): what taking these prefix hits costs the pool."""
+        reused_free = sum(1 for b in cached if self.bm.ref_count[b] == 0)
+        sole_holders = sum(1 for b in cached if self.bm.ref_count[b] == 1)
+        return reused_free, sole_holders
+
+    def admission_pages(self, seq: Sequence, cached: list[int]) -> int:
+        """Pages a reservation for a waiting `seq` with these prefix hits must set aside: its own need
+        plus what its hits cost the pool."""
+        live = sum(1 for b in cached if self.bm.ref_count[b] > 0)
+        return self.future_pages(seq, len(cached), live) + sum(self.hit_costs(cached))
 
     # ---- the step --------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -122,15 +147,13 @@ class Scheduler:
             start = len(cached) * self.block_size
             n = min(seq.num_tokens - start, budget)
             need = _pages(start + n, self.block_size) - len(cached)
-            reused_free = sum(1 for b in cached if self.bm.ref_count[b] == 0)
-            avail = self.available_pages() - reused_free
-            reserve = seq.budget_blocks is not None and avail >= self.peak_pages(seq, len(cached))
-            if not reserve and avail < need:
+            avail = self.available_pages()
+            reserve = seq.budget_blocks is not None and avail >= self.admission_pages(seq, cached)
+            if not reserve and avail - sum(self.hit_costs(cached)) < need:
                 break
             self.waiting.popleft()
             self.bm.allocate(seq, cached, n)
-            if reserve:
-                seq.reserved, seq.peak_pages = True, self.peak_pages(seq, len(cached))
+            seq.reserved = reserve
             if seq.budget_blocks is not None:
                 seq.window_slot = self.free_window_slots.pop()
             seq.status = Status.RUNNING
@@ -151,10 +174,11 @@ class Scheduler:
             decoding = n == 1 and seq.num_computed_tokens + 1 == seq.num_tokens
             if (decoding and seq.budget_blocks is not None and not seq.reserved and len(seq.block_table) >= 2
                     and seq.kv_len == len(seq.block_table) * self.block_size):
-                plan = self.bm.plan_compaction(seq, len(seq.block_table) - 1)
+                plan = self.bm.plan_compaction(seq, len(seq.block_table) - 1,
+                                               max_fresh=max(0, self.available_pages()))
                 if plan is not None:  # keep what it holds: its budget becomes the pages it has
                     seq.budget_blocks = len(seq.block_table) - 1
-                    seq.reserved, seq.peak_pages = True, len(seq.block_table)
+                    seq.reserved = True
                     out.compactions.append(plan)
                     self.num_early_compressions += 1
                     continue
@@ -169,27 +193,25 @@ class Scheduler:
     def _upgrade_reservations(self) -> None:
         """Opportunistic requests get a reservation, FCFS, once one fits."""
         for s in self.running:
-            if s.reserved or s.budget_blocks is None:
-                continue
-            hits = len(s.block_table) - s.num_owned_pages
-            peak = self.peak_pages(s, hits)
-            if self.available_pages() >= peak - s.num_owned_pages:
-                s.reserved, s.peak_pages = True, peak
+            if not s.reserved and s.budget_blocks is not None and self.available_pages() >= self.future_pages(s):
+                s.reserved = True
 
     def plan_compression(self, seq: Sequence) -> CompactionPlan | None:
         """After a step: compress `seq` if its cache reached B + 1 full pages (or a long prompt ended)."""
         B = seq.budget_blocks
         if B is None or seq.kv_len < (B + 1) * self.block_size:
             return None
-        plan = self.bm.plan_compaction(seq, B, spare_pages=max(0, self.available_pages()))
-        while plan is None:  # private pages short (shared pages to replace): opportunistic ones yield
-            victim = next((s for s in reversed(self.running) if not s.reserved and not s.compressed and s is not seq), None)
-            if victim is None:
-                raise RuntimeError(f"request {seq.request_id}: no free page to compress into; the pool is too small "
-                                   f"for its budget of {B} pages")
-            self._preempt(victim)
-            plan = self.bm.plan_compaction(seq, B)
-        seq.reserved, seq.peak_pages = True, B + 1
+        spare = max(0, self.available_pages())
+        # A reserved request's privatisation pages are in its reservation; an opportunistic one may only
+        # use pages nobody reserved, else it is preempted (it is not compressed yet: it can recompute).
+        own = self.future_pages(seq) if seq.reserved else 0
+        plan = self.bm.plan_compaction(seq, B, spare_pages=spare, max_fresh=own + spare)
+        if plan is None:
+            if seq.reserved:
+                raise RuntimeError(f"request {seq.request_id}: its reserved pages are gone (accounting bug)")
+            self._preempt(seq)
+            return None
+        seq.reserved = True
         return plan
 
     def finish(self, seq: Sequence) -> None:

@@ -39,8 +39,6 @@ class Sequence:
     num_compressions: int = 0
     window_slot: int | None = None  # row of the query-window buffer (compressing requests only)
     reserved: bool = False  # admitted with its peak pages reserved (never preempted)
-    peak_pages: int = 0  # most fresh pages it may own at once (when reserved)
-    num_owned_pages: int = 0  # pages it allocated itself (not prefix-cache hits)
     decoding: bool = False  # its prompt (and any recomputed tokens) are in; set when it samples
     compressing: bool = False  # its compaction is in flight on the compressor's stream: not schedulable
     num_preemptions: int = 0
