@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -42,6 +43,25 @@ def _config_names_model(path: str | None) -> bool:
         return bool((yaml.safe_load(f) or {}).get("model"))
 
 
+def _routing_benchmark():
+    try:
+        import benchmarks.routing as routing
+    except ImportError:  # `benchmarks` sits beside the packages in a source checkout (it is not in the wheel)
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        try:
+            import benchmarks.routing as routing
+        except ImportError:
+            return None
+    return routing
+
+
+def _bench(args: argparse.Namespace) -> int:
+    routing = _routing_benchmark()
+    if routing is None:
+        raise FileNotFoundError("the benchmarks need a source checkout of zipserve")
+    return routing.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zipserve", description="zipserve: LLM serving with Compressed PagedAttention")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -66,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", default=None, choices=["torch", "triton"])
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     g.set_defaults(func=_generate)
+
+    b = sub.add_parser("bench", help="run a benchmark (from a source checkout)")
+    targets = b.add_subparsers(dest="target", required=True, metavar="TARGET")
+    r = targets.add_parser("routing", help="routing policies side by side in the cluster simulator")
+    routing = _routing_benchmark()
+    if routing is not None:
+        routing.add_arguments(r)
+    r.set_defaults(func=_bench)
     return parser
 
 

@@ -135,7 +135,8 @@ class BlockManager:
         want = keep_pages + 1
         writable = [b for b in seq.block_table if self.ref_count[b] == 1]
         dest = [b for b in writable if self.block_hash[b] is None][:want]
-        hashed = [b for b in writable if self.block_hash[b] is not None]
+        # Overwrite cached pages from the end of the table: the leading ones keep a shorter prefix chain.
+        hashed = [b for b in writable if self.block_hash[b] is not None][::-1]
         need = want - len(dest)
         required = max(0, need - len(hashed))
         fresh = required + max(0, min(need - required, spare_pages - required))
