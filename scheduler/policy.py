@@ -72,8 +72,10 @@ class WorkerState:
     in_flight_pages: int = 0
 
     def hit_pages(self, req: RouteRequest) -> int:
+        """Leading prompt pages held here, at most (P - 1) // page: the engine always computes the last
+        prompt token, so a prompt made only of cached pages still prefills its last page."""
         n = 0
-        for h in req.page_hashes:
+        for h in req.page_hashes[: max(0, req.num_prompt_tokens - 1) // self.block_size]:
             if h not in self.cached:
                 break
             n += 1
