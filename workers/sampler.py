@@ -39,9 +39,10 @@ def truncate_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
            default_generator: torch.Generator | None = None) -> tuple[list[int], torch.Tensor]:
-    """Return the sampled token per row and the raw log-softmax (fp32) for logprobs."""
+    """Return the sampled token per row and the raw log-softmax (fp32) for logprobs (None when no
+    request asked for logprobs: a full-vocabulary pass saved on the decode path)."""
     logits = logits.float()
-    logprobs = logits.log_softmax(-1)
+    logprobs = logits.log_softmax(-1) if any(p.logprobs is not None for p in params) else None
     tokens = logits.argmax(-1)
     rand = [i for i, p in enumerate(params) if not p.greedy]
     if rand:
