@@ -42,6 +42,7 @@ router would learn of them: `on_routed(req, worker_id, now)`, `on_first_token(re
 
 from __future__ import annotations
 
+import abc
 import random
 from collections import Counter, OrderedDict
 
@@ -51,14 +52,17 @@ from scheduler.policy import Decision, RouteRequest, WorkerState
 from workers.block_manager import hash_page
 
 
-class RoutingPolicy:
+class RoutingPolicy(abc.ABC):
+    """Interface every simulated policy implements (ours adapts to it in simulate.py)."""
+
     name = "policy"
 
     def __init__(self, seed: int | None = None):
         self.rng = random.Random(seed)
 
-    def choose(self, req: RouteRequest, workers: list[WorkerState]) -> Decision:  # pragma: no cover
-        raise NotImplementedError
+    @abc.abstractmethod
+    def choose(self, req: RouteRequest, workers: list[WorkerState]) -> Decision:
+        """The worker to send `req` to."""
 
     def on_routed(self, req, worker_id: str, now: float) -> None:
         pass

@@ -190,11 +190,6 @@ class BlockManager:
         seq.num_committed_blocks = 0
         seq.decoding = False
 
-    def reset_prefix_cache(self) -> None:
-        for b in list(self.hash_to_block.values()):
-            self.block_hash[b] = None
-        self.hash_to_block.clear()
-
     # ---- internals -----------------------------------------------------------------------
     def _take(self, block: int) -> None:
         if self.ref_count[block] == 0:
