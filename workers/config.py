@@ -84,6 +84,7 @@ class EngineConfig:
     seed: int = 0
     tokenizer: str | None = None  # None = the model folder
     load_format: str = "safetensors"  # or "dummy": random weights made on the device (benchmarks)
+    fused_elementwise: bool = True  # triton: fused RMSNorm / q-k-norm+RoPE / SwiGLU kernels (False: torch ops)
     enforce_eager: bool = False  # True: no CUDA graphs for decode
     cuda_graph_max_batch: int = 256  # decode batches up to this size replay captured graphs
 

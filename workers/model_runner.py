@@ -29,7 +29,7 @@ class ModelRunner:
         self.device, self.dtype = cfg.torch_device, cfg.torch_dtype
         self.block_size = cfg.block_size
         self.model = load_model(cfg.model, self.device, self.dtype, max_model_len, cfg.load_format, cfg.seed,
-                                cfg.resolved_backend)
+                                cfg.resolved_backend, cfg.fused_elementwise)
         self.args = a = self.model.args
         self.max_model_len = max_model_len
         self.compressing = cfg.budget_blocks is not None

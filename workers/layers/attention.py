@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from workers.layers.norm import RMSNorm
+from workers.layers.backend import KernelSet
 from workers.layers.rotary import RotaryEmbedding
 
 
@@ -20,32 +20,6 @@ class LayerCache(NamedTuple):
     k: torch.Tensor  # [num_blocks, block_size, H_kv, D]
     v: torch.Tensor
     q_window: torch.Tensor | None  # [window slots, Q, H_q, D]: recent post-RoPE queries per request
-
-
-@dataclass(frozen=True)
-class AttentionBackend:
-    """The kernels one backend uses; the torch references and the Triton kernels share signatures."""
-
-    name: str
-    store_kv: object
-    attention: object
-    store_q_window: object
-
-
-def get_attention_backend(name: str) -> AttentionBackend:
-    if name == "torch":
-        from kernels.kv_store import store_kv_ref
-        from kernels.paged_attention import paged_attention_ref
-        from kernels.window_store import store_q_window_ref
-
-        return AttentionBackend("torch", store_kv_ref, paged_attention_ref, store_q_window_ref)
-    if name == "triton":
-        from kernels.kv_store import store_kv_triton
-        from kernels.paged_attention import paged_attention_triton
-        from kernels.window_store import store_q_window_triton
-
-        return AttentionBackend("triton", store_kv_triton, paged_attention_triton, store_q_window_triton)
-    raise ValueError(f"unknown attention backend {name!r}")
 
 
 @dataclass
@@ -64,15 +38,17 @@ class AttentionMetadata:
 
 class Attention(nn.Module):
     def __init__(self, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int, *, qkv_bias: bool,
-                 o_bias: bool, qk_norm: bool, rms_eps: float, rotary: RotaryEmbedding, backend: AttentionBackend):
+                 o_bias: bool, qk_norm: bool, rms_eps: float, rotary: RotaryEmbedding, kernels: KernelSet):
         super().__init__()
-        self.backend = backend
+        self.kernels = kernels
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.q_size, self.kv_size = n_heads * head_dim, n_kv_heads * head_dim
         self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=qkv_bias)
         self.o_proj = nn.Linear(self.q_size, hidden, bias=o_bias)
-        self.q_norm = RMSNorm(head_dim, rms_eps) if qk_norm else None
-        self.k_norm = RMSNorm(head_dim, rms_eps) if qk_norm else None
+        # q/k norm weights (Qwen3); the norm itself runs fused with RoPE.
+        self.q_norm = _NormWeight(head_dim) if qk_norm else None
+        self.k_norm = _NormWeight(head_dim) if qk_norm else None
+        self.rms_eps = rms_eps
         self.rotary = rotary
         self.scale = head_dim**-0.5
 
@@ -81,13 +57,22 @@ class Attention(nn.Module):
         q = q.view(-1, self.n_heads, self.head_dim)
         k = k.view(-1, self.n_kv_heads, self.head_dim)
         v = v.view(-1, self.n_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        kern = self.backend
+        kern = self.kernels
+        norm = self.q_norm is not None
+        q, k = kern.qk_norm_rope(q, k, positions, self.rotary.cos, self.rotary.sin,
+                                 self.q_norm.weight if norm else None, self.k_norm.weight if norm else None,
+                                 self.rms_eps)
         kern.store_kv(k, v, cache.k, cache.v, meta.slot_mapping)
         if cache.q_window is not None and meta.window_rows is not None:
             kern.store_q_window(q, cache.q_window, meta.window_rows, meta.window_slots, meta.window_pos)
         o = kern.attention(q, cache.k, cache.v, meta.block_tables, meta.query_start_loc, meta.kv_lens, self.scale,
                            max_query_len=meta.max_query_len, max_kv_len=meta.max_kv_len)
         return self.o_proj(o.reshape(-1, self.q_size))
+
+
+class _NormWeight(nn.Module):
+    """Holds a norm's weight under the checkpoint's name (`q_norm.weight`)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from workers.layers.attention import Attention, AttentionBackend, AttentionMetadata, LayerCache
+from workers.layers.attention import Attention, AttentionMetadata, LayerCache
+from workers.layers.backend import KernelSet
 from workers.layers.mlp import SwiGLU
 from workers.layers.norm import RMSNorm
 from workers.layers.rotary import RotaryEmbedding
@@ -86,14 +87,14 @@ class ModelArgs:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, a: ModelArgs, rotary: RotaryEmbedding, backend: AttentionBackend):
+    def __init__(self, a: ModelArgs, rotary: RotaryEmbedding, kernels: KernelSet):
         super().__init__()
-        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, kernels.rms_norm)
         self.self_attn = Attention(a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim, qkv_bias=a.qkv_bias,
                                    o_bias=a.o_bias, qk_norm=a.qk_norm, rms_eps=a.rms_norm_eps, rotary=rotary,
-                                   backend=backend)
-        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
-        self.mlp = SwiGLU(a.hidden_size, a.intermediate_size, a.mlp_bias)
+                                   kernels=kernels)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, kernels.rms_norm)
+        self.mlp = SwiGLU(a.hidden_size, a.intermediate_size, a.mlp_bias, kernels.silu_and_mul)
 
     def forward(self, positions, h, residual, kv_cache, meta):
         if residual is None:
@@ -109,13 +110,13 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     """Token ids -> hidden states -> logits, over a paged KV cache."""
 
-    def __init__(self, a: ModelArgs, max_positions: int, backend: AttentionBackend):
+    def __init__(self, a: ModelArgs, max_positions: int, kernels: KernelSet):
         super().__init__()
         self.args = a
         rotary = RotaryEmbedding(a.head_dim, max_positions, a.rope_theta, a.rope_scaling)
         self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(a, rotary, backend) for _ in range(a.num_layers))
-        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(a, rotary, kernels) for _ in range(a.num_layers))
+        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps, kernels.rms_norm)
         self.lm_head = None if a.tie_word_embeddings else nn.Linear(a.hidden_size, a.vocab_size, bias=False)
 
     def forward(self, input_ids, positions, kv_cache: torch.Tensor, meta: AttentionMetadata,

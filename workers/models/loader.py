@@ -12,7 +12,7 @@ import os
 import torch
 from safetensors import safe_open
 
-from workers.layers.attention import get_attention_backend
+from workers.layers.backend import get_kernel_set
 from workers.models.decoder import DecoderModel, ModelArgs
 
 log = logging.getLogger(__name__)
@@ -52,12 +52,13 @@ def _default_dtype(dtype: torch.dtype):
 
 
 def load_model(path: str, device: torch.device, dtype: torch.dtype, max_positions: int,
-               load_format: str = "safetensors", seed: int = 0, backend: str = "torch") -> DecoderModel:
+               load_format: str = "safetensors", seed: int = 0, backend: str = "torch",
+               fused_elementwise: bool = True) -> DecoderModel:
     """load_format "safetensors" reads the folder's weights; "dummy" makes random weights on the device
     (for benchmarks of real shapes from a config-only folder, so nothing large has to travel)."""
     args, _ = read_model_args(path)
     with _default_dtype(dtype), torch.device(device):
-        model = DecoderModel(args, max_positions, get_attention_backend(backend))
+        model = DecoderModel(args, max_positions, get_kernel_set(backend, fused_elementwise))
     if load_format == "dummy":
         gen = torch.Generator(device=device).manual_seed(seed)
         with torch.no_grad():

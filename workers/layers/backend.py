@@ -1,0 +1,42 @@
+"""The kernel set a backend runs: attention-path kernels plus the fused elementwise ops.
+
+`backend="torch"` runs every plain-torch reference; `backend="triton"` runs the Triton kernels, which
+share the references' signatures. `fused_elementwise=False` keeps Triton attention but runs RMSNorm,
+q/k-norm + RoPE and SwiGLU's activation as torch ops (several kernels each): benchmarks use it to
+measure what the fusion buys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class KernelSet:
+    name: str
+    store_kv: object
+    attention: object
+    store_q_window: object
+    rms_norm: object
+    qk_norm_rope: object
+    silu_and_mul: object
+
+
+def get_kernel_set(backend: str, fused_elementwise: bool = True) -> KernelSet:
+    from kernels.activation import silu_and_mul_ref, silu_and_mul_triton
+    from kernels.kv_store import store_kv_ref, store_kv_triton
+    from kernels.paged_attention import paged_attention_ref, paged_attention_triton
+    from kernels.rms_norm import rms_norm_ref, rms_norm_triton
+    from kernels.rope import qk_norm_rope_ref, qk_norm_rope_triton
+    from kernels.window_store import store_q_window_ref, store_q_window_triton
+
+    if backend == "torch":
+        return KernelSet("torch", store_kv_ref, paged_attention_ref, store_q_window_ref, rms_norm_ref,
+                         qk_norm_rope_ref, silu_and_mul_ref)
+    if backend == "triton":
+        if fused_elementwise:
+            return KernelSet("triton", store_kv_triton, paged_attention_triton, store_q_window_triton,
+                             rms_norm_triton, qk_norm_rope_triton, silu_and_mul_triton)
+        return KernelSet("triton-unfused", store_kv_triton, paged_attention_triton, store_q_window_triton,
+                         rms_norm_ref, qk_norm_rope_ref, silu_and_mul_ref)
+    raise ValueError(f"unknown backend {backend!r} (torch or triton)")
