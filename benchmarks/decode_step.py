@@ -5,7 +5,12 @@ step runs one token per request through the whole model. The floor is the bytes 
 (weights + the batch's K/V) over the card's measured copy bandwidth. Both backends run in the same
 process on the same weights, cache and tables. Needs CUDA.
 
-    python -m benchmarks.decode_step [--shape qwen3-8b] [--batches 64,128,256] [--context 2048]
+    python -m benchmarks.decode_step [--shape qwen3-8b] [--batches 64,128,256] [--context 2048] \
+        [--backends triton,triton-unfused,torch] [--profile 128]
+
+Backends: `triton` (fused elementwise kernels), `triton-unfused` (Triton attention, torch norm/RoPE/act),
+`torch` (references). `--profile B` records one batch-B step per backend with the torch profiler and
+splits GPU kernel time by kind (GEMM, attention, norm, RoPE, activation, KV store, other).
 """
 
 from __future__ import annotations
@@ -81,13 +86,52 @@ def time_decode(runner, batch: int, context: int, iters: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
+KERNEL_KINDS = (  # (kind, substrings of the kernel name), first match wins
+    ("attention", ("_attn", "paged", "_reduce_kernel", "_decode")),
+    ("kv_store", ("_store_kv", "_store_q_window", "index_put", "scatter")),
+    ("rms_norm", ("_rms_norm", "rsqrt", "pow", "mean", "reduce")),
+    ("rope", ("_qk_norm_rope", "cat", "index", "gather")),
+    ("activation", ("_silu", "silu")),
+    ("gemm", ("gemm", "cutlass", "nvjet", "sm90", "sm80", "xmma", "cublas", "splitK")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k.lower() in low for k in keys)), "other elementwise")
+
+
+def profile_step(runner, batch: int, context: int, steps: int = 5) -> dict:
+    """GPU kernel time of one decode step by kernel kind (ms), from a torch profiler trace."""
+    from torch.profiler import ProfilerActivity, profile
+
+    time_decode(runner, batch, context, iters=2)  # warm
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        time_decode(runner, batch, context, iters=steps)
+    # time_decode runs 3 warm-up steps + `steps` timed ones inside the trace
+    n = steps + 3
+    kinds: dict[str, float] = {}
+    count = 0
+    for ev in prof.events():
+        if ev.device_type.name != "CUDA" or ev.device_time <= 0:
+            continue
+        count += 1
+        k = kernel_kind(ev.name)
+        kinds[k] = kinds.get(k, 0.0) + ev.device_time / 1e3 / n
+    if not count:
+        raise RuntimeError("the profiler recorded no GPU kernels (CUPTI unavailable?)")
+    return {"batch": batch, "kernels_per_step": count / n, "ms_by_kind": dict(sorted(kinds.items(), key=lambda x: -x[1])),
+            "kernel_ms": sum(kinds.values())}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="qwen3-8b", choices=sorted(SHAPES))
     ap.add_argument("--batches", default="64,128,256")
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--block-size", type=int, default=256)
-    ap.add_argument("--backends", default="triton,torch")
+    ap.add_argument("--backends", default="triton,triton-unfused,torch")
+    ap.add_argument("--profile", type=int, default=0, help="also profile one step of this batch size")
     ap.add_argument("--torch-max-batch", type=int, default=64, help="the torch reference is slow: cap its batch")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
@@ -116,7 +160,8 @@ def main(argv=None):
                "skipped_batches_no_memory": skipped}
     runner = None
     for backend in args.backends.split(","):
-        cfg = EngineConfig.from_kwargs(path, load_format="dummy", backend=backend, block_size=args.block_size,
+        cfg = EngineConfig.from_kwargs(path, load_format="dummy", backend=backend.split("-")[0],
+                                       fused_elementwise=not backend.endswith("-unfused"), block_size=args.block_size,
                                        num_blocks=pages, max_num_seqs=max(batches), max_model_len=args.context + 64)
         del runner
         torch.cuda.empty_cache()
@@ -138,8 +183,15 @@ def main(argv=None):
             row = {"backend": backend, "batch": b, "step_ms": ms, "floor_ms": floor_ms, "fraction_of_floor": floor_ms / ms,
                    "tokens_per_s": b / ms * 1e3}
             results["rows"].append(row)
-            print(f"{backend:>6} batch {b:4d}: {ms:8.2f} ms/step  floor {floor_ms:7.2f} ms  "
+            print(f"{backend:>14} batch {b:4d}: {ms:8.2f} ms/step  floor {floor_ms:7.2f} ms  "
                   f"{100 * floor_ms / ms:5.1f}% of floor speed  {row['tokens_per_s']:9.0f} tok/s", flush=True)
+        if args.profile and backend != "torch":
+            prof = profile_step(runner, args.profile, args.context)
+            prof["backend"] = backend
+            results.setdefault("profiles", []).append(prof)
+            print(f"{backend} batch {args.profile}: {prof['kernels_per_step']:.0f} kernels, {prof['kernel_ms']:.2f} ms "
+                  "of kernel time per step: " + ", ".join(f"{k} {v:.2f}" for k, v in prof["ms_by_kind"].items()),
+                  flush=True)
     os.makedirs(args.out, exist_ok=True)
     name = f"decode_step_{args.shape}"
     with open(os.path.join(args.out, f"{name}.json"), "w") as f:
