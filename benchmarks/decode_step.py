@@ -41,6 +41,12 @@ def config_folder(shape: str, max_pos: int = 40960) -> str:
     return path
 
 
+def card_tag(device_name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100' (result files are named by card)."""
+    words = [w.lower() for w in device_name.split() if any(c.isdigit() for c in w)]
+    return words[0] if words else device_name.lower().replace(" ", "-")
+
+
 def copy_bandwidth(device) -> float:
     """Measured device-to-device copy bandwidth in bytes/s (bytes read + bytes written)."""
     x = torch.empty(1 << 30, dtype=torch.uint8, device=device).random_()
@@ -193,7 +199,7 @@ def main(argv=None):
                   "of kernel time per step: " + ", ".join(f"{k} {v:.2f}" for k, v in prof["ms_by_kind"].items()),
                   flush=True)
     os.makedirs(args.out, exist_ok=True)
-    name = f"decode_step_{args.shape}"
+    name = f"decode_step_{args.shape}_{card_tag(results['device'])}"
     with open(os.path.join(args.out, f"{name}.json"), "w") as f:
         json.dump(results, f, indent=2)
     _plot(results, os.path.join(args.out, f"{name}.png"))

@@ -22,9 +22,10 @@ def gpu_model(tmp_path_factory):
 @pytest.mark.parametrize("budget", [None, 4])
 def test_triton_engine_equals_torch_engine(gpu_model, dtype, budget):
     """fp32: identical tokens for all prompts. bf16: logits are bf16 (quantized: exact ties and gaps of one
-    or two ulps are common), and the kernels round differently (fp32 math on bf16 inputs in the reference,
-    bf16 tensor-core tiles in Triton), so greedy choices at such close calls may flip; every prompt must
-    agree on its first 8 tokens, and the divergences are printed."""
+    or two ulps are common), and attention rounds differently (fp32 math on bf16 inputs in the reference,
+    bf16 tensor-core tiles in Triton), so greedy choices at close calls may flip (and with compression, a
+    flipped choice also changes what is kept). Every bf16 divergence must be at a near-tie: Triton's token
+    is the reference's second choice, less than 1 nat behind its first; the divergences are printed."""
     params = SamplingParams(temperature=0, max_tokens=96, ignore_eos=True, logprobs=2)
     common = dict(device="cuda", dtype=dtype, block_size=16, budget_blocks=budget, max_num_batched_tokens=128,
                   compression=dict(query_window=16), kv_cache_memory_gb=2)
@@ -38,9 +39,10 @@ def test_triton_engine_equals_torch_engine(gpu_model, dtype, budget):
             continue
         assert dtype == "bfloat16", "fp32 backends must agree exactly"
         i = next(i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y)
-        top2 = sorted(a.logprobs[i].values(), reverse=True)[:2]
-        print(f"bf16 divergence at token {i}: reference top-2 logprobs {top2}")
-        assert i >= 8, "bf16 backends disagree almost at once"
+        ref = a.logprobs[i]
+        print(f"bf16 divergence at token {i}: reference top-2 logprobs {sorted(ref.values(), reverse=True)[:2]}")
+        assert b.token_ids[i] in ref, f"token {i}: triton chose {b.token_ids[i]}, not in the reference's top 2"
+        assert ref[a.token_ids[i]] - ref[b.token_ids[i]] < 1.0, f"token {i}: divergence at a clear choice"
     assert same >= 1
     if budget is not None:
         assert llm.stats()["compressions"] > 0
