@@ -43,23 +43,29 @@ def _config_names_model(path: str | None) -> bool:
         return bool((yaml.safe_load(f) or {}).get("model"))
 
 
-def _routing_benchmark():
+BENCHMARKS = {"routing": "routing policies side by side in the cluster simulator",
+              "throughput": "compressed vs full KV vs transformers CB on one GPU (long outputs)"}
+
+
+def _benchmark_module(name: str):
+    import importlib
+
     try:
-        import benchmarks.routing as routing
+        return importlib.import_module(f"benchmarks.{name}")
     except ImportError:  # `benchmarks` sits beside the packages in a source checkout (it is not in the wheel)
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         try:
-            import benchmarks.routing as routing
+            return importlib.import_module(f"benchmarks.{name}")
         except ImportError:
             return None
-    return routing
 
 
 def _bench(args: argparse.Namespace) -> int:
-    routing = _routing_benchmark()
-    if routing is None:
+    module = _benchmark_module(args.target)
+    if module is None:
         raise FileNotFoundError("the benchmarks need a source checkout of zipserve")
-    return routing.run(args)
+    rc = module.run(args)
+    return rc if isinstance(rc, int) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,11 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="run a benchmark (from a source checkout)")
     targets = b.add_subparsers(dest="target", required=True, metavar="TARGET")
-    r = targets.add_parser("routing", help="routing policies side by side in the cluster simulator")
-    routing = _routing_benchmark()
-    if routing is not None:
-        routing.add_arguments(r)
-    r.set_defaults(func=_bench)
+    for name, help_text in BENCHMARKS.items():
+        t = targets.add_parser(name, help=help_text)
+        module = _benchmark_module(name)
+        if module is not None:
+            module.add_arguments(t)
+        t.set_defaults(func=_bench)
     return parser
 
 

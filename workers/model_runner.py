@@ -49,6 +49,7 @@ class ModelRunner:
                       if self.global_scores else None)
             self.compressor = Compressor(cfg.compression, self.kv_cache, q_window, scores, self.block_size,
                                          a.head_dim**-0.5, backend=cfg.resolved_backend)
+        self.clock = None  # a GpuClock when a benchmark measures GPU time per region
         self.graphs = None
         if dev.type == "cuda" and cfg.resolved_backend == "triton" and not cfg.enforce_eager:
             top = min(cfg.max_num_seqs, cfg.cuda_graph_max_batch)
@@ -151,6 +152,16 @@ class ModelRunner:
         # Index tensors are built before the forward is queued: a pageable copy after it would make the
         # host wait for the forward, and nothing (e.g. compression) could be launched beside it.
         rows = to_dev(sample_rows) if sample_rows else None
+        tick = self.clock.start("forward") if self.clock is not None else None
+        logits = self._forward(chunks, ids, positions, slots, table, qsl, kv_lens, rows, win_rows, win_slots,
+                               win_pos, to_dev)
+        if tick is not None:
+            self.clock.stop(tick)
+        return logits
+
+    def _forward(self, chunks, ids, positions, slots, table, qsl, kv_lens, rows, win_rows, win_slots, win_pos, to_dev):
+        """Queue the forward pass (CUDA graph replay for plain decode batches that fit one) and the logits."""
+        dev, Q = self.device, self.cfg.compression.query_window
         if self.graphs is not None and len(ids) == len(chunks) and self.graphs.fits(len(chunks)):
             spare = self.graphs.spare_slot or 0
             wslots = [c.seq.window_slot if c.seq.window_slot is not None else spare for c in chunks]
@@ -195,7 +206,10 @@ class ModelRunner:
         if not plans:
             return None
         if not (overlap and self.device.type == "cuda"):
+            tick = self.clock.start("compression") if self.clock is not None else None
             self.compressor.run(plans)
+            if tick is not None:
+                self.clock.stop(tick)
             return None
         if self.compress_stream is None:
             self.compress_stream = torch.cuda.Stream(self.device)
@@ -204,7 +218,10 @@ class ModelRunner:
         else:
             self.compress_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.compress_stream):
+            tick = self.clock.start("compression") if self.clock is not None else None
             self.compressor.run(plans)
+            if tick is not None:
+                self.clock.stop(tick)
             done = torch.cuda.Event()
             done.record(self.compress_stream)
         return done
