@@ -16,7 +16,7 @@ from workers.block_manager import BlockManager
 from workers.config import EngineConfig
 from workers.model_runner import ModelRunner
 from workers.models import read_model_args
-from workers.outputs import RequestOutput
+from workers.outputs import RequestOutput, SpanView
 from workers.sampler import sample, top_logprobs
 from workers.sampling_params import SamplingParams
 from workers.scheduler import Scheduler
@@ -225,10 +225,12 @@ class LLMEngine:
         return seq.text[old_len:]
 
     def _output(self, seq: Sequence, new_tokens: list[int], new_text: str) -> RequestOutput:
+        n_prompt = seq.num_prompt_tokens
+        done = seq.is_finished  # final outputs own their lists; intermediate ones get O(1) views
         return RequestOutput(
             request_id=seq.request_id,
-            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
-            token_ids=seq.output_token_ids,
+            prompt_token_ids=seq.token_ids[:n_prompt] if done else SpanView(seq.token_ids, 0, n_prompt),
+            token_ids=seq.output_token_ids if done else SpanView(seq.token_ids, n_prompt),
             text=seq.text,
             finished=seq.is_finished,
             finish_reason=seq.finish_reason,
@@ -236,7 +238,7 @@ class LLMEngine:
             new_token_ids=new_tokens,
             new_text=new_text,
             num_cached_tokens=seq.num_cached_prompt_tokens,
-            logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+            logprobs=None if seq.params.logprobs is None else list(seq.logprobs) if done else SpanView(seq.logprobs, 0),
         )
 
     # ---- observability -------------------------------------------------------------------

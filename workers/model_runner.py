@@ -116,17 +116,27 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """Run one step; returns fp32 logits for the chunks that sample, in chunk order."""
+        """Run one step; returns fp32 logits for the chunks that sample, in chunk order.
+
+        Host work is kept small: every index array is built in Python and crosses to the device in one
+        int64 and one int32 copy through pinned memory (queued before the forward, so the host never waits
+        for the GPU here, and compression can be launched beside the forward)."""
         bs = self.block_size
         Q = self.cfg.compression.query_window
-        ids, pos, cache_idx, qsl, kv_lens, tables, sample_rows = [], [], [], [0], [], [], []
+        ids, pos, slots, qsl, kv_lens, sample_rows = [], [], [], [0], [], []
         win_rows, win_slots, win_pos = [], [], []
         for c in chunks:
             seq, n = c.seq, c.num_new_tokens
             s, kv = seq.num_computed_tokens, seq.kv_len  # position and cache index of the first new token
-            ids.extend(seq.token_ids[s : s + n])
-            pos.extend(range(s, s + n))
-            cache_idx.extend(range(kv, kv + n))
+            table = seq.block_table
+            if n == 1:
+                ids.append(seq.token_ids[s])
+                pos.append(s)
+                slots.append(table[kv // bs] * bs + kv % bs)
+            else:
+                ids.extend(seq.token_ids[s : s + n])
+                pos.extend(range(s, s + n))
+                slots.extend(table[i // bs] * bs + i % bs for i in range(kv, kv + n))
             if seq.window_slot is not None:  # the chunk's last Q queries go to the request's ring
                 for j in range(max(0, n - Q), n):
                     win_rows.append(qsl[-1] + j)
@@ -134,58 +144,51 @@ class ModelRunner:
                     win_pos.append((kv + j) % Q)
             qsl.append(qsl[-1] + n)
             kv_lens.append(kv + n)
-            tables.append(seq.block_table)
             if c.samples:
                 sample_rows.append(qsl[-1] - 1)
-        dev = self.device
-        width = max(len(t) for t in tables)
-        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-        positions = torch.tensor(pos, dtype=torch.long)
-        # Slot of each new token: the page holding its cache index * block_size + offset.
-        cidx = torch.tensor(cache_idx, dtype=torch.long)
-        owner = torch.repeat_interleave(torch.arange(len(chunks)), torch.tensor(qsl[1:]) - torch.tensor(qsl[:-1]))
-        slots = table[owner, cidx // bs].long() * bs + cidx % bs
-
-        def to_dev(x, dtype=torch.long):
-            return torch.tensor(x, dtype=dtype).to(dev, non_blocking=True)
-
-        # Index tensors are built before the forward is queued: a pageable copy after it would make the
-        # host wait for the forward, and nothing (e.g. compression) could be launched beside it.
-        rows = to_dev(sample_rows) if sample_rows else None
+        tables = [c.seq.block_table for c in chunks]
         tick = self.clock.start("forward") if self.clock is not None else None
-        logits = self._forward(chunks, ids, positions, slots, table, qsl, kv_lens, rows, win_rows, win_slots,
-                               win_pos, to_dev)
+        if self.graphs is not None and len(ids) == len(chunks) and self.graphs.fits(len(chunks)):
+            spare = self.graphs.spare_slot or 0
+            wslots = [c.seq.window_slot if c.seq.window_slot is not None else spare for c in chunks]
+            wpos = [c.seq.kv_len % Q for c in chunks]
+            h = self.graphs.run(ids, pos, slots, tables, kv_lens, wslots, wpos)
+            if len(sample_rows) != len(chunks):
+                h = h[self._upload([sample_rows], torch.long)[0]]
+        else:
+            h = self._eager_forward(ids, pos, slots, tables, qsl, kv_lens, win_rows, win_slots, win_pos, sample_rows)
+        logits = self.model.compute_logits(h) if sample_rows else torch.empty(0, self.args.vocab_size, device=self.device)
         if tick is not None:
             self.clock.stop(tick)
         return logits
 
-    def _forward(self, chunks, ids, positions, slots, table, qsl, kv_lens, rows, win_rows, win_slots, win_pos, to_dev):
-        """Queue the forward pass (CUDA graph replay for plain decode batches that fit one) and the logits."""
-        dev, Q = self.device, self.cfg.compression.query_window
-        if self.graphs is not None and len(ids) == len(chunks) and self.graphs.fits(len(chunks)):
-            spare = self.graphs.spare_slot or 0
-            wslots = [c.seq.window_slot if c.seq.window_slot is not None else spare for c in chunks]
-            wpos = [(c.seq.kv_len) % Q for c in chunks]
-            h = self.graphs.run(to_dev(ids), positions.to(dev, non_blocking=True), slots.to(dev, non_blocking=True),
-                                table.to(dev, non_blocking=True), to_dev(kv_lens, torch.int32), to_dev(wslots), to_dev(wpos))
-            return self.model.compute_logits(h[rows])
+    def _upload(self, arrays: list[list[int]], dtype) -> list[torch.Tensor]:
+        """Concatenate host int lists, copy them to the device at once, return the device slices."""
+        flat = torch.tensor([x for a in arrays for x in a], dtype=dtype)
+        if self.device.type == "cuda":
+            flat = flat.pin_memory().to(self.device, non_blocking=True)  # the pinned block is reused only
+            # after this copy has completed (PyTorch's host allocator records the stream)
+        out, i = [], 0
+        for a in arrays:
+            out.append(flat[i : i + len(a)])
+            i += len(a)
+        return out
 
+    def _eager_forward(self, ids, pos, slots, tables, qsl, kv_lens, win_rows, win_slots, win_pos, sample_rows):
+        width = max(len(t) for t in tables)
+        flat_tables = [b for t in tables for b in t + [0] * (width - len(t))]
+        ids_d, pos_d, slots_d, rows_d, wr_d, ws_d, wp_d = self._upload(
+            [ids, pos, slots, sample_rows, win_rows, win_slots, win_pos], torch.long)
+        qsl_d, kvl_d, tab_d = self._upload([qsl, kv_lens, flat_tables], torch.int32)
+        windows = bool(win_rows)
         meta = AttentionMetadata(
-            slot_mapping=slots.to(dev, non_blocking=True),
-            block_tables=table.to(dev, non_blocking=True),
-            query_start_loc=to_dev(qsl, torch.int32),
-            kv_lens=to_dev(kv_lens, torch.int32),
-            max_query_len=max(qsl[i + 1] - qsl[i] for i in range(len(chunks))),
-            max_kv_len=max(kv_lens),
-            window_rows=to_dev(win_rows) if win_rows else None,
-            window_slots=to_dev(win_slots) if win_rows else None,
-            window_pos=to_dev(win_pos) if win_rows else None,
-        )
+            slot_mapping=slots_d, block_tables=tab_d.view(len(tables), width), query_start_loc=qsl_d, kv_lens=kvl_d,
+            max_query_len=max(qsl[i + 1] - qsl[i] for i in range(len(tables))), max_kv_len=max(kv_lens),
+            window_rows=wr_d if windows else None, window_slots=ws_d if windows else None,
+            window_pos=wp_d if windows else None)
         q_window = self.compressor.q_window if self.compressor is not None else None
-        h = self.model(to_dev(ids), positions.to(dev, non_blocking=True), self.kv_cache, meta, q_window)
-        if rows is None:
-            return torch.empty(0, self.args.vocab_size, device=dev)
-        return self.model.compute_logits(h[rows])
+        h = self.model(ids_d, pos_d, self.kv_cache, meta, q_window)
+        return h[rows_d]
 
     def mark(self):
         """An event at the current point of the main stream (None off CUDA)."""
