@@ -40,13 +40,14 @@ SHAPES.setdefault("qwen3-0.6b", dict(hidden_size=1024, intermediate_size=3072, n
 def workload(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
     """N prompts of 100-500 tokens; even-numbered ones start with one shared 200-token system prompt."""
     rng = random.Random(seed)
-    system = [rng.randrange(1000, vocab - 1000) for _ in range(200)]
+    lo = min(1000, vocab // 4)  # clear of special tokens
+    system = [rng.randrange(lo, vocab - lo) for _ in range(200)]
     prompts = []
     for i in range(n):
         if i % 2 == 0:
-            prompts.append(system + [rng.randrange(1000, vocab - 1000) for _ in range(rng.randint(100, 300))])
+            prompts.append(system + [rng.randrange(lo, vocab - lo) for _ in range(rng.randint(100, 300))])
         else:
-            prompts.append([rng.randrange(1000, vocab - 1000) for _ in range(rng.randint(100, 500))])
+            prompts.append([rng.randrange(lo, vocab - lo) for _ in range(rng.randint(100, 500))])
     return prompts
 
 

@@ -152,7 +152,7 @@ def _attend(acc, m_i, l_i, q, qk_scale, k_ptr, v_ptr, bt_row, j0, hi, last_key, 
 @triton.jit
 def _paged_attention_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, qsl_ptr, kvl_ptr, out_ptr, m_ptr, l_ptr, acc_ptr,
-        qk_scale, num_reqs, part, n_parts,
+        qk_scale, num_reqs, part, n_parts, unit,
         s_qt, s_qh, s_ot, s_oh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt,
         G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BS: tl.constexpr, DECODE: tl.constexpr, SPLIT: tl.constexpr,
@@ -183,11 +183,12 @@ def _paged_attention_kernel(
         if (n < 2) | (t0 >= n):
             return
     kv_len = tl.load(kvl_ptr + b)
-    if DECODE:
-        k_lo = tl.program_id(2) * part
+    if DECODE:  # this request's partition: its own length over the n_parts programs (whole units)
+        part_b = tl.maximum(part, tl.cdiv(tl.cdiv(kv_len, n_parts), unit) * unit)
+        k_lo = tl.program_id(2) * part_b
         if k_lo >= kv_len:
             return
-        k_hi = tl.minimum(k_lo + part, kv_len)
+        k_hi = tl.minimum(k_lo + part_b, kv_len)
         k_full = k_hi
     else:
         k_lo = 0
@@ -235,7 +236,7 @@ def _paged_attention_kernel(
 
 
 @triton.jit
-def _reduce_kernel(out_ptr, m_ptr, l_ptr, acc_ptr, qsl_ptr, kvl_ptr, part, n_parts, s_ot, s_oh,
+def _reduce_kernel(out_ptr, m_ptr, l_ptr, acc_ptr, qsl_ptr, kvl_ptr, part, n_parts, unit, s_ot, s_oh,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
     """Merge the partitions of one (decode request, query head): rescale each by exp2(m_p - max)."""
     b = tl.program_id(0)
@@ -243,7 +244,8 @@ def _reduce_kernel(out_ptr, m_ptr, l_ptr, acc_ptr, qsl_ptr, kvl_ptr, part, n_par
     q0 = tl.load(qsl_ptr + b)
     if tl.load(qsl_ptr + b + 1) - q0 != 1:
         return
-    used = tl.cdiv(tl.load(kvl_ptr + b), part)
+    kv_len = tl.load(kvl_ptr + b)
+    used = tl.cdiv(kv_len, tl.maximum(part, tl.cdiv(tl.cdiv(kv_len, n_parts), unit) * unit))
     offs_p = tl.arange(0, BLOCK_P)
     offs_d = tl.arange(0, BLOCK_D)
     p_ok = offs_p < used
@@ -287,6 +289,8 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     # Decode rows: split-K over KV partitions, then merge.
     decode_n = min(cfg.decode_n, max(16, 16384 // row_bytes))
     part, n_parts = _decode_partition(B, h_kv, max_kv_len, bs, decode_n, cfg.programs)
+    unit = math.lcm(bs, decode_n)
+    part = -(-_MIN_PARTITION // unit) * unit  # the kernels size each request's partitions from its own length
     split = n_parts > 1
     m = l = acc = out  # unused unless split
     if split:
@@ -295,10 +299,10 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         acc = _empty((B, h_q, n_parts, d), torch.float32, q.device)
     _paged_attention_kernel[(B, h_kv, n_parts)](
         q, k_cache, v_cache, block_tables, query_start_loc, kv_lens, out, m, l, acc,
-        scale * _LOG2E, B, part, n_parts, *strides, BLOCK_M=max(16, triton.next_power_of_2(g)),
+        scale * _LOG2E, B, part, n_parts, unit, *strides, BLOCK_M=max(16, triton.next_power_of_2(g)),
         BLOCK_N=decode_n, DECODE=True, SPLIT=split, num_warps=cfg.decode_warps, **common)
     if split:
-        _reduce_kernel[(B, h_q)](out, m, l, acc, query_start_loc, kv_lens, part, n_parts, out.stride(0),
+        _reduce_kernel[(B, h_q)](out, m, l, acc, query_start_loc, kv_lens, part, n_parts, unit, out.stride(0),
                                  out.stride(1), HEAD_DIM=d, BLOCK_D=block_d,
                                  BLOCK_P=triton.next_power_of_2(n_parts), num_warps=4)
 
@@ -308,6 +312,6 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         block_n = min(cfg.prefill_n, max(16, 32768 // row_bytes))
         _paged_attention_kernel[(T // (block_m // g) + B, h_kv, 1)](
             q, k_cache, v_cache, block_tables, query_start_loc, kv_lens, out, out, out, out,
-            scale * _LOG2E, B, 0, 1, *strides, BLOCK_M=block_m, BLOCK_N=block_n, DECODE=False,
+            scale * _LOG2E, B, 0, 1, 1, *strides, BLOCK_M=block_m, BLOCK_N=block_n, DECODE=False,
             SPLIT=False, num_warps=cfg.prefill_warps, **common)
     return out

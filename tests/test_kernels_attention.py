@@ -96,7 +96,8 @@ def _scenario(kind, rng):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "bs{}-hkv{}-g{}-d{}".format(*s))
 @pytest.mark.parametrize("kind, split, hints", [("decode", False, False), ("decode", True, True),
-                                                ("mixed", True, False), ("mixed", False, True)])
+                                                ("mixed", True, False), ("mixed", False, True),
+                                                ("decode", True, "graph")])
 def test_paged_attention_cpu(poisoned, monkeypatch, kind, split, hints, shape, dtype):
     seed = _seed()
     rng = random.Random(seed)
@@ -106,8 +107,11 @@ def test_paged_attention_cpu(poisoned, monkeypatch, kind, split, hints, shape, d
     q_lens, kv_lens = _scenario(kind, rng)
     batch = make_batch(q_lens, kv_lens, block_size=block_size, h_kv=h_kv, group=group, head_dim=head_dim,
                        dtype=dtype)
-    # Hints are upper bounds: loose ones must not change the result.
+    # Hints are upper bounds: loose ones must not change the result. "graph": the bound a CUDA graph uses
+    # (max_model_len), far above every length, so each request sizes its partitions from its own length.
     kw = dict(max_query_len=max(q_lens) + 3, max_kv_len=max(kv_lens) + 37) if hints else {}
+    if hints == "graph":
+        kw["max_kv_len"] = 8 * max(kv_lens)
     out = pa.paged_attention_triton(**batch, **kw)
     ref = pa.paged_attention_ref(**batch)
     torch.testing.assert_close(out, ref, **TOL[dtype], msg=lambda m: f"seed={seed} q={q_lens} kv={kv_lens}\n{m}")
