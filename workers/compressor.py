@@ -94,5 +94,6 @@ class Compressor:
     def stats(self) -> dict:
         return {
             "compressions": self.num_compressions,
+            "compression_seconds": self.total_seconds,
             "mean_compression_ms": 1000 * self.total_seconds / self.num_compressions if self.num_compressions else 0.0,
         }

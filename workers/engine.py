@@ -79,6 +79,17 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         ids = self.tokenize(prompt)
+        self.validate_request(ids, params)
+        budget = params.budget_blocks if params.budget_blocks is not None else self.config.budget_blocks
+        seq = Sequence(request_id, ids, len(ids), params, next(self._arrivals), budget_blocks=budget)
+        if params.seed is not None:
+            seq.generator = torch.Generator().manual_seed(params.seed)
+        init_detokenizer(seq)
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+
+    def validate_request(self, ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError naming what is wrong with a prompt (token ids) and its params."""
         if not ids:
             raise ValueError("prompt is empty")
         vocab = self.model_args.vocab_size
@@ -87,19 +98,12 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens; this model accepts prompts of at most "
                              f"{self.max_model_len - 1} tokens (max_model_len {self.max_model_len})")
-        budget = params.budget_blocks if params.budget_blocks is not None else self.config.budget_blocks
         if params.budget_blocks is not None and self.config.budget_blocks is None:
             raise ValueError("this engine runs full KV (budget_blocks=None); per-request budget_blocks needs an "
                              "engine started with a budget")
         if -(-len(ids) // self.config.block_size) > self.block_manager.num_blocks:
             raise ValueError(f"prompt has {len(ids)} tokens; the KV pool holds "
                              f"{self.block_manager.num_blocks * self.config.block_size}")
-        seq = Sequence(request_id, ids, len(ids), params, next(self._arrivals), budget_blocks=budget)
-        if params.seed is not None:
-            seq.generator = torch.Generator().manual_seed(params.seed)
-        init_detokenizer(seq)
-        self.requests[request_id] = seq
-        self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> bool:
         """Cancel a request; its pages return to the pool now. False if it is unknown or done."""

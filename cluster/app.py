@@ -1,0 +1,111 @@
+"""Build the zipserve Serve application from one config mapping (the `args:` of configs/serve.yaml).
+
+    ingress (OpenAIIngress, FastAPI)  --handle, CapacityAffinityRouter-->  workers (EngineWorker x N)
+
+Keys (unknown keys are refused):
+  model            model folder; None = the embedded SmolLM2-135M-Instruct (converted once, cached)
+  model_name       the name clients send as `model` (default: the folder's name)
+  engine_config    an engine preset YAML (configs/engine/*.yaml); `engine` keys override it
+  engine           EngineConfig keys (block_size, budget_blocks, backend, max_num_seqs, ...)
+  workers          num_replicas | autoscaling {min_replicas, max_replicas, target_pressure,
+                   queue_per_replica, upscale_delay_s, downscale_delay_s, ...}; num_gpus, num_cpus,
+                   max_ongoing_requests, max_queued_requests, stall_timeout_s
+  routing          prefill_tokens_per_s, mean_service_s, balance_s, stats_period_s
+  ingress          num_replicas, max_concurrent_requests, retry_after_s, num_cpus
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ray import serve
+from ray.serve.config import AutoscalingConfig, RequestRouterConfig
+
+log = logging.getLogger("zipserve.app")
+
+_KEYS = {"model", "model_name", "engine_config", "engine", "workers", "routing", "ingress"}
+_WORKER_KEYS = {"num_replicas", "autoscaling", "num_gpus", "num_cpus", "max_ongoing_requests",
+                "max_queued_requests", "stall_timeout_s"}
+_ROUTING_KEYS = {"prefill_tokens_per_s", "mean_service_s", "balance_s", "stats_period_s"}
+_INGRESS_KEYS = {"num_replicas", "max_concurrent_requests", "retry_after_s", "num_cpus"}
+_POLICY_KEYS = {"target_pressure", "queue_per_replica"}
+
+
+def _check(section: str, given: dict, known: set) -> dict:
+    if not isinstance(given, dict):
+        raise ValueError(f"{section} must be a mapping")
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ValueError(f"unknown {section} key(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return given
+
+
+def resolve_config(args: dict | None) -> dict:
+    """Validate the app config and fill defaults (the embedded model when none is given)."""
+    args = dict(_check("app config", args or {}, _KEYS))
+    if not args.get("model"):
+        from cluster.default_model import ensure_default_model
+
+        args["model"] = ensure_default_model()
+        if not args.get("engine_config") and not args.get("engine"):
+            args["engine"] = {"backend": "torch", "dtype": "float32", "device": "cpu"} \
+                if not _has_cuda() else {}
+    for key, known in (("workers", _WORKER_KEYS), ("routing", _ROUTING_KEYS), ("ingress", _INGRESS_KEYS)):
+        args[key] = dict(_check(key, args.get(key) or {}, known))
+    _check("workers.autoscaling", args["workers"].get("autoscaling") or {},
+           _POLICY_KEYS | set(AutoscalingConfig.model_fields))
+    args["engine"] = dict(args.get("engine") or {})
+    # Validate the engine config now, on the driver: a typo fails the deploy with a clear message.
+    from workers.config import EngineConfig
+
+    eng = dict(args["engine"])
+    cfg = (EngineConfig.from_yaml(args["engine_config"], model=args["model"], **eng) if args.get("engine_config")
+           else EngineConfig.from_kwargs(args["model"], **eng))
+    args["block_size"] = cfg.block_size
+    return args
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def build_app(args: dict | None = None):
+    """Application builder: `serve run cluster.app:build_app` or an import_path in configs/serve.yaml."""
+    from cluster.ingress import OpenAIIngress
+    from scheduler.router import CapacityAffinityRouter
+    from workers.serve_worker import EngineWorker
+
+    cfg = resolve_config(args)
+    w, r, ing = cfg["workers"], cfg["routing"], cfg["ingress"]
+    engine_config = dict(cfg["engine"], model=cfg["model"])
+    if cfg.get("engine_config"):
+        engine_config["config_file"] = cfg["engine_config"]
+    router = RequestRouterConfig(
+        request_router_class=CapacityAffinityRouter,
+        request_router_kwargs={k: r[k] for k in ("prefill_tokens_per_s", "mean_service_s", "balance_s") if k in r},
+        request_routing_stats_period_s=r.get("stats_period_s", 0.1), request_routing_stats_timeout_s=5)
+    options = dict(
+        name="EngineWorker", request_router_config=router,
+        ray_actor_options={"num_gpus": w.get("num_gpus", 0), "num_cpus": w.get("num_cpus", 1)},
+        max_ongoing_requests=w.get("max_ongoing_requests", 1024),
+        max_queued_requests=w.get("max_queued_requests", -1), health_check_period_s=10,
+        health_check_timeout_s=30, graceful_shutdown_timeout_s=60)
+    if w.get("autoscaling"):
+        auto = dict(w["autoscaling"])
+        kwargs = {k: auto.pop(k) for k in list(auto) if k in _POLICY_KEYS}
+        auto.setdefault("min_replicas", 1)
+        auto.setdefault("max_replicas", max(auto["min_replicas"], 1))
+        auto["policy"] = {"policy_function": "cluster.autoscaling:PagePressurePolicy", "policy_kwargs": kwargs}
+        auto.setdefault("metrics_interval_s", 1.0)
+        auto.setdefault("look_back_period_s", 10.0)
+        options["autoscaling_config"] = auto
+    else:
+        options["num_replicas"] = w.get("num_replicas", 1)
+    worker = serve.deployment(EngineWorker).options(**options).bind(engine_config, w.get("stall_timeout_s", 120.0))
+    ingress = serve.deployment(OpenAIIngress).options(
+        name="OpenAIIngress", num_replicas=ing.get("num_replicas", 1),
+        ray_actor_options={"num_cpus": ing.get("num_cpus", 0)}, max_ongoing_requests=100_000)
+    return ingress.bind(worker, cfg["model"], cfg.get("model_name"), cfg["block_size"],
+                        ing.get("max_concurrent_requests", 256), ing.get("retry_after_s", 1))

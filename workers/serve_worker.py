@@ -1,0 +1,122 @@
+"""The GPU worker as a Ray Serve deployment: one replica = one actor = one engine (one GPU, or CPU).
+
+The ingress calls `generate` through a streaming handle; the router (scheduler/router.py) reads the
+`route` keyword to pick the replica. The replica streams one small dict per new token batch and aborts
+the request when the caller goes away (Serve cancels the generator), which frees its pages at the next
+step. State for the router comes from `record_routing_stats`, for the autoscaler from
+`record_autoscaling_stats`; `check_health` fails when the engine loop died or stopped making progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+from ray import serve
+
+from workers.async_engine import AsyncEngine
+from workers.config import EngineConfig
+from workers.metrics import WorkerMetrics
+from workers.sampling_params import SamplingParams
+
+log = logging.getLogger("zipserve.worker")
+
+
+class EngineWorker:
+    """Deployment body (wrapped with `serve.deployment` by cluster/app.py, which sets resources, router
+    and autoscaling from the app config)."""
+
+    def __init__(self, engine_config: dict, stall_timeout_s: float = 120.0):
+        cfg = dict(engine_config)
+        model = cfg.pop("model")
+        config_file = cfg.pop("config_file", None)
+        self.config = (EngineConfig.from_yaml(config_file, model=model, **cfg) if config_file
+                       else EngineConfig.from_kwargs(model, **cfg))
+        self.engine = AsyncEngine(self.config)
+        self.stall_timeout_s = stall_timeout_s
+        ctx = serve.get_replica_context()
+        self.replica = ctx.replica_id.unique_id if ctx is not None else "local"
+        self.metrics = WorkerMetrics(self.replica)
+        eng = self.engine.engine
+        log.info("worker %s ready: %s, %d pages of %d tokens, budget %s, max_model_len %d", self.replica,
+                 self.config.model, eng.block_manager.num_blocks, self.config.block_size, self.config.budget_blocks,
+                 eng.max_model_len)
+
+    def model_info(self) -> dict:
+        eng = self.engine.engine
+        return {"max_model_len": eng.max_model_len, "block_size": self.config.block_size,
+                "budget_blocks": self.config.budget_blocks, "vocab_size": eng.model_args.vocab_size,
+                "total_pages": eng.block_manager.num_blocks, "max_num_seqs": self.config.max_num_seqs}
+
+    async def generate(self, request: dict, route: dict | None = None):
+        """request: {"prompt_token_ids", "params" (SamplingParams fields), "n", "request_id"}. Yields
+        {"index", "token_ids", "text", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens"}
+        per sample and step; the last one per sample has a finish_reason."""
+        params = SamplingParams(**request.get("params", {}))
+        rid = request.get("request_id") or uuid.uuid4().hex
+        n = int(request.get("n", 1))
+        t0 = time.monotonic()
+        first = last = None
+        status = "aborted"
+        try:
+            async for i, out in self.engine.generate(rid, request["prompt_token_ids"], params, n):
+                now = time.monotonic()
+                if first is None:
+                    first = now
+                    self.metrics.ttft.observe(now - t0)
+                elif out.new_token_ids:
+                    self.metrics.itl.observe(now - last)
+                last = now
+                self.metrics.tokens.inc(len(out.new_token_ids))
+                yield {"index": i, "token_ids": list(out.new_token_ids), "text": out.new_text,
+                       "finish_reason": out.finish_reason, "prompt_tokens": out.num_prompt_tokens,
+                       "completion_tokens": len(out.token_ids), "cached_tokens": out.num_cached_tokens,
+                       "stop_reason": out.stop_reason if out.finished else None}
+            status = "ok"
+        except asyncio.CancelledError:
+            status = "cancelled"
+            raise
+        except ValueError:
+            status = "rejected"
+            raise
+        except Exception:
+            status = "error"
+            raise
+        finally:
+            self.metrics.requests.inc(tags={"status": status})
+
+    def record_routing_stats(self) -> dict:
+        snap = self.engine.snapshot
+        state = dict(snap["routing"])
+        state["healthy"] = self._healthy()
+        self.metrics.publish(snap["stats"])
+        return state
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Custom metrics for cluster/autoscaling.py: page pressure and queue, per replica."""
+        s = self.engine.snapshot["stats"]
+        slots_total = s.get("slots_total") or s["max_num_seqs"]
+        return {"page_pressure": s["used_pages"] / max(1, s["total_pages"]),
+                "slot_pressure": s["running"] / max(1, min(slots_total, s["max_num_seqs"])),
+                "waiting": float(s["waiting"])}
+
+    def stats(self) -> dict:
+        return dict(self.engine.snapshot["stats"], healthy=self._healthy(), replica=self.replica)
+
+    def check_health(self) -> None:
+        if not self.engine.alive:
+            raise RuntimeError(f"engine loop is dead: {self.engine.error!r}")
+        if not self._healthy():
+            raise RuntimeError(f"engine loop made no progress for {self.stall_timeout_s:.0f} s with work pending")
+
+    def _healthy(self) -> bool:
+        if not self.engine.alive:
+            return False
+        return time.monotonic() - self.engine.last_step_time < self.stall_timeout_s
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
