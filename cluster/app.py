@@ -3,7 +3,8 @@
     ingress (OpenAIIngress, FastAPI)  --handle, CapacityAffinityRouter-->  workers (EngineWorker x N)
 
 Keys (unknown keys are refused):
-  model            model folder; None = the embedded SmolLM2-135M-Instruct (converted once, cached)
+  model            model folder; None = $ZIPSERVE_MODEL, else the embedded SmolLM2-135M-Instruct
+                   (converted once, cached)
   model_name       the name clients send as `model` (default: the folder's name)
   engine_config    an engine preset YAML (configs/engine/*.yaml); `engine` keys override it
   engine           EngineConfig keys (block_size, budget_blocks, backend, max_num_seqs, ...)
@@ -17,6 +18,7 @@ Keys (unknown keys are refused):
 from __future__ import annotations
 
 import logging
+import os
 
 from ray import serve
 from ray.serve.config import AutoscalingConfig, RequestRouterConfig
@@ -43,6 +45,8 @@ def _check(section: str, given: dict, known: set) -> dict:
 def resolve_config(args: dict | None) -> dict:
     """Validate the app config and fill defaults (the embedded model when none is given)."""
     args = dict(_check("app config", args or {}, _KEYS))
+    if not args.get("model") and os.environ.get("ZIPSERVE_MODEL"):
+        args["model"] = os.environ["ZIPSERVE_MODEL"]
     if not args.get("model"):
         from cluster.default_model import ensure_default_model
 

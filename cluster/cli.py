@@ -34,6 +34,55 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_app_args(path: str | None) -> dict:
+    """App args from a YAML file: a Serve config (the first application's `args`) or a bare mapping."""
+    if path is None:
+        return {}
+    import yaml
+
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if isinstance(data, dict) and "applications" in data:
+        apps = data["applications"] or []
+        if not apps:
+            raise ValueError(f"{path}: no applications")
+        return dict(apps[0].get("args") or {})
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping")
+    return data
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Start (or join) Ray on this machine and serve the app until interrupted."""
+    import os
+    import time
+
+    import ray
+    from ray import serve
+
+    from cluster.app import build_app
+
+    app_args = load_app_args(args.config)
+    if args.model:
+        app_args["model"] = args.model
+    if args.replicas is not None:
+        app_args.setdefault("workers", {})["num_replicas"] = args.replicas
+    app = build_app(app_args)  # validates the whole config before Ray starts
+    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, ignore_reinit_error=True)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(app, name="zipserve", route_prefix="/", blocking=False)
+    url = f"http://{args.host}:{args.port}"
+    print(f"zipserve: serving at {url}  (try: curl {url}/v1/models; Ctrl-C stops)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("zipserve: shutting down", flush=True)
+    finally:
+        serve.shutdown()
+    return 0
+
+
 def _config_names_model(path: str | None) -> bool:
     if path is None:
         return False
@@ -92,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", default=None, choices=["torch", "triton"])
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     g.set_defaults(func=_generate)
+
+    s = sub.add_parser("serve", help="serve the OpenAI-compatible API (default: the embedded model on this machine)")
+    s.add_argument("--config", default=None, help="app YAML (configs/serve.yaml or a bare args mapping)")
+    s.add_argument("--model", default=None, help="model folder (default: the config's, else the embedded model)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--replicas", type=int, default=None, help="worker replicas (overrides the config)")
+    s.set_defaults(func=_serve)
 
     b = sub.add_parser("bench", help="run a benchmark (from a source checkout)")
     targets = b.add_subparsers(dest="target", required=True, metavar="TARGET")

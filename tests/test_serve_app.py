@@ -1,0 +1,278 @@
+"""The serving app end to end on CPU: Ray Serve, 2 worker replicas (tiny Qwen3 with a chat template), the
+OpenAI ingress, driven by the unchanged `openai` client and raw HTTP. The oracle is the engine itself
+(`LLM.generate` with the same config and greedy params), whose greedy parity with transformers is
+proved in test_parity.py."""
+
+import asyncio
+import json
+import os
+import socket
+import time
+
+import httpx
+import pytest
+
+ray = pytest.importorskip("ray")
+openai = pytest.importorskip("openai")
+from ray import serve  # noqa: E402
+
+from cluster.app import build_app  # noqa: E402
+from tests.tiny_models import build_model_folder  # noqa: E402
+from workers import LLM, SamplingParams  # noqa: E402
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+ENGINE = {"block_size": 16, "num_blocks": 200, "max_model_len": 256, "max_num_seqs": 16, "budget_blocks": 4,
+          "compression": {"query_window": 8}}
+NAME = "tiny"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    path = build_model_folder(str(tmp_path_factory.mktemp("serve-model")), "qwen3", max_pos=512)
+    cfg_file = os.path.join(path, "tokenizer_config.json")
+    with open(cfg_file) as f:
+        cfg = json.load(f)
+    cfg["chat_template"] = CHAT_TEMPLATE
+    with open(cfg_file, "w") as f:
+        json.dump(cfg, f)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(model_path):
+    port = _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"model": model_path, "model_name": NAME, "engine": ENGINE,
+                         "workers": {"num_replicas": 2, "num_cpus": 0},
+                         "ingress": {"max_concurrent_requests": 64}}), name="zipserve", route_prefix="/")
+    # A second app with a tiny admission limit, for the overload test.
+    serve.run(build_app({"model": model_path, "model_name": NAME, "engine": ENGINE,
+                         "workers": {"num_replicas": 1, "num_cpus": 0},
+                         "ingress": {"max_concurrent_requests": 3, "retry_after_s": 2}}),
+              name="small", route_prefix="/small")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def oracle(model_path):
+    llm = LLM(model_path, **ENGINE)
+
+    def greedy(prompt, max_tokens, **kw):
+        return llm.generate([prompt], SamplingParams(temperature=0, max_tokens=max_tokens, **kw), use_tqdm=False)[0]
+
+    greedy.tokenizer = llm.tokenizer
+    return greedy
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def _chat_prompt(oracle, messages):
+    return oracle.tokenizer.encode(oracle.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                                       tokenize=False), add_special_tokens=False)
+
+
+PROMPTS = ["The quick brown fox", "def add(a, b):", "Once upon a time, in a land far away, there lived"]
+
+
+def test_completions_equal_engine_greedy(client, oracle):
+    for p in PROMPTS:
+        want = oracle(p, 24, ignore_eos=True)
+        got = client.completions.create(model=NAME, prompt=p, max_tokens=24, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        assert got.choices[0].text == want.text
+        assert got.choices[0].finish_reason == "length"
+        assert got.usage.completion_tokens == 24 and got.usage.prompt_tokens == len(want.prompt_token_ids)
+
+
+def test_streamed_completion_equals_unstreamed(client, oracle):
+    want = oracle(PROMPTS[2], 30, ignore_eos=True)
+    stream = client.completions.create(model=NAME, prompt=PROMPTS[2], max_tokens=30, temperature=0, stream=True,
+                                       stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    text, reasons, usage = "", [], None
+    for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].text
+            reasons.append(chunk.choices[0].finish_reason)
+        if chunk.usage:
+            usage = chunk.usage
+    assert text == want.text
+    assert reasons[-1] == "length" and all(r is None for r in reasons[:-1])
+    assert usage.completion_tokens == 30
+
+
+def test_chat_streamed_and_not_equal_engine_greedy(client, oracle):
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a color."}]
+    want = oracle(_chat_prompt(oracle, messages), 20, ignore_eos=True)
+    got = client.chat.completions.create(model=NAME, messages=messages, max_tokens=20, temperature=0,
+                                         extra_body={"ignore_eos": True})
+    assert got.choices[0].message.role == "assistant" and got.choices[0].message.content == want.text
+    stream = client.chat.completions.create(model=NAME, messages=messages, max_tokens=20, temperature=0, stream=True,
+                                            extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_n_samples(client, oracle):
+    want = oracle(PROMPTS[0], 12, ignore_eos=True)
+    greedy = client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=12, temperature=0, n=3,
+                                       extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in greedy.choices) == [0, 1, 2]
+    assert all(c.text == want.text for c in greedy.choices)
+    sampled = client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=12, temperature=1.0, n=4, seed=7,
+                                        extra_body={"ignore_eos": True})
+    texts = [c.text for c in sorted(sampled.choices, key=lambda c: c.index)]
+    assert len(set(texts)) > 1, "seeded samples must differ from each other"
+    again = client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=12, temperature=1.0, n=4, seed=7,
+                                      extra_body={"ignore_eos": True})
+    assert [c.text for c in sorted(again.choices, key=lambda c: c.index)] == texts
+
+
+def test_stop_strings(client, oracle):
+    full = oracle(PROMPTS[1], 40, ignore_eos=True).text
+    stop = next(full[i : i + 2] for i in range(4, len(full) - 2) if full[i : i + 2].strip() and "\ufffd" not in full[i : i + 2])
+    want = oracle(PROMPTS[1], 40, ignore_eos=True, stop=[stop])
+    got = client.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=40, temperature=0, stop=[stop],
+                                    extra_body={"ignore_eos": True})
+    assert got.choices[0].text == want.text == full[: full.index(stop)]
+    assert got.choices[0].finish_reason == "stop"
+
+
+def test_models_and_health(server):
+    models = httpx.get(server + "/v1/models").json()
+    assert [m["id"] for m in models["data"]] == [NAME]
+    assert httpx.get(server + "/health").status_code == 200
+
+
+BAD = [
+    ("/v1/completions", b'{"model": "tiny", "prompt": "x",', "not valid JSON"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": "many"}, "max_tokens"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 100000}, "exceeds the model's context"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x" * 3000, "max_tokens": 4}, "prompt has"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "temperature": -1}, "temperature"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "bogus_field": 1}, "unknown field"),
+    ("/v1/completions", {"model": "tiny", "prompt": [999999], "max_tokens": 4}, "token ids"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "presence_penalty": 0.5}, "not supported"),
+    ("/v1/completions", {"model": "tiny"}, "prompt"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": []}, "messages"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}, "role"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 99}, "n"),
+]
+
+
+@pytest.mark.parametrize("path, body, needle", BAD, ids=[str(i) for i in range(len(BAD))])
+def test_bad_input_is_a_clear_400(server, path, body, needle):
+    kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(server + path, timeout=60, **kw)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert needle in err["message"] or needle == err.get("param"), err
+    assert err["type"] == "invalid_request_error"
+
+
+def test_unknown_model_is_404_and_server_keeps_serving(server, client, oracle):
+    r = httpx.post(server + "/v1/completions", json={"model": "gpt-4", "prompt": "x"}, timeout=60)
+    assert r.status_code == 404 and "does not exist" in r.json()["error"]["message"]
+    want = oracle(PROMPTS[0], 8, ignore_eos=True)
+    got = client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=8, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert got.choices[0].text == want.text
+
+
+def test_overload_is_refused_with_429_before_work(server, oracle):
+    """12 concurrent streams against an ingress that admits 3: the rest get 429 + Retry-After with no
+    token; every admitted stream completes with the right text."""
+    want = oracle(PROMPTS[2], 60, ignore_eos=True).text
+    body = {"model": NAME, "prompt": PROMPTS[2], "max_tokens": 60, "temperature": 0, "stream": True, "ignore_eos": True}
+
+    async def one(c: httpx.AsyncClient):
+        async with c.stream("POST", server + "/small/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                return r.status_code, r.headers.get("retry-after"), (await r.aread()).decode()
+            text = ""
+            async for line in r.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    text += "".join(ch["text"] for ch in json.loads(line[6:])["choices"])
+            return 200, None, text
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=120) as c:
+            return await asyncio.gather(*[one(c) for _ in range(12)])
+
+    results = asyncio.run(burst())
+    codes = [r[0] for r in results]
+    assert codes.count(200) >= 3 and codes.count(429) >= 1 and set(codes) <= {200, 429}, codes
+    for code, retry, payload in results:
+        if code == 429:
+            assert retry == "2" and "capacity" in json.loads(payload)["error"]["message"]
+        else:
+            assert payload == want
+
+
+def _replica_stats(app: str, replicas: int) -> dict:
+    handle = serve.get_deployment_handle("EngineWorker", app_name=app)
+    seen = {}
+    deadline = time.time() + 30
+    while len(seen) < replicas and time.time() < deadline:
+        s = handle.stats.remote().result(timeout_s=30)
+        seen[s["replica"]] = s
+    assert len(seen) == replicas
+    return seen
+
+
+def test_cancelled_streams_free_their_pages(server):
+    """50 streams closed after their first tokens: every replica returns to an idle pool."""
+    body = {"model": NAME, "prompt": PROMPTS[2], "max_tokens": 200, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+
+    async def one(c: httpx.AsyncClient):
+        async with c.stream("POST", server + "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            n = 0
+            async for line in r.aiter_lines():
+                n += line.startswith("data: ")
+                if n >= 3:
+                    break  # closes the connection mid-stream
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=120) as c:
+            await asyncio.gather(*[one(c) for _ in range(50)])
+
+    asyncio.run(burst())
+    deadline = time.time() + 60
+    while True:
+        stats = _replica_stats("zipserve", 2)
+        if all(s["running"] == 0 and s["waiting"] == 0 and s["free_pages"] == s["total_pages"] for s in stats.values()):
+            break
+        assert time.time() < deadline, f"pages not returned after cancellation: {stats}"
+        time.sleep(0.5)
+    # They were cancelled, not run to completion: far fewer than 50 x 200 tokens were generated.
+    assert sum(s["generated_tokens"] for s in stats.values()) < 50 * 200
+
+
+def test_router_spreads_over_replicas(server, client):
+    before = {r: s["generated_tokens"] for r, s in _replica_stats("zipserve", 2).items()}
+
+    async def many():
+        c = openai.AsyncOpenAI(base_url=server + "/v1", api_key="none", max_retries=0, timeout=120)
+        await asyncio.gather(*[c.completions.create(model=NAME, prompt=f"{i} little pigs went to market", max_tokens=40,
+                                                    temperature=0, extra_body={"ignore_eos": True}) for i in range(16)])
+
+    asyncio.run(many())
+    after = {r: s["generated_tokens"] for r, s in _replica_stats("zipserve", 2).items()}
+    assert all(after[r] > before[r] for r in after), (before, after)
