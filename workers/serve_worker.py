@@ -103,7 +103,10 @@ class EngineWorker:
                 "waiting": float(s["waiting"])}
 
     def stats(self) -> dict:
-        return dict(self.engine.snapshot["stats"], healthy=self._healthy(), replica=self.replica)
+        import ray
+
+        return dict(self.engine.snapshot["stats"], healthy=self._healthy(), replica=self.replica,
+                    node=ray.get_runtime_context().get_node_id())
 
     def check_health(self) -> None:
         if not self.engine.alive:

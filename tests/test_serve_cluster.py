@@ -1,0 +1,95 @@
+"""The app on a 2-node Ray cluster (ray.cluster_utils), and `serve run configs/serve.yaml` as users run it."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+
+from cluster.app import build_app  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENGINE = {"block_size": 16, "num_blocks": 200, "max_model_len": 256, "max_num_seqs": 16, "budget_blocks": 4,
+          "compression": {"query_window": 8}}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_node_cluster_replicas_on_both_nodes_router_spreads(qwen3_path):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        # One CPU per worker replica and one CPU per node: the two replicas must land on different nodes.
+        serve.run(build_app({"model": qwen3_path, "model_name": "tiny", "engine": ENGINE,
+                             "workers": {"num_replicas": 2, "num_cpus": 1}}), name="zipserve", route_prefix="/")
+        with httpx.Client(timeout=120) as c:
+            for i in range(16):
+                r = c.post(f"http://127.0.0.1:{port}/v1/completions",
+                           json={"model": "tiny", "prompt": [5 + i] * (20 + 10 * i), "max_tokens": 24,
+                                 "temperature": 0, "ignore_eos": True})
+                assert r.status_code == 200, r.text
+        handle = serve.get_deployment_handle("EngineWorker", app_name="zipserve")
+        seen = {}
+        deadline = time.time() + 30
+        while len(seen) < 2 and time.time() < deadline:
+            s = handle.stats.remote().result(timeout_s=30)
+            seen[s["replica"]] = s
+        assert len(seen) == 2
+        assert len({s["node"] for s in seen.values()}) == 2, "replicas must be on both nodes"
+        tokens = [s["generated_tokens"] for s in seen.values()]
+        assert sum(tokens) == 16 * 24 and min(tokens) > 0, tokens
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_serve_run_configs_serve_yaml_comes_up(qwen3_path, tmp_path):
+    """`serve run configs/serve.yaml`, unchanged, in a subprocess (the model comes from $ZIPSERVE_MODEL)."""
+    env = dict(os.environ, ZIPSERVE_MODEL=qwen3_path, RAY_AUTH_MODE="disabled")
+    serve_bin = os.path.join(os.path.dirname(sys.executable), "serve")
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([serve_bin, "run", "configs/serve.yaml"], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                r = httpx.get("http://127.0.0.1:8000/v1/models", timeout=5)
+                if r.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(2)
+        name = r.json()["data"][0]["id"]
+        r = httpx.post("http://127.0.0.1:8000/v1/completions",
+                       json={"model": name, "prompt": "hello", "max_tokens": 8, "temperature": 0, "ignore_eos": True},
+                       timeout=120)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8, r.text
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
