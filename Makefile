@@ -1,5 +1,5 @@
 # zipserve: the two commands a user needs (see README.md).
-#   make demo    set up, convert the embedded SmolLM2-135M-Instruct once, and generate with it
+#   make demo    set up, convert the embedded SmolLM2-135M-Instruct once, and serve it at http://127.0.0.1:8000
 #   make test    set up, then run the test suite (what CI runs)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 PROMPT ?= Explain in two sentences why the sky is blue.
 
-.PHONY: setup test test-gpu demo bench clean
+.PHONY: setup test test-gpu demo generate bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ test-gpu: setup
 	$(PY) -m pytest -q -m gpu --timeout=1800
 
 demo: setup
+	$(VENV)/bin/zipserve serve --config configs/serve.yaml
+
+generate: setup
 	$(VENV)/bin/zipserve generate --chat --max-tokens 96 --config configs/engine/smollm2-cpu.yaml "$(PROMPT)"
 
 bench: setup

@@ -50,10 +50,7 @@ def resolve_config(args: dict | None) -> dict:
     if not args.get("model"):
         from cluster.default_model import ensure_default_model
 
-        args["model"] = ensure_default_model()
-        if not args.get("engine_config") and not args.get("engine"):
-            args["engine"] = {"backend": "torch", "dtype": "float32", "device": "cpu"} \
-                if not _has_cuda() else {}
+        args["model"] = ensure_default_model()  # engine defaults: torch/fp32 on CPU, triton/bf16 on CUDA
     for key, known in (("workers", _WORKER_KEYS), ("routing", _ROUTING_KEYS), ("ingress", _INGRESS_KEYS)):
         args[key] = dict(_check(key, args.get(key) or {}, known))
     _check("workers.autoscaling", args["workers"].get("autoscaling") or {},
@@ -67,12 +64,6 @@ def resolve_config(args: dict | None) -> dict:
            else EngineConfig.from_kwargs(args["model"], **eng))
     args["block_size"] = cfg.block_size
     return args
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def build_app(args: dict | None = None):

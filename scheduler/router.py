@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from ray.util import metrics
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from scheduler.policy import CapacityAffinityPolicy, RouteRequest, WorkerState
@@ -56,6 +57,8 @@ class CapacityAffinityRouter(FIFOMixin, RequestRouter):
         # replica -> {internal request id: (time sent, pages it will need)}
         self.sent: dict[ReplicaID, dict[str, tuple[float, int]]] = {}
         self.last_decision = None
+        self._decisions = metrics.Counter("zipserve_router_decisions_total", "routing decisions by reason",
+                                          tag_keys=("reason",))
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
@@ -75,6 +78,8 @@ class CapacityAffinityRouter(FIFOMixin, RequestRouter):
             return [sorted(candidate_replicas, key=lambda r: len(self.sent.get(r.replica_id, {})))]
         decision = self.policy.choose(req, states)
         self.last_decision = decision
+        self._decisions.inc(tags={"reason": "no_capacity" if decision.worker_id is None
+                                  else "affinity" if decision.hit_pages else "capacity"})
         if decision.worker_id is None:
             return []
         ranked = sorted(decision.costs, key=decision.costs.get)
