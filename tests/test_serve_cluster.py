@@ -93,3 +93,53 @@ def test_serve_run_configs_serve_yaml_comes_up(qwen3_path, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+def test_workers_autoscale_on_page_pressure(qwen3_path):
+    """min 1 / max 2 replicas, a pool of 24 pages: long requests fill the pages, the policy (fed by the
+    workers' record_autoscaling_stats) asks for a second replica; when idle it goes back to one."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        engine = dict(ENGINE, num_blocks=24, max_num_seqs=4, budget_blocks=4)
+        serve.run(build_app({"model": qwen3_path, "model_name": "tiny", "engine": engine,
+                             "workers": {"num_cpus": 0, "autoscaling": {
+                                 "min_replicas": 1, "max_replicas": 2, "target_pressure": 0.5,
+                                 "upscale_delay_s": 1, "downscale_delay_s": 3, "metrics_interval_s": 0.5,
+                                 "look_back_period_s": 2}}}), name="zipserve", route_prefix="/")
+
+        def replicas() -> int:
+            status = serve.status().applications["zipserve"].deployments["EngineWorker"]
+            return status.replica_states.get("RUNNING", 0)
+
+        import threading
+
+        stop = threading.Event()
+
+        def load():
+            with httpx.Client(timeout=120) as c:
+                while not stop.is_set():
+                    c.post(f"http://127.0.0.1:{port}/v1/completions",
+                           json={"model": "tiny", "prompt": [9] * 60, "max_tokens": 150, "temperature": 0,
+                                 "ignore_eos": True})
+
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for t in threads:
+            t.start()
+        try:
+            deadline = time.time() + 90
+            while replicas() < 2:
+                assert time.time() < deadline, "did not scale up under page pressure"
+                time.sleep(1)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        deadline = time.time() + 120
+        while replicas() > 1:
+            assert time.time() < deadline, "did not scale back down when idle"
+            time.sleep(1)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
