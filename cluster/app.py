@@ -12,7 +12,9 @@ Keys (unknown keys are refused):
                    queue_per_replica, upscale_delay_s, downscale_delay_s, ...}; num_gpus, num_cpus,
                    max_ongoing_requests, max_queued_requests, stall_timeout_s
   routing          prefill_tokens_per_s, mean_service_s, balance_s, stats_period_s
-  ingress          num_replicas, max_concurrent_requests, retry_after_s, num_cpus
+  ingress          num_replicas, max_concurrent_requests, retry_after_s, num_cpus, request_timeout_s
+                   (per-request deadline), max_migrations (moves after worker deaths), max_prompt_tokens,
+                   max_tokens_limit
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ _KEYS = {"model", "model_name", "engine_config", "engine", "workers", "routing",
 _WORKER_KEYS = {"num_replicas", "autoscaling", "num_gpus", "num_cpus", "max_ongoing_requests",
                 "max_queued_requests", "stall_timeout_s"}
 _ROUTING_KEYS = {"prefill_tokens_per_s", "mean_service_s", "balance_s", "stats_period_s"}
-_INGRESS_KEYS = {"num_replicas", "max_concurrent_requests", "retry_after_s", "num_cpus"}
+_INGRESS_KEYS = {"num_replicas", "max_concurrent_requests", "retry_after_s", "num_cpus", "request_timeout_s",
+                 "max_migrations", "max_prompt_tokens", "max_tokens_limit"}
 _POLICY_KEYS = {"target_pressure", "queue_per_replica"}
 
 
@@ -103,4 +106,6 @@ def build_app(args: dict | None = None):
         name="OpenAIIngress", num_replicas=ing.get("num_replicas", 1),
         ray_actor_options={"num_cpus": ing.get("num_cpus", 0)}, max_ongoing_requests=100_000)
     return ingress.bind(worker, cfg["model"], cfg.get("model_name"), cfg["block_size"],
-                        ing.get("max_concurrent_requests", 256), ing.get("retry_after_s", 1))
+                        ing.get("max_concurrent_requests", 256), ing.get("retry_after_s", 1),
+                        ing.get("request_timeout_s", 600.0), ing.get("max_migrations", 3),
+                        ing.get("max_prompt_tokens"), ing.get("max_tokens_limit"))

@@ -18,7 +18,9 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.util import metrics
 
@@ -48,6 +50,36 @@ async def _validation_error(request: Request, exc: RequestValidationError):
     return JSONResponse(oa.APIError(400, msg, param=loc or None).body(), status_code=400)
 
 
+MAX_BODY_BYTES = 4 << 20  # the largest request body accepted (a 128k-token prompt as text fits easily)
+
+
+@app.middleware("http")
+async def _limit_body(request: Request, call_next):
+    """Refuse bodies over MAX_BODY_BYTES with 413 before reading them (by Content-Length; a chunked body
+    is counted as it arrives)."""
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+        return JSONResponse(oa.APIError(413, f"request body over {MAX_BODY_BYTES} bytes").body(), status_code=413)
+    if length is None and request.method == "POST":
+        body = b""
+        async for part in request.stream():
+            body += part
+            if len(body) > MAX_BODY_BYTES:
+                return JSONResponse(oa.APIError(413, f"request body over {MAX_BODY_BYTES} bytes").body(),
+                                    status_code=413)
+        request._body = body  # starlette re-reads the cached body
+    return await call_next(request)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    """FastAPI's own errors (unparseable body, unknown path, wrong method) in OpenAI's format."""
+    status = exc.status_code
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse(oa.APIError(status, str(exc.detail), type_=kind).body(), status_code=status,
+                        headers=getattr(exc, "headers", None))
+
+
 @app.exception_handler(oa.APIError)
 async def _api_error(request: Request, exc: oa.APIError):
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
@@ -55,7 +87,7 @@ async def _api_error(request: Request, exc: oa.APIError):
 
 class IngressMetrics:
     """zipserve_http_requests_total{endpoint,status}, zipserve_http_ttft_seconds{endpoint},
-    zipserve_http_in_flight, zipserve_http_output_tokens_total."""
+    zipserve_http_in_flight, zipserve_http_output_tokens_total, zipserve_http_migrations_total."""
 
     def __init__(self):
         self.requests = metrics.Counter("zipserve_http_requests_total", "HTTP requests by endpoint and status",
@@ -64,6 +96,15 @@ class IngressMetrics:
                                       [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30], tag_keys=("endpoint",))
         self.in_flight = metrics.Gauge("zipserve_http_in_flight", "requests admitted and not finished")
         self.tokens = metrics.Counter("zipserve_http_output_tokens_total", "output tokens sent")
+        self.migrations = metrics.Counter("zipserve_http_migrations_total",
+                                          "samples moved to another worker after theirs died")
+
+
+def _worker_lost(e: BaseException) -> bool:
+    """The worker replica died or its engine loop is dead: the request can move elsewhere."""
+    if isinstance(e, (RayActorError, ActorUnavailableError)):
+        return True
+    return "EngineDeadError" in type(e).__name__ or "EngineDeadError" in type(getattr(e, "cause", None)).__name__
 
 
 def _sse_event(obj: dict) -> str:
@@ -73,14 +114,20 @@ def _sse_event(obj: dict) -> str:
 @serve.ingress(app)  # (captures the module's functions now: define helpers above this line)
 class OpenAIIngress:
     def __init__(self, worker, model_path: str, model_name: str | None = None, block_size: int = 256,
-                 max_concurrent_requests: int = 256, retry_after_s: int = 1):
+                 max_concurrent_requests: int = 256, retry_after_s: int = 1, request_timeout_s: float = 600.0,
+                 max_migrations: int = 3, max_prompt_tokens: int | None = None, max_tokens_limit: int | None = None):
         self.worker = worker
         self.model_name = model_name or os.path.basename(os.path.normpath(model_path))
         self.tokenizer = load_tokenizer(model_path)
         self.block_size = block_size
         self.limit = max_concurrent_requests
         self.retry_after_s = retry_after_s
+        self.request_timeout_s = request_timeout_s
+        self.max_migrations = max_migrations
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_tokens_limit = max_tokens_limit
         self.in_flight = 0
+        self.migrated = 0
         self._info: dict | None = None
         self.metrics = IngressMetrics()
         log.info("ingress serving %r (%s), at most %d concurrent requests", self.model_name, model_path, self.limit)
@@ -88,7 +135,7 @@ class OpenAIIngress:
     # ---- endpoints -----------------------------------------------------------------------
     @app.get("/health")
     async def health(self):
-        return {"status": "ok", "in_flight": self.in_flight}
+        return {"status": "ok", "in_flight": self.in_flight, "migrated_samples": self.migrated}
 
     @app.get("/v1/models")
     async def models(self):
@@ -119,6 +166,9 @@ class OpenAIIngress:
         longest = max(map(len, prompts))
         if max_tokens is None:
             max_tokens = limit - longest
+        if self.max_tokens_limit is not None and max_tokens > self.max_tokens_limit:
+            raise oa.APIError(400, f"max_tokens ({max_tokens}) exceeds this server's limit of {self.max_tokens_limit}",
+                              param="max_tokens")
         if longest + max_tokens > limit:
             raise oa.APIError(400, f"prompt ({longest} tokens) + max_tokens ({max_tokens}) exceeds the model's "
                                    f"context of {limit} tokens", param="max_tokens")
@@ -137,7 +187,7 @@ class OpenAIIngress:
             route = route_request_to_dict(RouteRequest(len(ids), tuple(page_hashes(ids, self.block_size)), max_tokens,
                                                        body.kv_budget_blocks))
             request = {"prompt_token_ids": ids, "params": params, "n": body.n, "request_id": f"{rid}-p{i}"}
-            calls.append(self.worker.options(stream=True).generate.remote(request, route=route))
+            calls.append((request, route, {j: i * body.n + j for j in range(body.n)}))
         self._admit(len(prompts))
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -157,23 +207,30 @@ class OpenAIIngress:
         self.metrics.in_flight.set(self.in_flight)
 
     async def _events(self, calls, n: int):
-        """Merge the workers' streams: yields (choice index, chunk dict)."""
+        """Run the worker calls and merge their streams: yields (choice index, chunk dict) until every
+        sample has finished, or raises. A call whose worker dies moves to another worker (see
+        `_run_call`); the whole request is bounded by request_timeout_s."""
         out: asyncio.Queue = asyncio.Queue()
         done = object()
+        live: list = []  # handle generators in flight (cancelled when the request ends)
 
-        async def pump(p: int, gen):
+        async def pump(request, route, index_map):
             try:
-                async for chunk in gen:
-                    await out.put((p * n + chunk["index"], chunk))
-                await out.put((p, done))
+                await self._run_call(request, route, index_map, out, live, attempt=0)
+                await out.put((-1, done))
             except BaseException as e:  # noqa: BLE001 -- handed to the consumer
-                await out.put((p, e))
+                await out.put((-1, e))
 
-        tasks = [asyncio.create_task(pump(p, gen)) for p, gen in enumerate(calls)]
+        tasks = [asyncio.create_task(pump(*c)) for c in calls]
         remaining = len(calls)
+        deadline = time.monotonic() + self.request_timeout_s
         try:
             while remaining:
-                idx, item = await out.get()
+                try:
+                    idx, item = await asyncio.wait_for(out.get(), timeout=max(0.0, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    raise oa.APIError(504, f"the request exceeded its deadline of {self.request_timeout_s:g} s",
+                                      type_="timeout") from None
                 if item is done:
                     remaining -= 1
                 elif isinstance(item, BaseException):
@@ -183,8 +240,50 @@ class OpenAIIngress:
         finally:
             for t in tasks:
                 t.cancel()
-            for gen in calls:
+            for gen in live:
                 gen.cancel()  # the client left or an error ended the request: free the workers' pages
+
+    async def _run_call(self, request: dict, route: dict, index_map: dict, out: asyncio.Queue, live: list,
+                        attempt: int) -> None:
+        """Stream one worker call into `out`. If its worker dies (actor lost, engine loop dead), every
+        sample not yet finished is resubmitted with the prompt plus the tokens already sent (the new
+        worker prefills them and continues the text exactly), up to max_migrations times."""
+        sent = {ci: [] for ci in index_map.values()}
+        finished: set[int] = set()
+        gen = self.worker.options(stream=True).generate.remote(request, route=route)
+        live.append(gen)
+        try:
+            async for chunk in gen:
+                ci = index_map[chunk["index"]]
+                sent[ci].extend(chunk["token_ids"])
+                if chunk["finish_reason"] is not None:
+                    finished.add(ci)
+                await out.put((ci, chunk))
+            return
+        except Exception as e:
+            if not _worker_lost(e) or attempt >= self.max_migrations:
+                raise
+            error = e
+        attempt += 1
+        todo = [ci for ci in index_map.values() if ci not in finished]
+        self.metrics.migrations.inc(len(todo))
+        self.migrated += len(todo)
+        log.warning("worker lost (%s) during %s: moving %d sample(s) to another worker (attempt %d)",
+                    type(error).__name__, request["request_id"], len(todo), attempt)
+        await asyncio.sleep(0.2 * attempt)  # let the router see the replica go
+        n = request.get("n", 1)
+        moved = []
+        for ci in todo:
+            params = dict(request["params"])
+            sample = next(j for j, c in index_map.items() if c == ci)
+            if n > 1 and params.get("seed") is not None:
+                params["seed"] += sample  # the sample's own stream, as the engine numbers them
+            resume = list(request.get("resume_token_ids") or []) + sent[ci]
+            moved.append(self._run_call(
+                {"prompt_token_ids": request["prompt_token_ids"], "params": params, "n": 1,
+                 "request_id": f"{request['request_id']}-m{attempt}-{ci}", "resume_token_ids": resume},
+                route, {0: ci}, out, live, attempt))
+        await asyncio.gather(*moved)
 
     async def _collect(self, endpoint: str, rid: str, calls, n: int):
         t0 = time.monotonic()
@@ -277,13 +376,17 @@ class OpenAIIngress:
                 raise oa.APIError(400, f"prompt token ids must be in [0, {info['vocab_size']})", param="prompt")
         if not ids:
             raise oa.APIError(400, "prompt is empty", param="prompt")
-        if len(ids) >= info["max_model_len"]:
-            raise oa.APIError(400, f"prompt has {len(ids)} tokens; the model accepts at most "
-                                   f"{info['max_model_len'] - 1}", param="prompt")
+        most = info["max_model_len"] - 1
+        if self.max_prompt_tokens is not None:
+            most = min(most, self.max_prompt_tokens)
+        if len(ids) > most:
+            raise oa.APIError(400, f"prompt has {len(ids)} tokens; this server accepts at most {most}", param="prompt")
         return ids
 
     def _worker_error(self, endpoint: str, e: Exception, count: bool = True) -> oa.APIError:
-        if isinstance(e, BackPressureError):
+        if isinstance(e, oa.APIError):
+            err = e
+        elif isinstance(e, BackPressureError):
             err = oa.APIError(503, "workers are at capacity; retry later", type_="service_unavailable",
                               code="overloaded", headers={"Retry-After": str(self.retry_after_s)})
         elif isinstance(e, ValueError):

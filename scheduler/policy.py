@@ -22,7 +22,8 @@ For every worker w the policy computes, in seconds:
                 (waiting_w + in_flight_w + 1) * mean_service_s / capacity_w
                 (requests ahead of it over w's departure rate: capacity / mean request lifetime)
     load_w    = (running_w + waiting_w + in_flight_w) / capacity_w   (utilisation by compressed capacity)
-    cost_w    = prefill_w + queue_w + balance_s * load_w
+    n_w       = running_w + in_flight_w                       (requests already in w's batch)
+    cost_w    = prefill_w * (1 + externality * n_w) + queue_w + balance_s * load_w * (1 + externality)
 
 and picks the cheapest worker among those that admit the request now (rule 1: never a worker that
 cannot admit it when another can); if none admits it, the cheapest overall (its queue term ranks
@@ -32,7 +33,16 @@ Knobs: `prefill_tokens_per_s` (the worker's prefill speed: how much a cached tok
 `mean_service_s` (a request's expected lifetime, for the queue estimate), `balance_s` (seconds a
 fully loaded worker costs each new request: decode batches slow down with load; this term is what keeps
 a prefix everyone shares from becoming a hotspot: once the holder's extra load outweighs the prefill
-it saves, requests go elsewhere and warm that worker's cache too), `tie_tolerance`.
+it saves, requests go elsewhere and warm that worker's cache too), `externality`, `tie_tolerance`.
+
+`externality` (default 1: count it fully; 0: the new request's own latency only) adds the delay a choice
+imposes on the requests already running on w. An engine step runs every decoder's token and the prefill
+chunks together, so the prefill_w seconds computed on w stall each of its n_w decoders too (hence
+prefill_w * (1 + n_w)); and the new request slows each decode step of w's batch about as much as the
+batch slows it (hence the load term twice). The sum is the total latency the choice adds on w. With it,
+a cached prefix is worth more on a busy worker than on an idle one (re-computing it there stalls more
+requests), which keeps multi-turn sessions with their cache; the balance term still grows with load, so
+a prefix everyone shares still spreads (tested).
 """
 
 from __future__ import annotations
@@ -111,16 +121,17 @@ class Decision:
 
 class CapacityAffinityPolicy:
     def __init__(self, prefill_tokens_per_s: float = 20000.0, mean_service_s: float = 60.0, balance_s: float = 1.0,
-                 tie_tolerance: float = 1e-3, seed: int | None = None):
+                 tie_tolerance: float = 1e-3, seed: int | None = None, externality: float = 1.0):
         for name, v in (("prefill_tokens_per_s", prefill_tokens_per_s), ("mean_service_s", mean_service_s)):
             if not v > 0:
                 raise ValueError(f"{name} must be > 0, got {v}")
-        if balance_s < 0 or tie_tolerance < 0:
-            raise ValueError("balance_s and tie_tolerance must be >= 0")
+        if balance_s < 0 or tie_tolerance < 0 or externality < 0:
+            raise ValueError("balance_s, tie_tolerance and externality must be >= 0")
         self.prefill_tokens_per_s = prefill_tokens_per_s
         self.mean_service_s = mean_service_s
         self.balance_s = balance_s
         self.tie_tolerance = tie_tolerance
+        self.externality = externality
         self.rng = random.Random(seed)
 
     def evaluate(self, req: RouteRequest, w: WorkerState) -> tuple[float, bool, int, int]:
@@ -132,7 +143,9 @@ class CapacityAffinityPolicy:
         prefill = max(0, req.num_prompt_tokens - hits * w.block_size) / self.prefill_tokens_per_s
         queue = 0.0 if admits else (w.waiting + w.in_flight + 1) * self.mean_service_s / cap
         load = (w.running + w.waiting + w.in_flight) / cap
-        return prefill + queue + self.balance_s * load, admits, hits, need
+        x = self.externality
+        cost = prefill * (1 + x * (w.running + w.in_flight)) + queue + self.balance_s * load * (1 + x)
+        return cost, admits, hits, need
 
     def choose(self, req: RouteRequest, workers: list[WorkerState]) -> Decision:
         scored = [(w, *self.evaluate(req, w)) for w in workers if w.healthy]

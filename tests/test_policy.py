@@ -43,6 +43,27 @@ def test_affinity_when_it_pays_and_not_when_it_does_not():
     assert pol.choose(req, [busy_holder, other]).worker_id == "other"
 
 
+def test_externality_a_cached_prefix_is_worth_more_on_a_busy_worker():
+    """Re-computing a prefix on a worker stalls every request running there, so with `externality` the
+    busy holder keeps the request that the request's own latency alone (externality 0) would send away."""
+    prompt = list(range(1, 1 + 100 * BS)) + [7]  # 1600 cached tokens: 0.08 s of prefill saved
+    req = _req(prompt)
+    holder = _worker("holder", total=2000, free=2000, slots=256, running=120, cached=page_hashes(prompt, BS))
+    other = _worker("other", total=2000, free=2000, slots=256, running=60)
+    own_only = CapacityAffinityPolicy(prefill_tokens_per_s=20000, balance_s=1.0, externality=0.0, seed=0)
+    assert all(own_only.choose(req, [holder, other]).worker_id == "other" for _ in range(10))
+    total = CapacityAffinityPolicy(prefill_tokens_per_s=20000, balance_s=1.0, seed=0)  # externality 1
+    assert all(total.choose(req, [holder, other]).worker_id == "holder" for _ in range(10))
+    d = total.choose(req, [holder, other])
+    # holder: (1 token / 20000) x 121 + 2 x 120/222; other: (1601 / 20000) x 61 + 2 x 60/222
+    assert d.costs["holder"] == pytest.approx(121 / 20000 + 2 * 120 / 222)
+    assert d.costs["other"] == pytest.approx(1601 / 20000 * 61 + 2 * 60 / 222)
+    # a far more loaded holder still loses: the load term counts twice too
+    crowded = _worker("holder", total=2000, free=2000, slots=256, running=220, cached=page_hashes(prompt, BS))
+    idle = _worker("other", total=2000, free=2000, slots=256, running=0)
+    assert total.choose(req, [crowded, idle]).worker_id == "other"
+
+
 def test_only_pages_the_worker_still_holds_count():
     p = SYSTEM + [9, 9, 9]
     hashes = page_hashes(p, BS)
@@ -125,3 +146,5 @@ def test_bad_knobs():
         CapacityAffinityPolicy(prefill_tokens_per_s=0)
     with pytest.raises(ValueError):
         CapacityAffinityPolicy(balance_s=-1)
+    with pytest.raises(ValueError):
+        CapacityAffinityPolicy(externality=-1)

@@ -58,12 +58,16 @@ class AsyncEngine:
         self.engine.validate_request(prompt_ids, params)
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       n: int = 1) -> AsyncIterator[tuple[int, RequestOutput]]:
+                       n: int = 1, resume_token_ids: list[int] | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Stream (sample index, output) pairs until every sample has finished. Cancelling the
-        iteration (client gone) aborts every unfinished sample."""
+        iteration (client gone) aborts every unfinished sample. resume_token_ids (n = 1 only): output
+        a dead worker already streamed (see LLMEngine.add_request)."""
         if not self.alive:
             raise EngineDeadError(f"the engine loop is not running: {self.error!r}")
-        self.validate(prompt_ids, params)
+        resume = list(resume_token_ids or [])
+        if resume and n != 1:
+            raise ValueError("a resumed request carries one sample")
+        self.validate(prompt_ids + resume, params)
         loop = asyncio.get_running_loop()
         out_q: asyncio.Queue = asyncio.Queue()
         ids = [request_id if n == 1 else f"{request_id}-{i}" for i in range(n)]
@@ -71,7 +75,7 @@ class AsyncEngine:
             self._streams[rid] = (loop, out_q)
         pending = set(ids)
         admitted = 1
-        self._send(("add", ids[0], prompt_ids, _sample_params(params, 0, n)))
+        self._send(("add", ids[0], prompt_ids, _sample_params(params, 0, n), resume))
         try:
             while pending:
                 item = await out_q.get()
@@ -80,7 +84,7 @@ class AsyncEngine:
                 out: RequestOutput = item
                 if admitted < n:  # the first sample's prompt pages are cached now: admit the others
                     for i in range(admitted, n):
-                        self._send(("add", ids[i], prompt_ids, _sample_params(params, i, n)))
+                        self._send(("add", ids[i], prompt_ids, _sample_params(params, i, n), None))
                     admitted = n
                 if out.finished:
                     pending.discard(out.request_id)
@@ -135,9 +139,9 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if cmd[0] == "add":
-                _, rid, prompt_ids, params = cmd
+                _, rid, prompt_ids, params, resume = cmd
                 try:
-                    eng.add_request(rid, prompt_ids, params)
+                    eng.add_request(rid, prompt_ids, params, resume_token_ids=resume)
                 except ValueError as e:  # validated before, so only a race (e.g. duplicate id) lands here
                     self._deliver(rid, e)
             elif cmd[0] == "abort":

@@ -71,20 +71,33 @@ class LLMEngine:
             return self.tokenizer.encode(prompt)
         return list(prompt)
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
-        """Validate and queue a request; raises ValueError on bad input and changes nothing then."""
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    resume_token_ids: list[int] | None = None) -> None:
+        """Validate and queue a request; raises ValueError on bad input and changes nothing then.
+
+        resume_token_ids: output tokens a previous worker already produced (and the client received) for
+        this request, when it moves here after that worker died. They are prefilled with the prompt and
+        count as output (max_tokens, stop strings); their text is replayed token by token exactly as it
+        was first emitted, so what streams next continues the client's text without gap or repeat."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         ids = self.tokenize(prompt)
-        self.validate_request(ids, params)
+        resume = list(resume_token_ids or [])
+        self.validate_request(ids + resume, params)
+        if len(resume) >= params.max_tokens:
+            raise ValueError(f"{len(resume)} resumed tokens leave nothing to generate (max_tokens {params.max_tokens})")
         budget = params.budget_blocks if params.budget_blocks is not None else self.config.budget_blocks
-        seq = Sequence(request_id, ids, len(ids), params, next(self._arrivals), budget_blocks=budget)
+        seq = Sequence(request_id, list(ids), len(ids), params, next(self._arrivals), budget_blocks=budget)
         if params.seed is not None:
             seq.generator = torch.Generator().manual_seed(params.seed)
         init_detokenizer(seq)
+        for t in resume:
+            seq.token_ids.append(t)
+            if self.tokenizer is not None:
+                detokenize_step(self.tokenizer, seq)
         self.requests[request_id] = seq
         self.scheduler.add(seq)
 

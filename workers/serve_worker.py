@@ -51,7 +51,8 @@ class EngineWorker:
                 "total_pages": eng.block_manager.num_blocks, "max_num_seqs": self.config.max_num_seqs}
 
     async def generate(self, request: dict, route: dict | None = None):
-        """request: {"prompt_token_ids", "params" (SamplingParams fields), "n", "request_id"}. Yields
+        """request: {"prompt_token_ids", "params" (SamplingParams fields), "n", "request_id",
+        "resume_token_ids" (output already streamed by a worker that died)}. Yields
         {"index", "token_ids", "text", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens"}
         per sample and step; the last one per sample has a finish_reason."""
         params = SamplingParams(**request.get("params", {}))
@@ -61,7 +62,8 @@ class EngineWorker:
         first = last = None
         status = "aborted"
         try:
-            async for i, out in self.engine.generate(rid, request["prompt_token_ids"], params, n):
+            async for i, out in self.engine.generate(rid, request["prompt_token_ids"], params, n,
+                                                     request.get("resume_token_ids")):
                 now = time.monotonic()
                 if first is None:
                     first = now
