@@ -9,7 +9,7 @@ Load. A trace's arrival rate is `load` x the cluster's capacity upper bound on i
 (`estimate_capacity`'s `ideal_req_s`: every worker decoding a full batch, every reusable prefix computed
 once, as one unbounded cache would allow). For math, skewed and bursty that bound is close to what the
 simulated cluster sustains. Chat is different: at that rate the sessions' histories overflow each
-worker's cache (most pages are reserved by running requests), so even the best policies reach a ~0.68
+worker's cache (most pages are reserved by running requests), so even the best policies reach a ~0.70
 hit rate instead of the bound's ~0.85 and the cluster saturates; so chat also runs at load 0.5, about
 0.8 of what the best policies sustain there.
 
