@@ -12,7 +12,8 @@ Keys (unknown keys are refused):
                    queue_per_replica, upscale_delay_s, downscale_delay_s, ...}; num_gpus, num_cpus,
                    max_ongoing_requests, max_queued_requests, stall_timeout_s
   routing          prefill_tokens_per_s, mean_service_s, balance_s, stats_period_s
-  ingress          num_replicas, max_concurrent_requests, retry_after_s, num_cpus, request_timeout_s
+  ingress          num_replicas, max_concurrent_requests, retry_after_s, num_cpus, resources (custom Ray
+                   resources, e.g. to keep the ingress on the head node beside the proxy), request_timeout_s
                    (per-request deadline), max_migrations (moves after worker deaths), max_prompt_tokens,
                    max_tokens_limit
 """
@@ -31,7 +32,7 @@ _KEYS = {"model", "model_name", "engine_config", "engine", "workers", "routing",
 _WORKER_KEYS = {"num_replicas", "autoscaling", "num_gpus", "num_cpus", "max_ongoing_requests",
                 "max_queued_requests", "stall_timeout_s"}
 _ROUTING_KEYS = {"prefill_tokens_per_s", "mean_service_s", "balance_s", "stats_period_s"}
-_INGRESS_KEYS = {"num_replicas", "max_concurrent_requests", "retry_after_s", "num_cpus", "request_timeout_s",
+_INGRESS_KEYS = {"num_replicas", "max_concurrent_requests", "retry_after_s", "num_cpus", "resources", "request_timeout_s",
                  "max_migrations", "max_prompt_tokens", "max_tokens_limit"}
 _POLICY_KEYS = {"target_pressure", "queue_per_replica"}
 
@@ -104,7 +105,8 @@ def build_app(args: dict | None = None):
     worker = serve.deployment(EngineWorker).options(**options).bind(engine_config, w.get("stall_timeout_s", 120.0))
     ingress = serve.deployment(OpenAIIngress).options(
         name="OpenAIIngress", num_replicas=ing.get("num_replicas", 1),
-        ray_actor_options={"num_cpus": ing.get("num_cpus", 0)}, max_ongoing_requests=100_000)
+        ray_actor_options={"num_cpus": ing.get("num_cpus", 0), "resources": dict(ing.get("resources") or {})},
+        max_ongoing_requests=100_000)
     return ingress.bind(worker, cfg["model"], cfg.get("model_name"), cfg["block_size"],
                         ing.get("max_concurrent_requests", 256), ing.get("retry_after_s", 1),
                         ing.get("request_timeout_s", 600.0), ing.get("max_migrations", 3),

@@ -143,3 +143,46 @@ def test_workers_autoscale_on_page_pressure(qwen3_path):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def test_node_removed_under_load_loses_no_stream(qwen3_path):
+    """A worker node leaves the cluster (ray.cluster_utils remove_node) while 40 streams run on both
+    worker nodes: every stream completes, equal to the healthy greedy output."""
+    import asyncio
+
+    from ray.cluster_utils import Cluster
+
+    from tests.test_reliability import ENGINE as FULL_KV, _expected, _prompts, _stream
+
+    # The proxy and the ingress stay on the head (as in configs/cluster.yaml); a worker node leaves.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "resources": {"head": 1}})
+    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+        serve.run(build_app({"model": qwen3_path, "model_name": "tiny", "engine": FULL_KV,
+                             "workers": {"num_replicas": 2, "num_cpus": 1},
+                             "ingress": {"resources": {"head": 0.01}}}), name="zipserve", route_prefix="/")
+        prompts = _prompts(40, seed=5)
+        want = _expected(qwen3_path, prompts)
+        progress = [0]
+
+        async def run():
+            async with httpx.AsyncClient(timeout=180) as c:
+                tasks = [asyncio.create_task(_stream(c, url, p, progress=progress)) for p in prompts]
+                while progress[0] < 150:
+                    await asyncio.sleep(0.05)
+                cluster.remove_node(workers[0])
+                return await asyncio.gather(*tasks)
+
+        results = asyncio.run(run())
+        bad = [(i, r[0], r[2]) for i, r in enumerate(results) if r[0] != 200 or r[2] is not None or not r[3]]
+        assert not bad, bad[:3]
+        assert [r[1] for r in results] == want
+        assert httpx.get(url + "/health").json()["migrated_samples"] >= 1
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
