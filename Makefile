@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 PROMPT ?= Explain in two sentences why the sky is blue.
 
-.PHONY: setup test test-gpu demo generate bench clean
+.PHONY: setup test test-gpu soak demo generate bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,10 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 test: setup
-	$(PY) -m pytest -q -m "not gpu" --timeout=900 -p no:cacheprovider
+	$(PY) -m pytest -q -m "not gpu and not soak" --timeout=900 -p no:cacheprovider
+
+soak: setup
+	$(PY) -m pytest -q -m soak -s -p no:cacheprovider
 
 test-gpu: setup
 	$(PY) -m pytest -q -m gpu --timeout=1800

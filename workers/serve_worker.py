@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 
@@ -22,6 +23,15 @@ from workers.metrics import WorkerMetrics
 from workers.sampling_params import SamplingParams
 
 log = logging.getLogger("zipserve.worker")
+
+
+def _rss_bytes() -> int:
+    """Resident memory of this process (Linux), for soak tests and operators."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
 
 
 class EngineWorker:
@@ -108,7 +118,7 @@ class EngineWorker:
         import ray
 
         return dict(self.engine.snapshot["stats"], healthy=self._healthy(), replica=self.replica,
-                    node=ray.get_runtime_context().get_node_id())
+                    node=ray.get_runtime_context().get_node_id(), rss_bytes=_rss_bytes())
 
     def check_health(self) -> None:
         if not self.engine.alive:
