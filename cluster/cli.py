@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -83,6 +84,18 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch(args: argparse.Namespace) -> int:
+    from cluster.batch import run
+
+    app_args = load_app_args(args.config)
+    summary = run(args.input, args.output, model=args.model or app_args.get("model"), engine=app_args.get("engine"),
+                  engine_config=app_args.get("engine_config"), min_workers=args.min_workers,
+                  max_workers=args.max_workers, num_gpus=args.num_gpus, num_cpus=args.num_cpus,
+                  batch_size=args.batch_size)
+    print(json.dumps(summary))
+    return 0 if summary["errors"] == 0 else 1
+
+
 def _config_names_model(path: str | None) -> bool:
     if path is None:
         return False
@@ -149,6 +162,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--replicas", type=int, default=None, help="worker replicas (overrides the config)")
     s.set_defaults(func=_serve)
+
+    bt = sub.add_parser("batch", help="batch inference: JSONL requests in, JSONL completions out (resumable)")
+    bt.add_argument("input")
+    bt.add_argument("output")
+    bt.add_argument("--config", default=None, help="app YAML (its model / engine / engine_config are used)")
+    bt.add_argument("--model", default=None)
+    bt.add_argument("--min-workers", type=int, default=1)
+    bt.add_argument("--max-workers", type=int, default=1)
+    bt.add_argument("--num-gpus", type=float, default=0, help="GPUs per engine actor (1 on GPU nodes)")
+    bt.add_argument("--num-cpus", type=float, default=1)
+    bt.add_argument("--batch-size", type=int, default=16, help="rows per engine call")
+    bt.set_defaults(func=_batch)
 
     b = sub.add_parser("bench", help="run a benchmark (from a source checkout)")
     targets = b.add_subparsers(dest="target", required=True, metavar="TARGET")

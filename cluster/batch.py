@@ -1,0 +1,248 @@
+"""Batch inference on the cluster: JSONL in, JSONL out, over an autoscaling pool of engine actors (Ray Data).
+
+    zipserve batch INPUT.jsonl OUTPUT.jsonl [--config app.yaml] [--min-workers 1 --max-workers 4]
+    cluster.batch.run(input, output, config=..., min_workers=..., max_workers=...)
+
+Each input line: {"id": ..., "prompt": "..." | [token ids], or "messages": [...], optional sampling fields
+(max_tokens, temperature, top_p, top_k, min_p, seed, stop, stop_token_ids, ignore_eos), optional "n"}.
+Each output line: {"id", "choices": [{"index", "text", "token_ids", "finish_reason"}], "prompt_tokens",
+"completion_tokens", "worker"}.
+
+- Bad rows (malformed JSON, no id / duplicate id, no prompt, invalid parameters, too long) go to
+  OUTPUT.errors.jsonl with the reason; the job goes on. Rows are parsed and validated on the driver (Ray
+  Data's read_json would fail the whole job on one malformed line).
+- Results land in shards under OUTPUT.shards/, each written to a temporary file and renamed, so a crash
+  never leaves a half line; at the end the shards are merged into OUTPUT (also by rename).
+- Rerunning with the same OUTPUT skips every id already written (in OUTPUT or its shards).
+- Engine actors are a Ray Data ActorPoolStrategy(min_size, max_size) pool (autoscaling with the backlog),
+  restartable: a batch whose actor dies is retried on another, so a lost worker costs only its in-flight
+  rows and no row is lost or written twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+
+log = logging.getLogger("zipserve.batch")
+
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
+                   "ignore_eos", "include_stop_str_in_output")
+ROW_FIELDS = {"id", "prompt", "messages", "n"} | set(SAMPLING_FIELDS)
+
+
+def read_rows(path: str, done: set[str], max_model_len: int | None = None) -> tuple[list[dict], list[dict]]:
+    """(good rows not yet done, errors). Every row gets a reason if it is refused."""
+    from workers.sampling_params import SamplingParams
+
+    good, errors, seen = [], [], set()
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                errors.append({"line": lineno, "id": None, "error": f"malformed JSON: {e}"})
+                continue
+            rid = row.get("id") if isinstance(row, dict) else None
+            try:
+                if not isinstance(row, dict):
+                    raise ValueError("a row must be a JSON object")
+                if rid is None or not isinstance(rid, (str, int)) or isinstance(rid, bool):
+                    raise ValueError("missing id (a string or integer)")
+                rid = str(rid)
+                if rid in seen:
+                    raise ValueError(f"duplicate id {rid!r}")
+                unknown = sorted(set(row) - ROW_FIELDS)
+                if unknown:
+                    raise ValueError(f"unknown field(s): {', '.join(unknown)}")
+                has_prompt, has_messages = "prompt" in row, "messages" in row
+                if has_prompt == has_messages:
+                    raise ValueError("give exactly one of prompt or messages")
+                p = row.get("prompt")
+                if has_prompt and not (isinstance(p, str) and p or isinstance(p, list) and p and
+                                       all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in p)):
+                    raise ValueError("prompt must be a non-empty string or list of token ids")
+                m = row.get("messages")
+                if has_messages and not (isinstance(m, list) and m and all(
+                        isinstance(x, dict) and isinstance(x.get("role"), str) and isinstance(x.get("content"), str)
+                        for x in m)):
+                    raise ValueError("messages must be a non-empty list of {role, content} strings")
+                n = row.get("n", 1)
+                if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 16:
+                    raise ValueError("n must be an integer in [1, 16]")
+                params = {k: row[k] for k in SAMPLING_FIELDS if k in row}
+                SamplingParams(**params)  # raises ValueError naming the bad field
+                if max_model_len is not None and params.get("max_tokens", 16) >= max_model_len:
+                    raise ValueError(f"max_tokens must be < max_model_len ({max_model_len})")
+            except (ValueError, TypeError) as e:
+                errors.append({"line": lineno, "id": rid if isinstance(rid, (str, int)) else None, "error": str(e)})
+                continue
+            seen.add(rid)
+            if rid not in done:
+                good.append({"id": rid, "request": json.dumps(row)})
+    return good, errors
+
+
+def written_ids(output: str) -> set[str]:
+    """Ids already in OUTPUT and its shards (a resumed run skips them)."""
+    ids = set()
+    files = [output] if os.path.isfile(output) else []
+    shard_dir = output + ".shards"
+    if os.path.isdir(shard_dir):
+        files += [os.path.join(shard_dir, f) for f in sorted(os.listdir(shard_dir)) if f.endswith(".jsonl")]
+    for path in files:
+        with open(path) as f:
+            for line in f:
+                if line.endswith("\n"):
+                    ids.add(str(json.loads(line)["id"]))
+    return ids
+
+
+class BatchEngine:
+    """A Ray Data actor: one engine; runs a batch of rows with continuous batching."""
+
+    def __init__(self, engine_config: dict):
+        from workers import LLM
+
+        cfg = dict(engine_config)
+        model = cfg.pop("model")
+        config_file = cfg.pop("config_file", None)
+        self.llm = LLM(model, config_file=config_file, **cfg)
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def __call__(self, batch: dict) -> dict:
+        from workers import SamplingParams
+
+        rows = [json.loads(r) for r in batch["request"]]
+        tok = self.llm.tokenizer
+        prompts, params, owners = [], [], []
+        for i, row in enumerate(rows):
+            if "messages" in row:
+                prompt = tok.encode(tok.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=False),
+                                    add_special_tokens=False)
+            else:
+                prompt = row["prompt"]
+            p = {k: row[k] for k in SAMPLING_FIELDS if k in row}
+            n = row.get("n", 1)
+            for j in range(n):
+                sp = dict(p)
+                if n > 1 and sp.get("seed") is not None:
+                    sp["seed"] += j
+                prompts.append(prompt)
+                params.append(SamplingParams(**sp))
+                owners.append((i, j))
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        results = [{"id": str(r["id"]), "choices": [], "prompt_tokens": 0, "completion_tokens": 0, "worker": self.worker}
+                   for r in rows]
+        for (i, j), o in zip(owners, outs):
+            res = results[i]
+            res["choices"].append({"index": j, "text": o.text, "token_ids": list(o.token_ids),
+                                   "finish_reason": o.finish_reason})
+            res["prompt_tokens"] = o.num_prompt_tokens
+            res["completion_tokens"] += len(o.token_ids)
+        return {"id": [r["id"] for r in results], "result": [json.dumps(r) for r in results],
+                "tokens": [r["completion_tokens"] for r in results]}
+
+
+def _write_shard(shard_dir: str, lines: list[str]) -> None:
+    tmp = os.path.join(shard_dir, f".tmp-{uuid.uuid4().hex}")
+    with open(tmp, "w") as f:
+        f.write("".join(lines))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(shard_dir, f"{time.time_ns()}-{uuid.uuid4().hex[:8]}.jsonl"))
+
+
+def _merge(output: str) -> int:
+    shard_dir = output + ".shards"
+    tmp = output + ".tmp"
+    n = 0
+    with open(tmp, "w") as out:
+        if os.path.isfile(output):
+            with open(output) as f:
+                for line in f:
+                    if line.endswith("\n"):
+                        out.write(line)
+                        n += 1
+        if os.path.isdir(shard_dir):
+            for name in sorted(os.listdir(shard_dir)):
+                if name.endswith(".jsonl"):
+                    with open(os.path.join(shard_dir, name)) as f:
+                        for line in f:
+                            out.write(line)
+                            n += 1
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, output)
+    if os.path.isdir(shard_dir):
+        for name in os.listdir(shard_dir):
+            os.remove(os.path.join(shard_dir, name))
+        os.rmdir(shard_dir)
+    return n
+
+
+def run(input_path: str, output_path: str, *, model: str | None = None, engine: dict | None = None,
+        engine_config: str | None = None, min_workers: int = 1, max_workers: int = 1, num_gpus: float = 0,
+        num_cpus: float = 1, batch_size: int = 16, progress: bool = True) -> dict:
+    """Run (or resume) a batch job; returns the summary (also logged)."""
+    import ray
+    from tqdm import tqdm
+
+    from cluster.app import resolve_config
+
+    cfg = resolve_config({"model": model, "engine": engine or {}, "engine_config": engine_config})
+    engine_cfg = dict(cfg["engine"], model=cfg["model"])
+    if cfg.get("engine_config"):
+        engine_cfg["config_file"] = cfg["engine_config"]
+    if not 1 <= min_workers <= max_workers:
+        raise ValueError(f"need 1 <= min_workers ({min_workers}) <= max_workers ({max_workers})")
+    done = written_ids(output_path)
+    rows, errors = read_rows(input_path, done)
+    if errors:
+        with open(output_path + ".errors.jsonl", "w") as f:
+            f.write("".join(json.dumps(e) + "\n" for e in errors))
+        log.warning("%d bad row(s) -> %s", len(errors), output_path + ".errors.jsonl")
+    summary = {"rows": len(rows), "skipped_done": len(done), "errors": len(errors), "completion_tokens": 0,
+               "workers": 0}
+    t0 = time.time()
+    if rows:
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+        import ray.data
+
+        shard_dir = output_path + ".shards"
+        os.makedirs(shard_dir, exist_ok=True)
+        ds = ray.data.from_items(rows).repartition(max(1, -(-len(rows) // batch_size)))
+        out = ds.map_batches(
+            BatchEngine, fn_constructor_kwargs={"engine_config": engine_cfg}, batch_size=batch_size,
+            batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=min_workers, max_size=max_workers),
+            num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=-1, max_task_retries=-1)
+        bar = tqdm(total=len(rows), unit="req", disable=not progress, desc="zipserve batch")
+        written, workers = set(), set()
+        for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
+            lines = [r + "\n" for i, r in zip(batch["id"], batch["result"]) if str(i) not in written]
+            written.update(str(i) for i in batch["id"])
+            new_workers = {json.loads(r)["worker"] for r in batch["result"]} - workers
+            if new_workers:
+                workers |= new_workers
+                log.info("engine actors serving: %d (%s)", len(workers), ", ".join(sorted(new_workers)))
+            if lines:
+                _write_shard(shard_dir, lines)
+            summary["completion_tokens"] += int(sum(batch["tokens"]))
+            bar.update(len(lines))
+            elapsed = time.time() - t0
+            bar.set_postfix(tok_s=f"{summary['completion_tokens'] / max(elapsed, 1e-9):.0f}")
+        bar.close()
+        summary["workers"] = len(workers)
+    summary["output_rows"] = _merge(output_path)
+    summary["seconds"] = time.time() - t0
+    summary["tokens_per_s"] = summary["completion_tokens"] / max(summary["seconds"], 1e-9)
+    log.info("batch done: %(rows)d rows run, %(skipped_done)d already done, %(errors)d bad, %(completion_tokens)d "
+             "tokens in %(seconds).1f s (%(tokens_per_s).0f tok/s); %(output_rows)d rows in the output", summary)
+    return summary
