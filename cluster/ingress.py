@@ -290,10 +290,9 @@ class OpenAIIngress:
         texts, reasons, completion, prompt_tokens, cached = {}, {}, {}, {}, {}
         try:
             async for idx, c in self._events(calls, n):
-                if idx not in texts:
-                    texts[idx] = ""
-                    if not texts or len(texts) == 1:
-                        self.metrics.ttft.observe(time.monotonic() - t0, tags={"endpoint": endpoint})
+                if not texts:  # the request's first token
+                    self.metrics.ttft.observe(time.monotonic() - t0, tags={"endpoint": endpoint})
+                texts.setdefault(idx, "")
                 texts[idx] += c["text"]
                 self.metrics.tokens.inc(len(c["token_ids"]))
                 completion[idx] = c["completion_tokens"]
