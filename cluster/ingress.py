@@ -263,6 +263,8 @@ class OpenAIIngress:
         except Exception as e:
             if not _worker_lost(e) or attempt >= self.max_migrations:
                 raise
+            if attempt >= 1 and not isinstance(e, (RayActorError, ActorUnavailableError)):
+                raise  # a second engine died under this request: it may be what kills them, stop here
             error = e
         attempt += 1
         todo = [ci for ci in index_map.values() if ci not in finished]

@@ -107,3 +107,37 @@ def test_text_equals_decode(llm):
     out = llm.generate(["The quick brown fox"], SamplingParams(temperature=0, max_tokens=25, ignore_eos=True), use_tqdm=False)[0]
     assert out.text == llm.tokenizer.decode(out.token_ids, skip_special_tokens=True)
     assert out.prompt == "The quick brown fox"
+
+
+def test_tiny_temperatures_are_greedy_not_nan(qwen3_path):
+    """Found by the HTTP fuzzer: temperature 1e-300 overflowed logits / T to inf and NaN probabilities
+    killed the engine loop. Below 1e-5 a request is greedy."""
+    llm = LLM(qwen3_path, block_size=16, num_blocks=64, max_model_len=128)
+    greedy = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    tiny = llm.generate([[5, 6, 7]], SamplingParams(temperature=1e-300, max_tokens=8, ignore_eos=True, seed=1),
+                        use_tqdm=False)
+    assert tiny[0].token_ids == greedy[0].token_ids
+
+
+def test_invalid_distribution_fails_only_its_request(qwen3_path, monkeypatch):
+    import workers.engine as engine_mod
+    from workers import sampler
+
+    llm = LLM(qwen3_path, block_size=16, num_blocks=64, max_model_len=128)
+    real = sampler.truncate_logits
+    poisoned = {"on": True}
+
+    def poison(logits, params):  # the seeded request's row turns to NaN once
+        out = real(logits, params)
+        if poisoned["on"]:
+            out[[i for i, p in enumerate(params) if p.seed == 99]] = float("nan")
+            poisoned["on"] = False
+        return out
+
+    monkeypatch.setattr(sampler, "truncate_logits", poison)
+    assert engine_mod.sample is sampler.sample
+    outs = llm.generate([[5, 6, 7], [8, 9, 10]], [SamplingParams(temperature=1.0, seed=99, max_tokens=6),
+                                                  SamplingParams(temperature=1.0, seed=7, max_tokens=6)],
+                        use_tqdm=False)
+    assert outs[0].finish_reason == "error" and outs[1].finish_reason in ("length", "stop")
+    assert llm.stats()["free_pages"] == llm.stats()["total_pages"]

@@ -17,7 +17,7 @@ from workers.config import EngineConfig
 from workers.model_runner import ModelRunner
 from workers.models import read_model_args
 from workers.outputs import RequestOutput, SpanView
-from workers.sampler import sample, top_logprobs
+from workers.sampler import SamplingError, sample, top_logprobs
 from workers.sampling_params import SamplingParams
 from workers.scheduler import Scheduler
 from workers.sequence import Sequence, Status
@@ -153,8 +153,22 @@ class LLMEngine:
             self.block_manager.commit_full_blocks(c.seq)
         outputs = []
         if samplers:
-            tokens, logprobs = sample(logits, [s.params for s in samplers], [s.generator for s in samplers],
-                                      self.generator)
+            try:
+                tokens, logprobs = sample(logits, [s.params for s in samplers], [s.generator for s in samplers],
+                                          self.generator)
+            except SamplingError as e:  # fail those requests alone; the others sample again
+                for row in e.rows:
+                    seq = samplers[row]
+                    log.error("request %s: %s; it is ended with finish_reason 'error'", seq.request_id, e)
+                    seq.finish_reason, seq.stop_reason = "error", "invalid sampling distribution"
+                    self.scheduler.finish(seq)
+                    self.requests.pop(seq.request_id, None)
+                    outputs.append(self._output(seq, [], ""))
+                keep = [r for r in range(len(samplers)) if r not in set(e.rows)]
+                samplers = [samplers[r] for r in keep]
+                logits = logits[keep]
+                tokens, logprobs = sample(logits, [s.params for s in samplers], [s.generator for s in samplers],
+                                          self.generator) if samplers else ([], None)
             for row, (seq, tok) in enumerate(zip(samplers, tokens)):
                 seq.decoding = True
                 if seq.params.logprobs is not None:

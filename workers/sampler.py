@@ -37,6 +37,14 @@ def truncate_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch
     return logits
 
 
+class SamplingError(RuntimeError):
+    """Rows whose sampling distribution is not a distribution (NaN / inf / all zero)."""
+
+    def __init__(self, rows: list[int]):
+        super().__init__(f"invalid sampling distribution in batch rows {rows}")
+        self.rows = rows
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
            default_generator: torch.Generator | None = None) -> tuple[list[int], torch.Tensor]:
     """Return the sampled token per row and the raw log-softmax (fp32) for logprobs (None when no
@@ -48,6 +56,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     if rand:
         idx = torch.tensor(rand, device=logits.device)
         probs = truncate_logits(logits[idx], [params[i] for i in rand]).softmax(-1)
+        bad = ~(torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0))
+        if bool(bad.any()):  # never reached with validated params; a model emitting NaN would land here
+            raise SamplingError([rand[j] for j in bad.nonzero().flatten().tolist()])
         for j, i in enumerate(rand):
             gen = generators[i] or default_generator
             # Sampling on the CPU keeps seeded streams identical on any device.

@@ -74,6 +74,8 @@ class EngineWorker:
         try:
             async for i, out in self.engine.generate(rid, request["prompt_token_ids"], params, n,
                                                      request.get("resume_token_ids")):
+                if out.finish_reason == "error":
+                    raise RuntimeError(f"request {out.request_id} failed in the engine: {out.stop_reason}")
                 now = time.monotonic()
                 if first is None:
                     first = now
