@@ -212,12 +212,21 @@ def test_fuzzed_bodies_never_5xx(app):
                                                                      st.lists(st.integers(-5, 400), max_size=30), value),
         "messages": st.one_of(st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "x"]),
                                                               "content": st.text(max_size=30)}), max_size=3), value),
-        "max_tokens": st.one_of(st.integers(-2, 6), value), "temperature": st.one_of(st.floats(-1, 3), value),
+        "max_tokens": st.one_of(st.integers(-2, 6), value), "temperature": st.one_of(st.floats(-1, 3), st.sampled_from([1e-300, 1e-8, 5e-6, 2.0]), value),
         "top_p": st.one_of(st.floats(-1, 2), value), "n": st.one_of(st.integers(-1, 3), value),
         "stream": st.one_of(st.booleans(), value), "stop": st.one_of(st.text(max_size=4), value),
         "seed": value, "top_k": value, "logprobs": value, "stream_options": value, "bogus": value,
     }
-    body = st.one_of(st.fixed_dictionaries({}, optional=fields), value)
+    # Mostly-valid requests with edge values, so the generation path is fuzzed too (not only validation).
+    valid = st.fixed_dictionaries(
+        {"model": st.just(NAME), "prompt": st.one_of(st.text(min_size=1, max_size=30),
+                                                     st.lists(st.integers(3, 300), min_size=1, max_size=20)),
+         "max_tokens": st.integers(1, 6)},
+        optional={"temperature": st.sampled_from([0, 1e-300, 1e-8, 5e-6, 0.7, 2.0]), "top_p": st.floats(0.01, 1.0),
+                  "top_k": st.integers(-1, 50), "min_p": st.floats(0.0, 1.0), "n": st.integers(1, 3),
+                  "seed": st.integers(-5, 2**40), "stream": st.booleans(), "ignore_eos": st.booleans(),
+                  "stop": st.lists(st.text(min_size=1, max_size=3), max_size=3)})
+    body = st.one_of(st.fixed_dictionaries({}, optional=fields), value, valid)
     raw = st.one_of(body.map(lambda b: json.dumps(b).encode()), st.binary(max_size=64))
     codes: dict[int, int] = {}
     client = httpx.Client(timeout=60)
@@ -234,7 +243,7 @@ def test_fuzzed_bodies_never_5xx(app):
     check()
     client.close()
     print("fuzz status codes:", codes)
-    assert sum(codes.values()) >= 1200 and codes.get(400, 0) > 100, codes
+    assert sum(codes.values()) >= 1200 and codes.get(400, 0) > 100 and codes.get(200, 0) > 100, codes
     # Still serving, and correctly.
     want = _expected(path, [[5, 6, 7, 8]])[0]
     r = httpx.post(url + "/v1/completions", json={"model": NAME, "prompt": [5, 6, 7, 8], "max_tokens": MAX_TOKENS,
