@@ -256,3 +256,42 @@ def test_body_size_limit(app):
     r = httpx.post(url + "/v1/completions", content=b'{"model": "tiny", "prompt": "' + b"x" * (5 << 20) + b'"}',
                    headers={"content-type": "application/json"}, timeout=60)
     assert r.status_code == 413 and "body over" in r.json()["error"]["message"]
+
+
+def test_scale_down_drains_without_losing_streams(app, qwen3_path):
+    """Scaling the workers from 2 to 1 while 40 streams run: every stream completes equal to the healthy
+    output (finishing on the draining replica, or moved after the drain deadline), and the scale-down
+    happens."""
+    base, _ = app
+    url = base + "/drain"
+
+    def deploy(replicas):
+        serve.run(build_app({"model": qwen3_path, "model_name": NAME, "engine": ENGINE,
+                             "workers": {"num_replicas": replicas, "num_cpus": 0}}),
+                  name="drain", route_prefix="/drain")
+
+    deploy(2)
+    try:
+        assert len(_replica_actor_names("drain")) == 2
+        prompts = _prompts(40, seed=9)
+        want = _expected(qwen3_path, prompts)
+        progress = [0]
+
+        async def run():
+            async with httpx.AsyncClient(timeout=180) as c:
+                tasks = [asyncio.create_task(_stream(c, url, p, progress=progress)) for p in prompts]
+                while progress[0] < 150:
+                    await asyncio.sleep(0.05)
+                await asyncio.to_thread(deploy, 1)
+                return await asyncio.gather(*tasks)
+
+        results = asyncio.run(run())
+        bad = [(i, r[0], r[2]) for i, r in enumerate(results) if r[0] != 200 or r[2] is not None or not r[3]]
+        assert not bad, bad[:3]
+        assert [r[1] for r in results] == want
+        deadline = time.time() + 90
+        while len(_replica_actor_names("drain")) != 1:
+            assert time.time() < deadline, "the scale-down did not happen"
+            time.sleep(0.5)
+    finally:
+        serve.delete("drain")
