@@ -7,7 +7,6 @@ elsewhere is compressed on arrival, which may keep different tokens)."""
 import asyncio
 import json
 import random
-import socket
 import time
 
 import httpx
@@ -17,17 +16,12 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
 from cluster.app import build_app  # noqa: E402
+from tests.tiny_models import free_port as _free_port  # noqa: E402
 from workers import LLM, SamplingParams  # noqa: E402
 
 ENGINE = {"block_size": 16, "num_blocks": 2048, "max_model_len": 256, "max_num_seqs": 128}
 NAME = "tiny"
 MAX_TOKENS = 64
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _prompts(n: int, seed: int = 0) -> list[list[int]]:
@@ -64,6 +58,27 @@ async def _stream(c: httpx.AsyncClient, url: str, prompt, max_tokens=MAX_TOKENS,
             if progress is not None:
                 progress[0] += 1
         return 200, text, error, done
+
+
+def _streams_with_disruption(url: str, prompts, after_chunks: int, disrupt, max_connections: int = 100):
+    """Stream every prompt; once `after_chunks` chunks have arrived in all, run `disrupt()` (in a thread)
+    and let the streams finish. Returns (results of _stream, what disrupt returned)."""
+    progress = [0]
+
+    async def run():
+        async with httpx.AsyncClient(timeout=180, limits=httpx.Limits(max_connections=max_connections)) as c:
+            tasks = [asyncio.create_task(_stream(c, url, p, progress=progress)) for p in prompts]
+            while progress[0] < after_chunks:
+                await asyncio.sleep(0.05)
+            done = await asyncio.to_thread(disrupt)
+            return await asyncio.gather(*tasks), done
+
+    return asyncio.run(run())
+
+
+def _all_complete(results) -> list:
+    """Streams that did not end cleanly: (index, status, error chunk)."""
+    return [(i, r[0], r[2]) for i, r in enumerate(results) if r[0] != 200 or r[2] is not None or not r[3]]
 
 
 def _replica_actor_names(app="zipserve") -> list[str]:
@@ -109,22 +124,18 @@ def test_killed_replica_loses_no_stream(app):
     url, path = app
     prompts = _prompts(100, seed=1)
     want = _expected(path, prompts)
-    progress = [0]
 
-    async def run():
-        async with httpx.AsyncClient(timeout=180, limits=httpx.Limits(max_connections=200)) as c:
-            tasks = [asyncio.create_task(_stream(c, url, p, progress=progress)) for p in prompts]
-            while progress[0] < 400:  # streams are under way on both replicas
-                await asyncio.sleep(0.05)
-            victim = _replica_actor_names()[0]
-            ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
-            return await asyncio.gather(*tasks), victim
+    def kill_one():
+        victim = _replica_actor_names()[0]
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        return victim
 
-    results, victim = asyncio.run(run())
+    # After 400 chunks the streams are under way on both replicas.
+    results, victim = _streams_with_disruption(url, prompts, 400, kill_one, max_connections=200)
     assert victim not in _replica_actor_names()
     migrated = httpx.get(url + "/health").json()["migrated_samples"]
     assert migrated >= 10, f"the killed replica held streams, yet only {migrated} moved"
-    failures = [(i, r) for i, r in enumerate(results) if r[0] != 200 or r[2] is not None or not r[3]]
+    failures = _all_complete(results)
     assert not failures, failures[:3]
     wrong = [i for i, r in enumerate(results) if r[1] != want[i]]
     assert not wrong, f"{len(wrong)} streams differ from the healthy output, e.g. {wrong[:5]}"
@@ -275,18 +286,8 @@ def test_scale_down_drains_without_losing_streams(app, qwen3_path):
         assert len(_replica_actor_names("drain")) == 2
         prompts = _prompts(40, seed=9)
         want = _expected(qwen3_path, prompts)
-        progress = [0]
-
-        async def run():
-            async with httpx.AsyncClient(timeout=180) as c:
-                tasks = [asyncio.create_task(_stream(c, url, p, progress=progress)) for p in prompts]
-                while progress[0] < 150:
-                    await asyncio.sleep(0.05)
-                await asyncio.to_thread(deploy, 1)
-                return await asyncio.gather(*tasks)
-
-        results = asyncio.run(run())
-        bad = [(i, r[0], r[2]) for i, r in enumerate(results) if r[0] != 200 or r[2] is not None or not r[3]]
+        results, _ = _streams_with_disruption(url, prompts, 150, lambda: deploy(1))
+        bad = _all_complete(results)
         assert not bad, bad[:3]
         assert [r[1] for r in results] == want
         deadline = time.time() + 90

@@ -6,7 +6,6 @@ proved in test_parity.py."""
 import asyncio
 import json
 import os
-import socket
 import time
 
 import httpx
@@ -18,6 +17,7 @@ from ray import serve  # noqa: E402
 
 from cluster.app import build_app  # noqa: E402
 from tests.tiny_models import build_model_folder  # noqa: E402
+from tests.tiny_models import free_port as _free_port  # noqa: E402
 from workers import LLM, SamplingParams  # noqa: E402
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -25,12 +25,6 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n
 ENGINE = {"block_size": 16, "num_blocks": 200, "max_model_len": 256, "max_num_seqs": 16, "budget_blocks": 4,
           "compression": {"query_window": 8}}
 NAME = "tiny"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

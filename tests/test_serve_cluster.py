@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,16 +14,11 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
 from cluster.app import build_app  # noqa: E402
+from tests.tiny_models import free_port as _free_port  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENGINE = {"block_size": 16, "num_blocks": 200, "max_model_len": 256, "max_num_seqs": 16, "budget_blocks": 4,
           "compression": {"query_window": 8}}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_node_cluster_replicas_on_both_nodes_router_spreads(qwen3_path):
@@ -148,11 +142,9 @@ def test_workers_autoscale_on_page_pressure(qwen3_path):
 def test_node_removed_under_load_loses_no_stream(qwen3_path):
     """A worker node leaves the cluster (ray.cluster_utils remove_node) while 40 streams run on both
     worker nodes: every stream completes, equal to the healthy greedy output."""
-    import asyncio
-
     from ray.cluster_utils import Cluster
 
-    from tests.test_reliability import ENGINE as FULL_KV, _expected, _prompts, _stream
+    from tests.test_reliability import ENGINE as FULL_KV, _all_complete, _expected, _prompts, _streams_with_disruption
 
     # The proxy and the ingress stay on the head (as in configs/cluster.yaml); a worker node leaves.
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "resources": {"head": 1}})
@@ -167,18 +159,8 @@ def test_node_removed_under_load_loses_no_stream(qwen3_path):
                              "ingress": {"resources": {"head": 0.01}}}), name="zipserve", route_prefix="/")
         prompts = _prompts(40, seed=5)
         want = _expected(qwen3_path, prompts)
-        progress = [0]
-
-        async def run():
-            async with httpx.AsyncClient(timeout=180) as c:
-                tasks = [asyncio.create_task(_stream(c, url, p, progress=progress)) for p in prompts]
-                while progress[0] < 150:
-                    await asyncio.sleep(0.05)
-                cluster.remove_node(workers[0])
-                return await asyncio.gather(*tasks)
-
-        results = asyncio.run(run())
-        bad = [(i, r[0], r[2]) for i, r in enumerate(results) if r[0] != 200 or r[2] is not None or not r[3]]
+        results, _ = _streams_with_disruption(url, prompts, 150, lambda: cluster.remove_node(workers[0]))
+        bad = _all_complete(results)
         assert not bad, bad[:3]
         assert [r[1] for r in results] == want
         assert httpx.get(url + "/health").json()["migrated_samples"] >= 1

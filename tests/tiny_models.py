@@ -91,3 +91,12 @@ def hf_greedy(path: str, prompts: list[list[int]], max_new_tokens: int, ignore_e
             out = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
         outs.append(out[0, len(p):].tolist())
     return outs
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for test servers)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
