@@ -14,8 +14,9 @@ Each output line: {"id", "choices": [{"index", "text", "token_ids", "finish_reas
 - Results land in shards under OUTPUT.shards/, each written to a temporary file and renamed, so a crash
   never leaves a half line; at the end the shards are merged into OUTPUT (also by rename).
 - Rerunning with the same OUTPUT skips every id already written (in OUTPUT or its shards).
-- Engine actors are a Ray Data ActorPoolStrategy(min_size, max_size) pool (autoscaling with the backlog),
-  restartable: a batch whose actor dies is retried on another, so a lost worker costs only its in-flight
+- Engine actors are a Ray Data ActorPoolStrategy(min_size, max_size) pool: it grows with the backlog and
+  shrinks as actors go idle once the inputs are consumed (the summary's pool_sizes records both, read from
+  the GCS actor table); restartable: a batch whose actor dies is retried on another, so a lost worker costs only its in-flight
   rows and no row is lost or written twice.
 """
 
@@ -25,6 +26,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 
@@ -137,7 +139,9 @@ class BatchEngine:
                 prompts.append(prompt)
                 params.append(SamplingParams(**sp))
                 owners.append((i, j))
+        before = self.llm.engine.stats().get("compressions", 0)
         outs = self.llm.generate(prompts, params, use_tqdm=False)
+        compressions = self.llm.engine.stats().get("compressions", 0) - before
         results = [{"id": str(r["id"]), "choices": [], "prompt_tokens": 0, "completion_tokens": 0, "worker": self.worker}
                    for r in rows]
         for (i, j), o in zip(owners, outs):
@@ -146,8 +150,19 @@ class BatchEngine:
                                    "finish_reason": o.finish_reason})
             res["prompt_tokens"] = o.num_prompt_tokens
             res["completion_tokens"] += len(o.token_ids)
+        # The batch's compressions ride on its first row (the driver sums the column).
         return {"id": [r["id"] for r in results], "result": [json.dumps(r) for r in results],
-                "tokens": [r["completion_tokens"] for r in results]}
+                "tokens": [r["completion_tokens"] for r in results],
+                "compressions": [compressions] + [0] * (len(results) - 1)}
+
+
+def engine_actors_alive(job_id: str) -> int:
+    """Engine actors of this job alive now, from the GCS actor table (no dashboard needed)."""
+    from ray._private import state
+
+    return sum(1 for a in state.actors().values()
+               if a.get("JobID") == job_id and "BatchEngine" in (a.get("ActorClassName") or "")
+               and a.get("State") == "ALIVE")
 
 
 def _write_shard(shard_dir: str, lines: list[str]) -> None:
@@ -209,7 +224,7 @@ def run(input_path: str, output_path: str, *, model: str | None = None, engine: 
             f.write("".join(json.dumps(e) + "\n" for e in errors))
         log.warning("%d bad row(s) -> %s", len(errors), output_path + ".errors.jsonl")
     summary = {"rows": len(rows), "skipped_done": len(done), "errors": len(errors), "completion_tokens": 0,
-               "workers": 0}
+               "compressions": 0, "workers": 0, "peak_pool": 0, "pool_sizes": []}
     t0 = time.time()
     if rows:
         if not ray.is_initialized():
@@ -225,6 +240,22 @@ def run(input_path: str, output_path: str, *, model: str | None = None, engine: 
             num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=-1, max_task_retries=-1)
         bar = tqdm(total=len(rows), unit="req", disable=not progress, desc="zipserve batch")
         written, workers = set(), set()
+        job_id = ray.get_runtime_context().get_job_id()
+        pool = summary["pool_sizes"]  # [seconds, alive engine actors] at each change: the pool growing and shrinking
+
+        def watch_pool():
+            alive = engine_actors_alive(job_id)
+            if not pool or pool[-1][1] != alive:
+                pool.append([round(time.time() - t0, 2), alive])
+                log.info("engine actor pool: %d alive", alive)
+
+        def watch_until_stopped():
+            while not stop.wait(0.25):
+                watch_pool()
+
+        stop = threading.Event()
+        watcher = threading.Thread(target=watch_until_stopped, daemon=True, name="zipserve-batch-pool")
+        watcher.start()
         for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
             lines = [r + "\n" for i, r in zip(batch["id"], batch["result"]) if str(i) not in written]
             written.update(str(i) for i in batch["id"])
@@ -235,14 +266,20 @@ def run(input_path: str, output_path: str, *, model: str | None = None, engine: 
             if lines:
                 _write_shard(shard_dir, lines)
             summary["completion_tokens"] += int(sum(batch["tokens"]))
+            summary["compressions"] += int(sum(batch["compressions"]))
             bar.update(len(lines))
             elapsed = time.time() - t0
             bar.set_postfix(tok_s=f"{summary['completion_tokens'] / max(elapsed, 1e-9):.0f}")
         bar.close()
+        stop.set()
+        watcher.join()
+        watch_pool()
         summary["workers"] = len(workers)
+        summary["peak_pool"] = max((n for _, n in pool), default=0)
     summary["output_rows"] = _merge(output_path)
     summary["seconds"] = time.time() - t0
     summary["tokens_per_s"] = summary["completion_tokens"] / max(summary["seconds"], 1e-9)
     log.info("batch done: %(rows)d rows run, %(skipped_done)d already done, %(errors)d bad, %(completion_tokens)d "
-             "tokens in %(seconds).1f s (%(tokens_per_s).0f tok/s); %(output_rows)d rows in the output", summary)
+             "tokens in %(seconds).1f s (%(tokens_per_s).0f tok/s), %(compressions)d compressions, engine actors "
+             "used %(workers)d (peak pool %(peak_pool)d); %(output_rows)d rows in the output", summary)
     return summary

@@ -128,10 +128,20 @@ def test_resume_after_interruption(ray_session, qwen3_path, tmp_path):
     assert sum(o["worker"] == "earlier" for o in out) == 35
 
 
-def test_actor_pool_grows_with_the_backlog(ray_session, qwen3_path, tmp_path):
-    rows = [dict(r, max_tokens=64) for r in _rows(160, seed=3)]  # enough backlog to outlast actor start-up
+def test_actor_pool_grows_with_the_backlog_and_shrinks_when_idle(ray_session, qwen3_path, tmp_path):
+    # Enough backlog to outlast actor start-up, then a long tail: the last rows generate 200 tokens each, so
+    # the other actors sit idle while they finish.
+    rows = [dict(r, max_tokens=64) for r in _rows(160, seed=3)]
+    rows[-4:] = [dict(r, max_tokens=200, n=8) for r in rows[-4:]]
     _write(tmp_path / "in.jsonl", rows)
     summary = run(str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), model=qwen3_path, engine=ENGINE,
                   min_workers=1, max_workers=3, num_cpus=1, batch_size=4, progress=False)
     assert summary["output_rows"] == 160
+    assert [len(o["choices"]) for o in _read(tmp_path / "out.jsonl") if o["id"] in {r["id"] for r in rows[-4:]}] == [8] * 4
     assert summary["workers"] > 1, "the pool never grew beyond its minimum"
+    assert summary["compressions"] > 0  # 200-token rows overflow the 4 x 16 budget
+    sizes = [n for _, n in summary["pool_sizes"]]
+    peak = sizes.index(max(sizes))
+    # Shrunk while the job still ran: fewer actors, but not yet none (the job's end removes them all).
+    assert max(sizes) > 1 and any(0 < n < max(sizes) for n in sizes[peak:]), \
+        f"the pool never shrank while working: {summary['pool_sizes']}"
