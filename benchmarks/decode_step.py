@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 
 import torch
@@ -30,12 +31,22 @@ SHAPES = {  # config.json fields of real models (weights are made on the device)
 }
 
 
-def config_folder(shape: str, max_pos: int = 40960) -> str:
-    """A config-only Qwen3 model folder (use with load_format='dummy')."""
+def config_folder(shape: str, max_pos: int = 40960, tokenizer_from: str | None = None) -> str:
+    """A config-only Qwen3 model folder (use with load_format='dummy'). With `tokenizer_from` (a model folder)
+    its tokenizer files are copied in and the vocabulary and EOS follow that model's, so that text and chat
+    requests work against the random-weight model."""
     path = tempfile.mkdtemp(prefix=f"{shape}-")
     cfg = dict(SHAPES[shape], architectures=["Qwen3ForCausalLM"], model_type="qwen3", rms_norm_eps=1e-6,
                max_position_embeddings=max_pos, rope_theta=1000000.0, tie_word_embeddings=False,
                hidden_act="silu", eos_token_id=151645)
+    if tokenizer_from:
+        with open(os.path.join(tokenizer_from, "config.json")) as f:
+            donor = json.load(f)
+        cfg.update(vocab_size=donor["vocab_size"], eos_token_id=donor["eos_token_id"])
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+                     "generation_config.json"):
+            if os.path.isfile(os.path.join(tokenizer_from, name)):
+                shutil.copy(os.path.join(tokenizer_from, name), path)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f)
     return path

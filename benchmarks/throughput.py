@@ -292,12 +292,25 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
+_SETUP = ("shape", "device", "requests", "budget_blocks", "block_size", "pool_pages")
+
+
 def _write(results: dict, out: str) -> None:
+    """Write the results; lengths measured earlier with the same setup (shape, card, N, budget, pool) in the
+    same file are kept, so that lengths run in separate calls end up in one table."""
     os.makedirs(out, exist_ok=True)
     name = os.path.join(out, f"throughput_{results['shape']}_{card_tag(results['device'])}")
+    merged = results
+    if os.path.isfile(name + ".json"):
+        with open(name + ".json") as f:
+            old = json.load(f)
+        if all(old.get(k) == results.get(k) for k in _SETUP):
+            new_lengths = {row["output_len"] for row in results["lengths"]}
+            kept = [row for row in old["lengths"] if row["output_len"] not in new_lengths]
+            merged = dict(results, lengths=sorted(kept + results["lengths"], key=lambda r: r["output_len"]))
     with open(name + ".json", "w") as f:
-        json.dump(results, f, indent=1)
-    plot(results, name + ".png")
+        json.dump(merged, f, indent=1)
+    plot(merged, name + ".png")
 
 
 def plot(results: dict, path: str) -> None:

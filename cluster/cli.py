@@ -106,7 +106,8 @@ def _config_names_model(path: str | None) -> bool:
 
 
 BENCHMARKS = {"routing": "routing policies side by side in the cluster simulator",
-              "throughput": "compressed vs full KV vs transformers CB on one GPU (long outputs)"}
+              "throughput": "compressed vs full KV vs transformers CB on one GPU (long outputs)",
+              "serve_load": "streamed chat requests over HTTP against the app (started here, or --url)"}
 
 
 def _benchmark_module(name: str):

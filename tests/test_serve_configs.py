@@ -36,16 +36,19 @@ def test_cluster_configs_validate_against_rays_schema(name):
         jsonschema.validate(dict(cfg, max_workers="two"), schema)
 
 
-def test_serve_yaml_is_a_valid_serve_config_and_app_config(qwen3_path):
+@pytest.mark.parametrize("name,block_size,max_replicas", [("serve.yaml", 16, 2), ("serve-gpu.yaml", 256, 8)])
+def test_serve_yamls_are_valid_serve_configs_and_app_configs(name, block_size, max_replicas, qwen3_path):
     from ray.serve.schema import ServeDeploySchema
 
-    with open(os.path.join(ROOT, "configs", "serve.yaml")) as f:
+    with open(os.path.join(ROOT, "configs", name)) as f:
         data = yaml.safe_load(f)
     ServeDeploySchema.model_validate(data)
-    args = load_app_args(os.path.join(ROOT, "configs", "serve.yaml"))
+    args = load_app_args(os.path.join(ROOT, "configs", name))
     assert data["applications"][0]["import_path"] == "cluster.app:build_app"
+    if args.get("engine_config"):
+        args["engine_config"] = os.path.join(ROOT, args["engine_config"])
     cfg = resolve_config(dict(args, model=qwen3_path, engine=dict(args["engine"], backend="torch")))
-    assert cfg["block_size"] == 16 and cfg["workers"]["autoscaling"]["max_replicas"] == 2
+    assert cfg["block_size"] == block_size and cfg["workers"]["autoscaling"]["max_replicas"] == max_replicas
 
 
 @pytest.mark.parametrize("preset", sorted(os.listdir(os.path.join(ROOT, "configs", "engine"))))
