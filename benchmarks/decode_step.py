@@ -28,6 +28,8 @@ SHAPES = {  # config.json fields of real models (weights are made on the device)
                      num_key_value_heads=8, head_dim=128, vocab_size=151936),
     "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
                        num_key_value_heads=8, head_dim=128, vocab_size=151936),
+    "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, vocab_size=151936),
 }
 
 

@@ -132,15 +132,17 @@ def run_load(url: str, model: str, n: int, concurrency: int, max_tokens: int, pr
     }
 
 
-def launch(config: str | None, model: str | None, engine: dict, port: int) -> str:
+def launch(config: str | None, model: str | None, engine: dict, port: int, replicas: int | None = None) -> str:
     """Start Ray + Serve here with the app from `config` (cluster.app.build_app) and wait until ready."""
     import ray
     from ray import serve
 
     from cluster.app import build_app
-    from cluster.cli import load_app_args
+    from cluster.cli import load_app_args, set_fixed_replicas
 
     args = load_app_args(config)
+    if replicas is not None:
+        set_fixed_replicas(args, replicas)
     if model:
         args["model"] = model
     args["engine"] = dict(args.get("engine") or {}, **engine)
@@ -189,6 +191,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-from", default=None, help="model folder whose tokenizer --shape uses")
     p.add_argument("--engine", default="{}", help="JSON EngineConfig overrides for the launched app")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--replicas", type=int, default=None, help="fixed worker count (replaces autoscaling)")
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=1024)
@@ -211,7 +214,7 @@ def run(a: argparse.Namespace) -> int:
 
         a.model = config_folder(a.shape, tokenizer_from=a.tokenizer_from)
         engine["load_format"] = "dummy"
-    url = a.url or launch(a.config, a.model, engine, a.port)
+    url = a.url or launch(a.config, a.model, engine, a.port, a.replicas)
     import requests
 
     model = requests.get(f"{url}/v1/models", timeout=60).json()["data"][0]["id"]

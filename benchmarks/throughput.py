@@ -33,9 +33,6 @@ from benchmarks.decode_step import SHAPES, card_tag, config_folder, copy_bandwid
 
 log = logging.getLogger("benchmarks.throughput")
 
-SHAPES.setdefault("qwen3-0.6b", dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                                     num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936))
-
 
 def workload(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
     """N prompts of 100-500 tokens; even-numbered ones start with one shared 200-token system prompt."""

@@ -53,6 +53,13 @@ def load_app_args(path: str | None) -> dict:
     return data
 
 
+def set_fixed_replicas(app_args: dict, n: int) -> None:
+    """A fixed worker count replaces the config's autoscaling (else autoscaling would win)."""
+    workers = app_args.setdefault("workers", {})
+    workers.pop("autoscaling", None)
+    workers["num_replicas"] = n
+
+
 def _serve(args: argparse.Namespace) -> int:
     """Start (or join) Ray on this machine and serve the app until interrupted."""
     import os
@@ -67,7 +74,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.model:
         app_args["model"] = args.model
     if args.replicas is not None:
-        app_args.setdefault("workers", {})["num_replicas"] = args.replicas
+        set_fixed_replicas(app_args, args.replicas)
     app = build_app(app_args)  # validates the whole config before Ray starts
     ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, ignore_reinit_error=True)
     serve.start(http_options={"host": args.host, "port": args.port})

@@ -97,3 +97,14 @@ def test_autoscaling_policy_follows_page_pressure_and_queue():
 def test_cli_serve_arguments():
     args = build_parser().parse_args(["serve", "--config", "configs/serve.yaml", "--port", "9000", "--replicas", "2"])
     assert args.command == "serve" and args.port == 9000 and args.replicas == 2 and args.host == "127.0.0.1"
+
+
+def test_fixed_replicas_replace_the_configs_autoscaling(qwen3_path):
+    from cluster.app import build_app
+    from cluster.cli import set_fixed_replicas
+
+    args = load_app_args(os.path.join(ROOT, "configs", "serve.yaml"))
+    set_fixed_replicas(args, 3)
+    app = build_app(dict(args, model=qwen3_path, engine=dict(args["engine"], backend="torch")))
+    worker = app._bound_deployment.init_args[0]._bound_deployment  # the ingress's first argument: the workers
+    assert worker.num_replicas == 3 and worker._deployment_config.autoscaling_config is None
