@@ -31,7 +31,8 @@ def _prompt(rng: random.Random, words: int) -> str:
     return "Reason step by step. " + " ".join(rng.choice(WORDS) for _ in range(words))
 
 
-def stream_chat(url: str, model: str, content: str, max_tokens: int, timeout: float = 900) -> dict:
+def stream_chat(url: str, model: str, content: str, max_tokens: int, timeout: float = 900,
+                deadline: float = float("inf")) -> dict:
     """One streamed chat completion; returns its timings and what the server said."""
     import requests
 
@@ -46,6 +47,9 @@ def stream_chat(url: str, model: str, content: str, max_tokens: int, timeout: fl
             rec["error"] = r.text[:500]
             return rec
         for line in r.iter_lines(decode_unicode=True):
+            if time.perf_counter() > deadline:
+                rec["error"] = "abandoned at the run's deadline"
+                break
             if not line or not line.startswith("data: "):
                 continue
             if line == "data: [DONE]":
@@ -85,12 +89,13 @@ def _pct(xs: list[float]) -> dict:
 
 
 def run_load(url: str, model: str, n: int, concurrency: int, max_tokens: int, prompt_words: tuple[int, int],
-             seed: int = 0) -> dict:
+             seed: int = 0, max_seconds: float = float("inf")) -> dict:
     rng = random.Random(seed)
     prompts = [_prompt(rng, rng.randint(*prompt_words)) for _ in range(n)]
     records: list[dict | None] = [None] * n
     next_i = iter(range(n))
     lock = threading.Lock()
+    t0 = time.perf_counter()
 
     def client():
         while True:
@@ -99,11 +104,10 @@ def run_load(url: str, model: str, n: int, concurrency: int, max_tokens: int, pr
             if i is None:
                 return
             try:
-                records[i] = stream_chat(url, model, prompts[i], max_tokens)
+                records[i] = stream_chat(url, model, prompts[i], max_tokens, deadline=t0 + max_seconds)
             except Exception as e:  # a client-side failure is a failed request, recorded as such
                 records[i] = {"status": None, "error": repr(e), "chunks": [], "done": False, "start": time.perf_counter()}
 
-    t0 = time.perf_counter()
     threads = [threading.Thread(target=client, daemon=True) for _ in range(min(concurrency, n))]
     for t in threads:
         t.start()
@@ -125,6 +129,8 @@ def run_load(url: str, model: str, n: int, concurrency: int, max_tokens: int, pr
         "failed": [{k: r.get(k) for k in ("status", "error", "finish_reason", "done")} for r in records if r not in ok],
         "all_usage_exact": all(r.get("usage", {}).get("completion_tokens") == max_tokens for r in ok),
         "wall_s": wall, "completion_tokens": tokens, "tokens_per_s": tokens / wall,
+        "content_chunks_all": sum(len(r["chunks"]) for r in records),  # finished streams or not
+        "abandoned": sum(r.get("error") == "abandoned at the run's deadline" for r in records),
         "ttft_s": _pct(ttft), "inter_chunk_ms": _pct(itl), "streams_open": timeline,
         "chunk_times": chunk_times[:: max(1, len(chunk_times) // 4000)],  # a sample, for the plot
         "tokens_per_plotted_chunk": tokens / max(1, len(chunk_times[:: max(1, len(chunk_times) // 4000)])),
@@ -196,6 +202,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=1024)
     p.add_argument("--prompt-words", default="50,300")
+    p.add_argument("--max-seconds", type=float, default=float("inf"), help="abandon streams still open after this")
     p.add_argument("--out-dir", default="benchmarks/results")
     p.add_argument("--tag", default=None, help="result file suffix (default: the card's name or 'cpu')")
     p.add_argument("--plot", default=None, help="only redraw the PNG of this result JSON")
@@ -221,7 +228,7 @@ def run(a: argparse.Namespace) -> int:
     warm = stream_chat(url, model, "warm up", 32)  # first request pays compile / graph capture
     log.info("warm-up request: status %s, finish %s", warm["status"], warm["finish_reason"])
     lo, hi = map(int, a.prompt_words.split(","))
-    result = run_load(url, model, a.requests, a.concurrency, a.max_tokens, (lo, hi))
+    result = run_load(url, model, a.requests, a.concurrency, a.max_tokens, (lo, hi), max_seconds=a.max_seconds)
     result["api_checks"] = api_checks(url, model)
     device = "cpu"
     try:

@@ -10,7 +10,8 @@ Keys (unknown keys are refused):
   engine           EngineConfig keys (block_size, budget_blocks, backend, max_num_seqs, ...)
   workers          num_replicas | autoscaling {min_replicas, max_replicas, target_pressure,
                    queue_per_replica, upscale_delay_s, downscale_delay_s, ...}; num_gpus, num_cpus,
-                   max_ongoing_requests, max_queued_requests, stall_timeout_s
+                   max_ongoing_requests, max_queued_requests, stall_timeout_s,
+                   stream_interval_s (tokens of a stream are sent at most this often; default 0.05)
   routing          prefill_tokens_per_s, mean_service_s, balance_s, stats_period_s
   ingress          num_replicas, max_concurrent_requests, retry_after_s, num_cpus, resources (custom Ray
                    resources, e.g. to keep the ingress on the head node beside the proxy), request_timeout_s
@@ -30,7 +31,7 @@ log = logging.getLogger("zipserve.app")
 
 _KEYS = {"model", "model_name", "engine_config", "engine", "workers", "routing", "ingress"}
 _WORKER_KEYS = {"num_replicas", "autoscaling", "num_gpus", "num_cpus", "max_ongoing_requests",
-                "max_queued_requests", "stall_timeout_s"}
+                "max_queued_requests", "stall_timeout_s", "stream_interval_s"}
 _ROUTING_KEYS = {"prefill_tokens_per_s", "mean_service_s", "balance_s", "stats_period_s"}
 _INGRESS_KEYS = {"num_replicas", "max_concurrent_requests", "retry_after_s", "num_cpus", "resources", "request_timeout_s",
                  "max_migrations", "max_prompt_tokens", "max_tokens_limit"}
@@ -102,7 +103,8 @@ def build_app(args: dict | None = None):
         options["autoscaling_config"] = auto
     else:
         options["num_replicas"] = w.get("num_replicas", 1)
-    worker = serve.deployment(EngineWorker).options(**options).bind(engine_config, w.get("stall_timeout_s", 120.0))
+    worker = serve.deployment(EngineWorker).options(**options).bind(engine_config, w.get("stall_timeout_s", 120.0),
+                                                                 w.get("stream_interval_s", 0.05))
     ingress = serve.deployment(OpenAIIngress).options(
         name="OpenAIIngress", num_replicas=ing.get("num_replicas", 1),
         ray_actor_options={"num_cpus": ing.get("num_cpus", 0), "resources": dict(ing.get("resources") or {})},

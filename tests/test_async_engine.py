@@ -77,3 +77,67 @@ def test_bad_request_is_refused_before_queueing(engine):
     with pytest.raises(ValueError, match="prompt has"):
         _collect(engine, "f", [5] * 300, SamplingParams(max_tokens=5))
     assert engine.snapshot["stats"]["waiting"] == 0
+
+
+def test_a_slow_consumer_gets_merged_outputs_with_every_token_and_character(engine, qwen3_path):
+    """Outputs that pile up while a caller is busy arrive merged: fewer messages, same tokens and text."""
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    want = LLM(qwen3_path, **CFG).generate([PROMPT, PROMPT], params, use_tqdm=False)[0]
+
+    async def run():
+        tokens, text, messages, finished = {0: [], 1: []}, {0: "", 1: ""}, 0, []
+        async for i, out in engine.generate("slow", PROMPT, params, n=2):
+            messages += 1
+            tokens[i] += out.new_token_ids
+            text[i] += out.new_text
+            if out.finished:
+                finished.append(i)
+            await asyncio.sleep(0.05)  # a busy event loop: the engine steps on meanwhile
+        return tokens, text, messages, finished
+
+    tokens, text, messages, finished = asyncio.run(run())
+    assert tokens == {0: want.token_ids, 1: want.token_ids} and text == {0: want.text, 1: want.text}
+    assert sorted(finished) == [0, 1]
+    assert messages < 2 * 48 / 2, f"{messages} messages for 96 tokens: nothing was merged"
+
+
+def test_stream_interval_bounds_the_message_rate_and_finishes_at_once(engine, qwen3_path):
+    params = SamplingParams(temperature=0, max_tokens=150, ignore_eos=True)
+    want = LLM(qwen3_path, **CFG).generate([PROMPT], params, use_tqdm=False)[0]
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        t0, stamps, tokens, text = loop.time(), [], [], ""
+        async for _, out in engine.generate("paced", PROMPT, params, stream_interval_s=0.05):
+            stamps.append((loop.time() - t0, out.finished))
+            tokens += out.new_token_ids
+            text += out.new_text
+        return stamps, tokens, text
+
+    stamps, tokens, text = asyncio.run(run())
+    assert tokens == want.token_ids and text == want.text
+    gaps = [b - a for (a, _), (b, fin) in zip(stamps, stamps[1:]) if not fin]
+    assert all(g >= 0.045 for g in gaps), f"messages closer than the interval: {gaps}"
+    assert stamps[-1][1] and 3 <= len(stamps) < 150 / 3
+
+
+def test_merge_waiting_keeps_order_per_request_and_stops_at_an_error():
+    from workers.async_engine import _merge_waiting
+    from workers.outputs import RequestOutput
+
+    def out(rid, toks, text, finished=False):
+        return RequestOutput(rid, [1], list(toks), text, finished, "length" if finished else None,
+                             new_token_ids=list(toks), new_text=text)
+
+    async def run():
+        q = asyncio.Queue()
+        for item in [out("b", [2], "x"), out("a", [3], "y"), out("b", [4, 5], "zw", True), RuntimeError("dead"),
+                     out("a", [6], "v")]:
+            q.put_nowait(item)
+        merged = _merge_waiting([out("a", [1], "u")], q)
+        return merged
+
+    a, b, err = asyncio.run(run())
+    assert (a.request_id, a.new_token_ids, a.new_text, a.finished) == ("a", [1, 3], "uy", False)
+    assert (b.request_id, b.new_token_ids, b.new_text, b.finished, b.finish_reason) == ("b", [2, 4, 5], "xzw", True, "length")
+    assert isinstance(err, RuntimeError)

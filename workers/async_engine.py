@@ -2,9 +2,13 @@
 their outputs.
 
 Only the loop thread touches the engine. Callers hand it commands (add, abort) through a queue and
-receive `RequestOutput`s on per-request asyncio queues (`call_soon_threadsafe`), so a slow or cancelled
-client never blocks a step, and an abort frees the request's pages at the next step boundary. After every
-step the thread publishes a snapshot (stats and routing state) that any thread may read.
+receive `RequestOutput`s on per-request asyncio queues, so a slow or cancelled client never blocks a step,
+and an abort frees the request's pages at the next step boundary. The thread hands each event loop one
+callback per step carrying all of that step's outputs, and a caller that falls behind gets the outputs
+waiting for it merged into one (tokens and text concatenated): under load, messages per second stay
+bounded by steps per second rather than growing with tokens per second, so serialization and the GIL do
+not starve the step loop. Every few milliseconds of stepping the thread publishes a snapshot (stats and
+routing state) that any thread may read.
 
 `n` > 1 samples of one prompt share its pages: the first sample is admitted alone and the others only
 once its prompt is in the cache (after its first token), so they hit the prefix cache for every full
@@ -34,13 +38,14 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig, idle_wait_s: float = 0.05):
+    def __init__(self, config: EngineConfig, idle_wait_s: float = 0.05, snapshot_period_s: float = 0.02):
         self.engine = LLMEngine(config)
         self.config = config
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._idle_wait_s = idle_wait_s
+        self._snapshot_period_s = snapshot_period_s
         self._stop = False
         self.error: BaseException | None = None
         self.last_step_time = time.monotonic()
@@ -58,10 +63,13 @@ class AsyncEngine:
         self.engine.validate_request(prompt_ids, params)
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       n: int = 1, resume_token_ids: list[int] | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
+                       n: int = 1, resume_token_ids: list[int] | None = None,
+                       stream_interval_s: float = 0.0) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Stream (sample index, output) pairs until every sample has finished. Cancelling the
         iteration (client gone) aborts every unfinished sample. resume_token_ids (n = 1 only): output
-        a dead worker already streamed (see LLMEngine.add_request)."""
+        a dead worker already streamed (see LLMEngine.add_request). stream_interval_s: after the first
+        output, outputs are gathered for this long and handed over merged (a server's message rate then
+        stays near streams / interval however fast the engine steps); a finish is handed over at once."""
         if not self.alive:
             raise EngineDeadError(f"the engine loop is not running: {self.error!r}")
         resume = list(resume_token_ids or [])
@@ -77,18 +85,22 @@ class AsyncEngine:
         admitted = 1
         self._send(("add", ids[0], prompt_ids, _sample_params(params, 0, n), resume))
         try:
+            last_yield = None
             while pending:
-                item = await out_q.get()
-                if isinstance(item, BaseException):
-                    raise EngineDeadError(f"the engine loop failed: {item!r}") from item
-                out: RequestOutput = item
-                if admitted < n:  # the first sample's prompt pages are cached now: admit the others
-                    for i in range(admitted, n):
-                        self._send(("add", ids[i], prompt_ids, _sample_params(params, i, n), None))
-                    admitted = n
-                if out.finished:
-                    pending.discard(out.request_id)
-                yield ids.index(out.request_id), out
+                items = [await out_q.get()]
+                if stream_interval_s > 0 and last_yield is not None:
+                    await _gather_until(out_q, items, last_yield + stream_interval_s)
+                last_yield = loop.time()
+                for out in _merge_waiting(items, out_q):
+                    if isinstance(out, BaseException):
+                        raise EngineDeadError(f"the engine loop failed: {out!r}") from out
+                    if admitted < n:  # the first sample's prompt pages are cached now: admit the others
+                        for i in range(admitted, n):
+                            self._send(("add", ids[i], prompt_ids, _sample_params(params, i, n), None))
+                        admitted = n
+                    if out.finished:
+                        pending.discard(out.request_id)
+                    yield ids.index(out.request_id), out
         finally:
             for rid in ids[:admitted]:
                 if rid in pending:
@@ -121,10 +133,10 @@ class AsyncEngine:
                     self.last_step_time = time.monotonic()
                     continue
                 outputs = eng.step()
-                self.last_step_time = time.monotonic()
-                for out in outputs:
-                    self._deliver(out.request_id, out)
-                self.snapshot = self._snapshot()
+                self.last_step_time = now = time.monotonic()
+                self._deliver_all(outputs)
+                if now - self.snapshot["monotonic"] >= self._snapshot_period_s:
+                    self.snapshot = self._snapshot()
         except BaseException as e:  # noqa: BLE001 -- every waiting request must hear of it
             log.exception("engine loop failed")
             self.error = e
@@ -147,6 +159,20 @@ class AsyncEngine:
             elif cmd[0] == "abort":
                 eng.abort_request(cmd[1])
 
+    def _deliver_all(self, outputs: list[RequestOutput]) -> None:
+        """One callback per event loop for the whole step (not one per request)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for out in outputs:
+            target = self._streams.get(out.request_id)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((target[1], out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the caller's event loop is gone
+                for _, out in items:
+                    self._commands.put(("abort", out.request_id))
+
     def _deliver(self, rid: str, item) -> None:
         target = self._streams.get(rid)
         if target is None:
@@ -159,7 +185,40 @@ class AsyncEngine:
 
     def _snapshot(self) -> dict:
         eng = self.engine
-        return {"stats": eng.stats(), "routing": eng.routing_state(), "time": time.time()}
+        return {"stats": eng.stats(), "routing": eng.routing_state(), "time": time.time(), "monotonic": time.monotonic()}
+
+
+async def _gather_until(out_q: asyncio.Queue, items: list, deadline: float) -> None:
+    """Move outputs from out_q to items until `deadline` (loop time), or a finish or an error arrives."""
+    loop = asyncio.get_running_loop()
+    while not any(isinstance(x, BaseException) or x.finished for x in items[-1:]):
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return
+        try:
+            items.append(await asyncio.wait_for(out_q.get(), remaining))
+        except TimeoutError:
+            return
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for q, out in items:
+        q.put_nowait(out)
+
+
+def _merge_waiting(items: list, out_q: asyncio.Queue) -> list:
+    """`items` and every output already waiting in out_q, one per request (n > 1 samples share the queue):
+    new tokens and new text concatenated, the rest from the latest output. An error ends the list."""
+    while not out_q.empty():
+        items.append(out_q.get_nowait())
+    merged: dict[str, RequestOutput] = {}
+    for item in items:
+        if isinstance(item, BaseException):
+            return [*merged.values(), item]
+        prev = merged.get(item.request_id)
+        merged[item.request_id] = item if prev is None else dataclasses.replace(
+            item, new_token_ids=list(prev.new_token_ids) + list(item.new_token_ids), new_text=prev.new_text + item.new_text)
+    return list(merged.values())
 
 
 def _sample_params(params: SamplingParams, i: int, n: int) -> SamplingParams:

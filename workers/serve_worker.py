@@ -38,7 +38,7 @@ class EngineWorker:
     """Deployment body (wrapped with `serve.deployment` by cluster/app.py, which sets resources, router
     and autoscaling from the app config)."""
 
-    def __init__(self, engine_config: dict, stall_timeout_s: float = 120.0):
+    def __init__(self, engine_config: dict, stall_timeout_s: float = 120.0, stream_interval_s: float = 0.05):
         cfg = dict(engine_config)
         model = cfg.pop("model")
         config_file = cfg.pop("config_file", None)
@@ -46,6 +46,7 @@ class EngineWorker:
                        else EngineConfig.from_kwargs(model, **cfg))
         self.engine = AsyncEngine(self.config)
         self.stall_timeout_s = stall_timeout_s
+        self.stream_interval_s = stream_interval_s
         ctx = serve.get_replica_context()
         self.replica = ctx.replica_id.unique_id if ctx is not None else "local"
         self.metrics = WorkerMetrics(self.replica)
@@ -73,15 +74,15 @@ class EngineWorker:
         status = "aborted"
         try:
             async for i, out in self.engine.generate(rid, request["prompt_token_ids"], params, n,
-                                                     request.get("resume_token_ids")):
+                                                     request.get("resume_token_ids"), self.stream_interval_s):
                 if out.finish_reason == "error":
                     raise RuntimeError(f"request {out.request_id} failed in the engine: {out.stop_reason}")
                 now = time.monotonic()
                 if first is None:
                     first = now
                     self.metrics.ttft.observe(now - t0)
-                elif out.new_token_ids:
-                    self.metrics.itl.observe(now - last)
+                elif out.new_token_ids:  # a message may carry several tokens: observe the mean gap per token
+                    self.metrics.itl.observe((now - last) / len(out.new_token_ids))
                 last = now
                 self.metrics.tokens.inc(len(out.new_token_ids))
                 yield {"index": i, "token_ids": list(out.new_token_ids), "text": out.new_text,
