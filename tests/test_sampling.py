@@ -60,6 +60,24 @@ def test_top_k_top_p_min_p_restrict_support_and_keep_proportions():
     assert torch.allclose(freq[keep], probs[keep] / probs[keep].sum(), atol=0.03)
 
 
+def test_a_batch_of_rows_draws_each_rows_own_distribution():
+    """Batched device-side draws: 3,000 rows of two distributions in one call keep each row's proportions
+    (and its own seed: seeded rows repeat whatever shares the batch)."""
+    torch.manual_seed(1)
+    a, b = torch.randn(10) * 2, torch.randn(10) * 2
+    logits = torch.stack([a, b] * 1500)
+    params = [SamplingParams(temperature=1.0)] * 3000
+    toks, _ = sample(logits, params, [None] * 3000, torch.Generator().manual_seed(0))
+    for row0, ref in ((0, a), (1, b)):
+        freq = torch.bincount(torch.tensor(toks[row0::2]), minlength=10) / 1500
+        assert torch.allclose(freq, ref.softmax(-1), atol=0.04), (freq, ref.softmax(-1))
+    seeded = [SamplingParams(temperature=1.0, seed=7)]
+    alone, _ = sample(a[None], seeded, [torch.Generator().manual_seed(7)])
+    mixed, _ = sample(torch.stack([b, a, b]), [params[0], seeded[0], params[0]],
+                      [None, torch.Generator().manual_seed(7), None], torch.Generator().manual_seed(3))
+    assert mixed[1] == alone[0]
+
+
 def test_temperature_sharpens():
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
     cold = truncate_logits(logits[None], [SamplingParams(temperature=0.25)]).softmax(-1)[0]
