@@ -469,7 +469,7 @@ def _compact_gather_kernel(cache_ptr, pages_ptr, idx_ptr, buf_ptr, keep, H, BS, 
                            si_l, si_h, si_j, D: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr):
     """Grid (Lg * H, keep tiles): buf[l, h, j] = entry idx[l, h, j] of the source pages."""
     lh, t = tl.program_id(0), tl.program_id(1)
-    l, h = lh // H, lh % H
+    l, h = (lh // H).to(tl.int64), lh % H  # l * sc_l passes 2**31 elements in a pool of ~100 GB
     j = t * BJ + tl.arange(0, BJ)
     d = tl.arange(0, BD)
     mask = (j[:, None] < keep) & (d[None, :] < D)
@@ -484,7 +484,7 @@ def _compact_write_kernel(cache_ptr, pages_ptr, buf_ptr, keep, H, BS, sc_l, sc_b
                           D: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr):
     """Grid (Lg * H, keep tiles): entry j of the destination pages = buf[l, h, j]."""
     lh, t = tl.program_id(0), tl.program_id(1)
-    l, h = lh // H, lh % H
+    l, h = (lh // H).to(tl.int64), lh % H  # l * sc_l passes 2**31 elements in a pool of ~100 GB
     j = t * BJ + tl.arange(0, BJ)
     d = tl.arange(0, BD)
     mask = (j[:, None] < keep) & (d[None, :] < D)

@@ -390,3 +390,30 @@ def test_gpu_all_pairs_32k_bounded_scratch():
     # scratch: latest int32 + row sums fp32 (+ the output): 12 bytes per (layer, head, token)
     assert torch.cuda.max_memory_allocated() - base <= 12 * L * H * N + (1 << 20)
     close(r, redundancy_ref(k, 0.5, 0.4, None), rtol=1e-4, atol=1e-10)
+
+
+@pytest.mark.gpu
+def test_gpu_compact_in_a_pool_past_2_pow_31_elements():
+    """A serving pool (~100 GB for Qwen3-8B) puts layer offsets past 2**31 elements: the compaction kernels
+    must address it in 64 bits (an int32 product crashed the first compression of a GPU server)."""
+    Lg, bs, H, D = 3, 256, 8, 128
+    pages = (2**31 // (bs * H * D)) // 2 + 8  # a layer of ~1.07e9 elements: layer 2 starts past 2**31
+    pool = torch.zeros(Lg, pages, bs, H, D, dtype=torch.bfloat16, device="cuda")
+    src, dest = [pages - 1, pages - 5, 3], [pages - 2, 3]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for p in src:
+        pool[:, p].normal_(generator=g)
+    n = 3 * bs - 17
+    idx = torch.stack([torch.randperm(n, device="cuda", generator=g)[: 2 * bs].sort().values
+                       for _ in range(Lg * H)]).view(Lg, H, 2 * bs)
+    src_t, dest_t = torch.tensor(src, device="cuda"), torch.tensor(dest, device="cuda")
+    want = {p: pool[:, p].clone() for p in src + dest}
+    compact_ref_pages = {p: v.clone() for p, v in want.items()}
+    small = torch.stack([compact_ref_pages[p] for p in sorted(set(src + dest))], 1)  # the same pages, renumbered
+    renum = {p: i for i, p in enumerate(sorted(set(src + dest)))}
+    compact_ref(small, torch.tensor([renum[p] for p in src], device="cuda"), n, idx,
+                torch.tensor([renum[p] for p in dest], device="cuda"))
+    compact_triton(pool, src_t, n, idx, dest_t)
+    torch.cuda.synchronize()
+    for p in dest:
+        assert torch.equal(pool[:, p].view(torch.int16), small[:, renum[p]].view(torch.int16)), f"page {p}"
