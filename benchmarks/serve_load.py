@@ -138,6 +138,32 @@ def run_load(url: str, model: str, n: int, concurrency: int, max_tokens: int, pr
     }
 
 
+def direct_baseline(a: argparse.Namespace, engine: dict, prompt_words: tuple[int, int]) -> dict:
+    """The same prompts and sampling through the engine in this process (no Ray, no HTTP): what the
+    serving path costs, as a ratio."""
+    from cluster.app import resolve_config
+    from cluster.cli import load_app_args
+    from workers import LLM, SamplingParams
+
+    args = load_app_args(a.config)
+    if a.model:
+        args["model"] = a.model
+    cfg = resolve_config(dict(args, engine=dict(args.get("engine") or {}, **engine)))
+    llm = LLM(cfg["model"], config_file=cfg.get("engine_config"), **cfg["engine"])
+    rng = random.Random(0)
+    texts = [_prompt(rng, rng.randint(*prompt_words)) for _ in range(a.requests)]
+    tok = llm.tokenizer
+    prompts = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
+               for t in texts]
+    params = SamplingParams(temperature=0.6, top_p=0.95, max_tokens=a.max_tokens, ignore_eos=True)
+    llm.generate(prompts[:2], SamplingParams(max_tokens=32, ignore_eos=True), use_tqdm=False)  # warm-up
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    wall = time.perf_counter() - t0
+    tokens = sum(len(o.token_ids) for o in outs)
+    return {"wall_s": wall, "completion_tokens": tokens, "tokens_per_s": tokens / wall, "stats": llm.engine.stats()}
+
+
 def launch(config: str | None, model: str | None, engine: dict, port: int, replicas: int | None = None) -> str:
     """Start Ray + Serve here with the app from `config` (cluster.app.build_app) and wait until ready."""
     import ray
@@ -202,6 +228,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=1024)
     p.add_argument("--prompt-words", default="50,300")
+    p.add_argument("--direct-baseline", action="store_true",
+                   help="after the HTTP run, run the same requests through LLM.generate in-process (launch mode)")
     p.add_argument("--max-seconds", type=float, default=float("inf"), help="abandon streams still open after this")
     p.add_argument("--out-dir", default="benchmarks/results")
     p.add_argument("--tag", default=None, help="result file suffix (default: the card's name or 'cpu')")
@@ -244,6 +272,15 @@ def run(a: argparse.Namespace) -> int:
         from ray import serve
 
         result["worker_stats"] = serve.get_deployment_handle("EngineWorker", app_name="zipserve").stats.remote().result()
+        if a.direct_baseline:
+            import ray
+
+            serve.shutdown()
+            ray.shutdown()  # frees the worker's GPU for the in-process engine
+            result["direct"] = direct_baseline(a, engine, (lo, hi))
+            result["http_over_direct"] = result["tokens_per_s"] / result["direct"]["tokens_per_s"]
+            log.info("the same requests through LLM.generate in-process: %.0f tok/s; HTTP reached %.0f%% of it",
+                     result["direct"]["tokens_per_s"], 100 * result["http_over_direct"])
     from benchmarks.decode_step import card_tag
 
     tag = a.tag or (card_tag(device) if device != "cpu" else "cpu")
