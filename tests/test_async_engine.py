@@ -1,7 +1,10 @@
-"""AsyncEngine (the step loop behind a worker) without Ray: streaming, n samples sharing prompt pages,
-cancellation freeing pages, and an engine failure reaching every waiting request."""
+"""AsyncEngine (the step loop behind a worker) without Ray, with its loop in a thread and in its own process:
+streaming, n samples sharing prompt pages, cancellation freeing pages, and an engine failure (or a killed
+engine process) reaching every waiting request."""
 
 import asyncio
+import os
+import signal
 
 import pytest
 
@@ -24,9 +27,9 @@ def _collect(engine, rid, prompt, params, n=1):
     return asyncio.run(run())
 
 
-@pytest.fixture
-def engine(qwen3_path):
-    eng = AsyncEngine(EngineConfig.from_kwargs(qwen3_path, **CFG))
+@pytest.fixture(params=["thread", "process"])
+def engine(request, qwen3_path):
+    eng = AsyncEngine(EngineConfig.from_kwargs(qwen3_path, **CFG), separate_process=request.param == "process")
     yield eng
     eng.shutdown()
 
@@ -62,12 +65,20 @@ def test_cancelled_generation_frees_pages(engine):
 
 
 def test_engine_failure_reaches_waiting_requests(engine):
-    def broken():
-        raise RuntimeError("device lost")
+    if engine.separate_process:  # the process dies mid-generation (a crash, the OOM killer)
+        async def run():
+            async for _ in engine.generate("d", PROMPT, SamplingParams(max_tokens=200, ignore_eos=True)):
+                os.kill(engine.pid, signal.SIGKILL)
 
-    engine.engine.step = broken
-    with pytest.raises(EngineDeadError, match="device lost"):
-        _collect(engine, "d", PROMPT, SamplingParams(max_tokens=5))
+        with pytest.raises(EngineDeadError, match="engine process exited"):
+            asyncio.run(run())
+    else:
+        def broken():
+            raise RuntimeError("device lost")
+
+        engine.engine.step = broken
+        with pytest.raises(EngineDeadError, match="device lost"):
+            _collect(engine, "d", PROMPT, SamplingParams(max_tokens=5))
     assert not engine.alive
     with pytest.raises(EngineDeadError):
         _collect(engine, "e", PROMPT, SamplingParams(max_tokens=5))
@@ -77,6 +88,24 @@ def test_bad_request_is_refused_before_queueing(engine):
     with pytest.raises(ValueError, match="prompt has"):
         _collect(engine, "f", [5] * 300, SamplingParams(max_tokens=5))
     assert engine.snapshot["stats"]["waiting"] == 0
+
+
+def test_outputs_carry_prompt_tokens_text_and_logprobs(engine, qwen3_path):
+    """The whole RequestOutput, not only the new tokens, matches the offline engine's."""
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
+    want = LLM(qwen3_path, **CFG).generate([PROMPT], params, use_tqdm=False)[0]
+
+    async def run():
+        return [out async for _, out in engine.generate("full", PROMPT, params)]
+
+    outs = asyncio.run(run())
+    last = outs[-1]
+    assert last.finished and last.finish_reason == "length"
+    assert list(last.prompt_token_ids) == PROMPT and last.num_prompt_tokens == len(PROMPT)
+    assert list(last.token_ids) == want.token_ids and last.text == want.text
+    assert len(last.logprobs) == 12 and list(last.logprobs[0]) == list(want.logprobs[0])
+    assert all(abs(a[t] - b[t]) < 1e-5 for a, b in zip(last.logprobs, want.logprobs) for t in a)
+    assert [len(o.token_ids) for o in outs] == sorted(len(o.token_ids) for o in outs)
 
 
 def test_a_slow_consumer_gets_merged_outputs_with_every_token_and_character(engine, qwen3_path):

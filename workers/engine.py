@@ -101,22 +101,15 @@ class LLMEngine:
         self.requests[request_id] = seq
         self.scheduler.add(seq)
 
+    def facts(self) -> dict:
+        """What a caller needs to validate requests without the engine (see check_request)."""
+        return {"vocab_size": self.model_args.vocab_size, "max_model_len": self.max_model_len,
+                "engine_budget_blocks": self.config.budget_blocks, "block_size": self.config.block_size,
+                "num_blocks": self.block_manager.num_blocks, "max_num_seqs": self.config.max_num_seqs}
+
     def validate_request(self, ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError naming what is wrong with a prompt (token ids) and its params."""
-        if not ids:
-            raise ValueError("prompt is empty")
-        vocab = self.model_args.vocab_size
-        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(ids)} tokens; this model accepts prompts of at most "
-                             f"{self.max_model_len - 1} tokens (max_model_len {self.max_model_len})")
-        if params.budget_blocks is not None and self.config.budget_blocks is None:
-            raise ValueError("this engine runs full KV (budget_blocks=None); per-request budget_blocks needs an "
-                             "engine started with a budget")
-        if -(-len(ids) // self.config.block_size) > self.block_manager.num_blocks:
-            raise ValueError(f"prompt has {len(ids)} tokens; the KV pool holds "
-                             f"{self.block_manager.num_blocks * self.config.block_size}")
+        check_request(ids, params, self.facts())
 
     def abort_request(self, request_id: str) -> bool:
         """Cancel a request; its pages return to the pool now. False if it is unknown or done."""
@@ -336,3 +329,21 @@ class LLMEngine:
         assert sched.outstanding_pages() <= self.block_manager.num_free_blocks, "reservations exceed free pages"
         slots = [s.window_slot for s in sched.running if s.window_slot is not None]
         assert len(slots) == len(set(slots)) and not set(slots) & set(sched.free_window_slots)
+
+
+def check_request(ids: list[int], params: SamplingParams, facts: dict) -> None:
+    """Raise ValueError naming what is wrong with a prompt (token ids) and its params, given an engine's
+    facts (LLMEngine.facts): usable where the engine itself is in another process."""
+    if not ids:
+        raise ValueError("prompt is empty")
+    vocab, max_len = facts["vocab_size"], facts["max_model_len"]
+    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+        raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+    if len(ids) >= max_len:
+        raise ValueError(f"prompt has {len(ids)} tokens; this model accepts prompts of at most "
+                         f"{max_len - 1} tokens (max_model_len {max_len})")
+    if params.budget_blocks is not None and facts["engine_budget_blocks"] is None:
+        raise ValueError("this engine runs full KV (budget_blocks=None); per-request budget_blocks needs an "
+                         "engine started with a budget")
+    if -(-len(ids) // facts["block_size"]) > facts["num_blocks"]:
+        raise ValueError(f"prompt has {len(ids)} tokens; the KV pool holds {facts['num_blocks'] * facts['block_size']}")

@@ -25,10 +25,10 @@ from workers.sampling_params import SamplingParams
 log = logging.getLogger("zipserve.worker")
 
 
-def _rss_bytes() -> int:
-    """Resident memory of this process (Linux), for soak tests and operators."""
+def _rss_bytes(pid: int | str = "self") -> int:
+    """Resident memory of a process (Linux), for soak tests and operators."""
     try:
-        with open("/proc/self/statm") as f:
+        with open(f"/proc/{pid}/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError):
         return 0
@@ -38,28 +38,31 @@ class EngineWorker:
     """Deployment body (wrapped with `serve.deployment` by cluster/app.py, which sets resources, router
     and autoscaling from the app config)."""
 
-    def __init__(self, engine_config: dict, stall_timeout_s: float = 120.0, stream_interval_s: float = 0.05):
+    def __init__(self, engine_config: dict, stall_timeout_s: float = 120.0, stream_interval_s: float = 0.05,
+                 engine_process: bool = True):
         cfg = dict(engine_config)
         model = cfg.pop("model")
         config_file = cfg.pop("config_file", None)
         self.config = (EngineConfig.from_yaml(config_file, model=model, **cfg) if config_file
                        else EngineConfig.from_kwargs(model, **cfg))
-        self.engine = AsyncEngine(self.config)
+        # The step loop in its own process: this replica's event loop (streaming, metrics) would otherwise
+        # share the GIL with it and slow every step (see workers/async_engine.py).
+        self.engine = AsyncEngine(self.config, separate_process=engine_process)
         self.stall_timeout_s = stall_timeout_s
         self.stream_interval_s = stream_interval_s
         ctx = serve.get_replica_context()
         self.replica = ctx.replica_id.unique_id if ctx is not None else "local"
         self.metrics = WorkerMetrics(self.replica)
-        eng = self.engine.engine
-        log.info("worker %s ready: %s, %d pages of %d tokens, budget %s, max_model_len %d", self.replica,
-                 self.config.model, eng.block_manager.num_blocks, self.config.block_size, self.config.budget_blocks,
-                 eng.max_model_len)
+        f = self.engine.facts
+        log.info("worker %s ready: %s, %d pages of %d tokens, budget %s, max_model_len %d, engine %s",
+                 self.replica, self.config.model, f["num_blocks"], self.config.block_size, self.config.budget_blocks,
+                 f["max_model_len"], f"process {self.engine.pid}" if engine_process else "thread")
 
     def model_info(self) -> dict:
-        eng = self.engine.engine
-        return {"max_model_len": eng.max_model_len, "block_size": self.config.block_size,
-                "budget_blocks": self.config.budget_blocks, "vocab_size": eng.model_args.vocab_size,
-                "total_pages": eng.block_manager.num_blocks, "max_num_seqs": self.config.max_num_seqs}
+        f = self.engine.facts
+        return {"max_model_len": f["max_model_len"], "block_size": self.config.block_size,
+                "budget_blocks": self.config.budget_blocks, "vocab_size": f["vocab_size"],
+                "total_pages": f["num_blocks"], "max_num_seqs": self.config.max_num_seqs}
 
     async def generate(self, request: dict, route: dict | None = None):
         """request: {"prompt_token_ids", "params" (SamplingParams fields), "n", "request_id",
@@ -121,7 +124,7 @@ class EngineWorker:
         import ray
 
         return dict(self.engine.snapshot["stats"], healthy=self._healthy(), replica=self.replica,
-                    node=ray.get_runtime_context().get_node_id(), rss_bytes=_rss_bytes())
+                    node=ray.get_runtime_context().get_node_id(), rss_bytes=_rss_bytes() + (_rss_bytes(self.engine.pid) if self.engine.pid else 0))
 
     def check_health(self) -> None:
         if not self.engine.alive:
