@@ -114,18 +114,20 @@ def _config_names_model(path: str | None) -> bool:
 
 BENCHMARKS = {"routing": "routing policies side by side in the cluster simulator",
               "throughput": "compressed vs full KV vs transformers CB on one GPU (long outputs)",
-              "serve_load": "streamed chat requests over HTTP against the app (started here, or --url)"}
+              "serve_load": "streamed chat requests over HTTP against the app (started here, or --url)",
+              "fidelity": "compressed vs full KV on a real model: teacher-forced top-1 agreement, KL, NLL"}
+_BENCHMARK_MODULES = {"fidelity": "quality.fidelity"}
 
 
 def _benchmark_module(name: str):
     import importlib
 
     try:
-        return importlib.import_module(f"benchmarks.{name}")
+        return importlib.import_module(f"benchmarks.{_BENCHMARK_MODULES.get(name, name)}")
     except ImportError:  # `benchmarks` sits beside the packages in a source checkout (it is not in the wheel)
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         try:
-            return importlib.import_module(f"benchmarks.{name}")
+            return importlib.import_module(f"benchmarks.{_BENCHMARK_MODULES.get(name, name)}")
         except ImportError:
             return None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -57,6 +58,9 @@ class LLMEngine:
         if not self.eos_token_ids and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids = {self.tokenizer.eos_token_id}
         self.generator = torch.Generator().manual_seed(cfg.seed)
+        # Quality evaluation (benchmarks/quality): called with the sampling requests and their logits rows each
+        # step; if it returns tokens, those are appended instead of sampled ones (teacher forcing).
+        self.step_observer: Callable[[list[Sequence], torch.Tensor], list[int] | None] | None = None
         self.requests: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
         self.num_steps = 0
@@ -145,7 +149,12 @@ class LLMEngine:
             c.seq.num_computed_tokens += c.num_new_tokens
             self.block_manager.commit_full_blocks(c.seq)
         outputs = []
-        if samplers:
+        forced = self.step_observer(samplers, logits) if self.step_observer is not None and samplers else None
+        if forced is not None:  # teacher forcing (quality evaluation): the observer's tokens, not sampled ones
+            for seq, tok in zip(samplers, forced):
+                seq.decoding = True
+                outputs.append(self._append_token(seq, tok))
+        elif samplers:
             try:
                 tokens, logprobs = sample(logits, [s.params for s in samplers], [s.generator for s in samplers],
                                           self.generator)

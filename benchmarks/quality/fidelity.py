@@ -1,0 +1,217 @@
+"""Fidelity of compressed KV on a real model: teacher-forced replay of full-KV greedy continuations.
+
+    python -m benchmarks.quality.fidelity --length 2048 --prompts 8 --budgets 0.12,0.25,0.5
+    zipserve bench fidelity ...   (the same)
+
+1. Full KV generates a greedy continuation of `--length` tokens for each prompt (the embedded
+   SmolLM2-135M-Instruct by default, chat-templated prompts of varied kinds).
+2. The same continuations are replayed, teacher-forced, through a full-KV engine and a compressed engine
+   in lockstep (the engines' step observer appends the reference token instead of sampling), so both see
+   identical histories and only the compressed engine's cache differs.
+3. Per generated position: top-1 agreement of the two next-token distributions, KL(full || compressed),
+   and the NLL of the reference token under each. Reported over all positions and over the positions after
+   the request's first compression (where compression can matter), per budget (a fraction of prompt +
+   length, in pages) and per scoring setting: attention only, + global score, + redundancy, + pooling (the
+   paper's full set).
+
+Writes JSON and a PNG (agreement and KL vs budget per setting) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+
+import torch
+
+log = logging.getLogger("benchmarks.quality.fidelity")
+
+PROMPTS = [
+    "Solve step by step: a train leaves at 9:40 and travels 276 km at 92 km/h. When does it arrive?",
+    "Write a detailed story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain how a hash table handles collisions, with examples in Python.",
+    "List the steps to bake sourdough bread and explain the purpose of each one.",
+    "Compute 17 * 23, then 391 / 17, then explain why the answers are related.",
+    "Describe the water cycle to a ten-year-old, then to a university student.",
+    "Write a dialogue between two chess players analysing the opening of their game.",
+    "Summarise the causes of the French Revolution and their long-term effects.",
+]
+
+SETTINGS = {  # cumulative scoring ablations (CompressionConfig keys)
+    "attention": dict(use_global_score=False, use_redundancy=False, use_pooling=False),
+    "+global": dict(use_global_score=True, use_redundancy=False, use_pooling=False),
+    "+redundancy": dict(use_global_score=True, use_redundancy=True, use_pooling=False),
+    "+pooling": dict(use_global_score=True, use_redundancy=True, use_pooling=True),
+}
+
+
+class Replay:
+    """Step observer for one engine: forces the reference tokens and keeps each position's log-probs."""
+
+    def __init__(self, reference: dict[str, list[int]]):
+        self.reference = reference
+        self.rows: dict[tuple[str, int], torch.Tensor] = {}
+        self.first_compression: dict[str, int] = {}
+
+    def __call__(self, seqs, logits: torch.Tensor) -> list[int]:
+        logp = logits.float().log_softmax(-1).cpu()
+        forced = []
+        for row, seq in enumerate(seqs):
+            k = seq.num_tokens - seq.num_prompt_tokens  # tokens generated so far = the position predicted now
+            self.rows[(seq.request_id, k)] = logp[row]
+            if seq.num_compressions and seq.request_id not in self.first_compression:
+                self.first_compression[seq.request_id] = k
+            forced.append(self.reference[seq.request_id][k])
+        return forced
+
+
+def replay(llm_full, llm_comp, prompts: list[list[int]], reference: list[list[int]]) -> dict:
+    """Lockstep teacher-forced replay; returns the metrics over all positions and after first compression."""
+    from workers import SamplingParams
+
+    ref = {f"r{i}": r for i, r in enumerate(reference)}
+    observers = []
+    for llm in (llm_full, llm_comp):
+        obs = Replay(ref)
+        llm.engine.step_observer = obs
+        observers.append(obs)
+        for i, p in enumerate(prompts):
+            llm.engine.add_request(f"r{i}", p, SamplingParams(temperature=0, max_tokens=len(reference[i]),
+                                                              ignore_eos=True))
+    full_obs, comp_obs = observers
+    sums = {"all": [0, 0, 0.0, 0.0, 0.0], "after": [0, 0, 0.0, 0.0, 0.0]}  # n, agree, kl, nll_full, nll_comp
+    finals = [{}, {}]  # each engine's finished outputs: they must be the reference (the replay was forced)
+    while llm_full.engine.has_unfinished_requests() or llm_comp.engine.has_unfinished_requests():
+        for llm, done in zip((llm_full, llm_comp), finals):
+            if llm.engine.has_unfinished_requests():
+                done.update((o.request_id, list(o.token_ids)) for o in llm.engine.step() if o.finished)
+        for key in [k for k in comp_obs.rows if k in full_obs.rows]:  # positions both engines have seen
+            p, q = full_obs.rows.pop(key), comp_obs.rows.pop(key)
+            tok = ref[key[0]][key[1]]
+            agree = int(p.argmax() == q.argmax())
+            kl = float((p.exp() * (p - q)).sum())
+            groups = ["all"] + (["after"] if key[1] >= comp_obs.first_compression.get(key[0], math.inf) else [])
+            for g in groups:
+                s = sums[g]
+                s[0] += 1
+                s[1] += agree
+                s[2] += kl
+                s[3] += -float(p[tok])
+                s[4] += -float(q[tok])
+    for llm in (llm_full, llm_comp):
+        llm.engine.step_observer = None
+    out = {}
+    for g, (n, agree, kl, nf, nc) in sums.items():
+        out[g] = {"positions": n, "top1_agreement": agree / n if n else None, "mean_kl": kl / n if n else None,
+                  "nll_full": nf / n if n else None, "nll_compressed": nc / n if n else None,
+                  "nll_increase": (nc - nf) / n if n else None}
+    out["compressions"] = llm_comp.engine.stats().get("compressions", 0)
+    if any(done != ref for done in finals):
+        raise RuntimeError("the replay was not teacher-forced: an engine's output differs from the reference")
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from tqdm import tqdm
+
+    from workers import LLM, SamplingParams
+
+    model = args.model
+    if model is None:
+        from cluster.default_model import ensure_default_model
+
+        model = ensure_default_model()
+    common = dict(block_size=args.block_size, max_model_len=args.max_model_len, max_num_seqs=args.prompts)
+    if args.device:
+        common["device"] = args.device
+    full = LLM(model, **common)
+    tok = full.tokenizer
+    texts = (PROMPTS * (1 + args.prompts // len(PROMPTS)))[: args.prompts]
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                                  tokenize=False), add_special_tokens=False) for t in texts]
+    t0 = time.perf_counter()
+    reference = [o.token_ids for o in full.generate(prompts, SamplingParams(temperature=0, max_tokens=args.length,
+                                                                            ignore_eos=True), use_tqdm=False)]
+    log.info("reference continuations: %d x %d tokens in %.0f s", len(prompts), args.length, time.perf_counter() - t0)
+    mean_total = sum(len(p) for p in prompts) / len(prompts) + args.length
+    device_name = torch.cuda.get_device_name(0) if full.engine.runner.device.type == "cuda" else "cpu"
+    results = {"benchmark": "fidelity", "model": os.path.basename(model.rstrip("/")), "device": device_name,
+               "prompts": len(prompts), "length": args.length, "block_size": args.block_size,
+               "mean_prompt_tokens": mean_total - args.length, "runs": []}
+    budgets = [float(b) for b in args.budgets.split(",")]
+    settings = args.settings.split(",")
+    bar = tqdm(total=len(budgets) * len(settings), desc="fidelity", unit="run")
+    for frac in budgets:
+        blocks = max(1, round(frac * mean_total / args.block_size))
+        for name in settings:
+            comp = LLM(model, budget_blocks=blocks, compression=dict(SETTINGS[name], query_window=args.query_window),
+                       **common)
+            t = time.perf_counter()
+            metrics = replay(full, comp, prompts, reference)
+            row = {"budget_fraction": frac, "budget_blocks": blocks, "budget_tokens": blocks * args.block_size,
+                   "setting": name, "seconds": time.perf_counter() - t, **metrics}
+            results["runs"].append(row)
+            a = metrics["after"]
+            log.info("budget %.0f%% (%d pages) %-12s: top-1 %.3f (after first compression %.3f), KL %.4f, NLL +%.4f, "
+                     "%d compressions", 100 * frac, blocks, name, metrics["all"]["top1_agreement"],
+                     a["top1_agreement"] or float("nan"), metrics["all"]["mean_kl"], metrics["all"]["nll_increase"],
+                     metrics["compressions"])
+            bar.update(1)
+            del comp
+    bar.close()
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"fidelity_{results['model'].lower()}_{args.length}")
+    with open(stem + ".json", "w") as f:
+        json.dump(results, f, indent=1)
+    plot(results, stem + ".png")
+    return results
+
+
+def plot(results: dict, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for name in dict.fromkeys(r["setting"] for r in results["runs"]):
+        rows = [r for r in results["runs"] if r["setting"] == name]
+        x = [100 * r["budget_fraction"] for r in rows]
+        a.plot(x, [r["all"]["top1_agreement"] for r in rows], "o-", label=name)
+        b.plot(x, [r["all"]["mean_kl"] for r in rows], "o-", label=name)
+    a.set(xlabel="budget (% of prompt + output)", ylabel="top-1 agreement with full KV")
+    b.set(xlabel="budget (% of prompt + output)", ylabel="mean KL(full || compressed)", yscale="log")
+    a.legend()
+    fig.suptitle(f"{results['model']}: teacher-forced replay of {results['prompts']} x {results['length']} greedy "
+                 f"tokens, pages of {results['block_size']} ({results['device']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    ap.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--length", type=int, default=2048, help="greedy tokens per prompt")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--budgets", default="0.12,0.25,0.5", help="budgets as fractions of prompt + length")
+    ap.add_argument("--settings", default=",".join(SETTINGS), help=f"scoring settings: {', '.join(SETTINGS)}")
+    ap.add_argument("--block-size", type=int, default=64)
+    ap.add_argument("--query-window", type=int, default=16)
+    ap.add_argument("--max-model-len", type=int, default=8192)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--out", default="benchmarks/results")
+    return ap
+
+
+def main(argv=None):
+    return run(add_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0])).parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
