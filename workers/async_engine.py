@@ -56,7 +56,7 @@ class StepLoop:
 
     def snapshot(self) -> dict:
         eng = self.engine
-        return {"stats": eng.stats(), "routing": eng.routing_state(), "time": time.time(), "monotonic": time.monotonic()}
+        return {"stats": eng.stats(), "routing": eng.routing_state(), "time": time.time()}
 
     def run(self) -> None:
         eng, last_snapshot = self.engine, 0.0
