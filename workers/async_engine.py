@@ -73,7 +73,7 @@ class StepLoop:
                 continue
             outputs = eng.step()
             snap = None
-            if time.monotonic() - last_snapshot >= self.snapshot_period_s:
+            if time.monotonic() - last_snapshot >= self.snapshot_period_s or any(o.finished for o in outputs):
                 snap, last_snapshot = self.snapshot(), time.monotonic()
             self.emit("outputs", outputs, snap)
 
@@ -267,9 +267,9 @@ class AsyncEngine:
         self.last_step_time = time.monotonic()
         if kind == "outputs":
             outputs, snap = payload
-            self._deliver_all(outputs)
-            if snap is not None:
+            if snap is not None:  # before the outputs: whoever sees a request finish sees its stats
                 self.snapshot = snap
+            self._deliver_all(outputs)
         elif kind == "idle":
             self.snapshot = payload[0]
         elif kind == "reject":
