@@ -126,14 +126,19 @@ def run(args: argparse.Namespace) -> dict:
         from cluster.default_model import ensure_default_model
 
         model = ensure_default_model()
-    common = dict(block_size=args.block_size, max_model_len=args.max_model_len, max_num_seqs=args.prompts)
-    if args.device:
-        common["device"] = args.device
-    full = LLM(model, **common)
-    tok = full.tokenizer
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
     texts = (PROMPTS * (1 + args.prompts // len(PROMPTS)))[: args.prompts]
     prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
                                                   tokenize=False), add_special_tokens=False) for t in texts]
+    # One pool per engine, sized for every request at full length (two engines share the card in lockstep).
+    pages = len(prompts) * (-(-(max(map(len, prompts)) + args.length) // args.block_size) + 2)
+    common = dict(block_size=args.block_size, max_model_len=args.max_model_len, max_num_seqs=args.prompts,
+                  num_blocks=pages, dtype=args.dtype)
+    if args.device:
+        common["device"] = args.device
+    full = LLM(model, **common)
     t0 = time.perf_counter()
     reference = [o.token_ids for o in full.generate(prompts, SamplingParams(temperature=0, max_tokens=args.length,
                                                                             ignore_eos=True), use_tqdm=False)]
@@ -141,10 +146,11 @@ def run(args: argparse.Namespace) -> dict:
     mean_total = sum(len(p) for p in prompts) / len(prompts) + args.length
     device_name = torch.cuda.get_device_name(0) if full.engine.runner.device.type == "cuda" else "cpu"
     results = {"benchmark": "fidelity", "model": os.path.basename(model.rstrip("/")), "device": device_name,
-               "prompts": len(prompts), "length": args.length, "block_size": args.block_size,
+               "prompts": len(prompts), "length": args.length, "block_size": args.block_size, "dtype": args.dtype,
                "mean_prompt_tokens": mean_total - args.length, "runs": []}
     budgets = [float(b) for b in args.budgets.split(",")]
     settings = args.settings.split(",")
+    stem = os.path.join(args.out, f"fidelity_{results['model'].lower()}_{args.length}")
     bar = tqdm(total=len(budgets) * len(settings), desc="fidelity", unit="run")
     for frac in budgets:
         blocks = max(1, round(frac * mean_total / args.block_size))
@@ -163,13 +169,16 @@ def run(args: argparse.Namespace) -> dict:
                      metrics["compressions"])
             bar.update(1)
             del comp
+            write(results, stem)  # after every run: a cut-off run keeps what it measured
     bar.close()
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"fidelity_{results['model'].lower()}_{args.length}")
-    with open(stem + ".json", "w") as f:
-        json.dump(results, f, indent=1)
     plot(results, stem + ".png")
     return results
+
+
+def write(results: dict, stem: str) -> None:
+    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+    with open(stem + ".json", "w") as f:
+        json.dump(results, f, indent=1)
 
 
 def plot(results: dict, path: str) -> None:
@@ -205,6 +214,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--query-window", type=int, default=16)
     ap.add_argument("--max-model-len", type=int, default=8192)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default="float32", help="float32 (default: the CPU and GPU figures compare) or bfloat16")
     ap.add_argument("--out", default="benchmarks/results")
     return ap
 
