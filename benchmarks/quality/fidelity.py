@@ -58,7 +58,7 @@ class Replay:
         self.first_compression: dict[str, int] = {}
 
     def __call__(self, seqs, logits: torch.Tensor) -> list[int]:
-        logp = logits.float().log_softmax(-1).cpu()
+        logp = logits.float().log_softmax(-1)  # stays on the engine's device: no sync per step
         forced = []
         for row, seq in enumerate(seqs):
             k = seq.num_tokens - seq.num_prompt_tokens  # tokens generated so far = the position predicted now
@@ -83,29 +83,31 @@ def replay(llm_full, llm_comp, prompts: list[list[int]], reference: list[list[in
             llm.engine.add_request(f"r{i}", p, SamplingParams(temperature=0, max_tokens=len(reference[i]),
                                                               ignore_eos=True))
     full_obs, comp_obs = observers
-    sums = {"all": [0, 0, 0.0, 0.0, 0.0], "after": [0, 0, 0.0, 0.0, 0.0]}  # n, agree, kl, nll_full, nll_comp
+    device = llm_full.engine.runner.device
+    sums = torch.zeros(2, 5, dtype=torch.float64, device=device)  # [all, after] x [n, agree, kl, nll_full, nll_comp]
     finals = [{}, {}]  # each engine's finished outputs: they must be the reference (the replay was forced)
     while llm_full.engine.has_unfinished_requests() or llm_comp.engine.has_unfinished_requests():
         for llm, done in zip((llm_full, llm_comp), finals):
             if llm.engine.has_unfinished_requests():
                 done.update((o.request_id, list(o.token_ids)) for o in llm.engine.step() if o.finished)
-        for key in [k for k in comp_obs.rows if k in full_obs.rows]:  # positions both engines have seen
-            p, q = full_obs.rows.pop(key), comp_obs.rows.pop(key)
-            tok = ref[key[0]][key[1]]
-            agree = int(p.argmax() == q.argmax())
-            kl = float((p.exp() * (p - q)).sum())
-            groups = ["all"] + (["after"] if key[1] >= comp_obs.first_compression.get(key[0], math.inf) else [])
-            for g in groups:
-                s = sums[g]
-                s[0] += 1
-                s[1] += agree
-                s[2] += kl
-                s[3] += -float(p[tok])
-                s[4] += -float(q[tok])
+        keys = [k for k in comp_obs.rows if k in full_obs.rows]  # positions both engines have seen
+        if not keys:
+            continue
+        p = torch.stack([full_obs.rows.pop(k) for k in keys])
+        q = torch.stack([comp_obs.rows.pop(k) for k in keys])
+        tok = torch.tensor([ref[r][k] for r, k in keys], device=p.device)[:, None]
+        after = torch.tensor([k >= comp_obs.first_compression.get(r, math.inf) for r, k in keys],
+                             dtype=torch.float64, device=p.device)
+        cols = torch.stack([torch.ones_like(after), (p.argmax(-1) == q.argmax(-1)).double(),
+                            (p.exp() * (p - q)).sum(-1).double(), -p.gather(1, tok)[:, 0].double(),
+                            -q.gather(1, tok)[:, 0].double()], 1)  # [positions, 5]
+        sums[0] += cols.sum(0)
+        sums[1] += (cols * after[:, None]).sum(0)
     for llm in (llm_full, llm_comp):
         llm.engine.step_observer = None
     out = {}
-    for g, (n, agree, kl, nf, nc) in sums.items():
+    for g, (n, agree, kl, nf, nc) in zip(("all", "after"), sums.tolist()):
+        n = int(n)
         out[g] = {"positions": n, "top1_agreement": agree / n if n else None, "mean_kl": kl / n if n else None,
                   "nll_full": nf / n if n else None, "nll_compressed": nc / n if n else None,
                   "nll_increase": (nc - nf) / n if n else None}
@@ -134,7 +136,7 @@ def run(args: argparse.Namespace) -> dict:
                                                   tokenize=False), add_special_tokens=False) for t in texts]
     # One pool per engine, sized for every request at full length (two engines share the card in lockstep).
     pages = len(prompts) * (-(-(max(map(len, prompts)) + args.length) // args.block_size) + 2)
-    common = dict(block_size=args.block_size, max_model_len=args.max_model_len, max_num_seqs=args.prompts,
+    common = dict(block_size=args.block_size, max_model_len=max(map(len, prompts)) + args.length, max_num_seqs=args.prompts,
                   num_blocks=pages, dtype=args.dtype)
     if args.device:
         common["device"] = args.device
@@ -212,7 +214,6 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--settings", default=",".join(SETTINGS), help=f"scoring settings: {', '.join(SETTINGS)}")
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--query-window", type=int, default=16)
-    ap.add_argument("--max-model-len", type=int, default=8192)
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default="float32", help="float32 (default: the CPU and GPU figures compare) or bfloat16")
     ap.add_argument("--out", default="benchmarks/results")
