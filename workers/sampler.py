@@ -62,12 +62,14 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     probs = truncate_logits(logits[idx], [params[i] for i in rand]).softmax(-1)
     bad = ~(torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0))
     u = torch.empty(len(rand))
-    seeded = [j for j, i in enumerate(rand) if generators[i] is not None]
-    for j in seeded:  # a seeded request draws from its own stream
-        u[j] = torch.rand((), generator=generators[rand[j]])
-    if len(seeded) < len(rand):  # the rest in one draw from the engine's stream
-        rest = torch.tensor(sorted(set(range(len(rand))) - set(seeded)), dtype=torch.long)
-        u[rest] = torch.rand(len(rest), generator=default_generator)
+    unseeded = []
+    for j, i in enumerate(rand):
+        if generators[i] is None:
+            unseeded.append(j)
+        else:  # a seeded request draws from its own stream
+            u[j] = torch.rand((), generator=generators[i])
+    if unseeded:  # the rest in one draw from the engine's stream
+        u[unseeded] = torch.rand(len(unseeded), generator=default_generator)
     cdf = probs.cumsum(-1)
     target = u.to(logits.device, non_blocking=True).unsqueeze(1) * cdf[:, -1:]
     # The first token whose cumulative mass exceeds the target (a zero-probability token never does).

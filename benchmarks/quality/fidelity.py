@@ -135,9 +135,10 @@ def run(args: argparse.Namespace) -> dict:
     prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
                                                   tokenize=False), add_special_tokens=False) for t in texts]
     # One pool per engine, sized for every request at full length (two engines share the card in lockstep).
-    pages = len(prompts) * (-(-(max(map(len, prompts)) + args.length) // args.block_size) + 2)
-    common = dict(block_size=args.block_size, max_model_len=max(map(len, prompts)) + args.length, max_num_seqs=args.prompts,
-                  num_blocks=pages, dtype=args.dtype)
+    longest = max(map(len, prompts)) + args.length
+    pages = len(prompts) * (-(-longest // args.block_size) + 2)
+    common = dict(block_size=args.block_size, max_model_len=longest, max_num_seqs=args.prompts, num_blocks=pages,
+                  dtype=args.dtype)
     if args.device:
         common["device"] = args.device
     full = LLM(model, **common)
