@@ -1,0 +1,107 @@
+"""A synthetic long-reasoning task with checkable chains of thought: a register machine.
+
+A problem states a start value `s`, a step count `n` and the values of K registers (in shuffled order):
+
+    s=37;n=150;3=44,0=17,9=05,...\n
+
+Its solution is n trace lines, then the answer:
+
+    149:37+44>7=81\n     step 149 (counting down): read register i = s mod K (here 7, value 44),
+    148:81+17>1=98\n     s' = (r + s) mod 100, write s' back to register i, and s = s'
+    ...
+    000:..+..>.=62\n
+    ans=62<eos>
+
+Every step needs the latest value of a register written by an arbitrary earlier line (or stated in the
+prompt): registers go unread for tens of lines at random, so a compressed cache must keep exactly the
+live writes (the last `i=vv` of each register) among many dead ones to stay correct, and one wrong step
+makes the answer wrong. The trace is 15 tokens a step (character tokens), so 100-250 steps are 1.5k-3.8k
+tokens. `generate(...)` draws problem sets from a seed; `check(...)` grades a completion.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+CHARS = "0123456789:;,+>=\nsna"  # every character the task writes
+SPECIALS = ("<pad>", "<eos>")
+MODULUS = 100
+
+
+@dataclass(frozen=True)
+class Problem:
+    prompt: str
+    trace: str  # the solution lines, ending with "ans=vv\n" (the model then emits <eos>)
+    answer: int
+    steps: int
+    registers: int
+
+
+def make_problem(rng: random.Random, steps: int, registers: int = 10) -> Problem:
+    if not 2 <= registers <= 10:
+        raise ValueError(f"registers must be in [2, 10] (one-digit names), got {registers}")
+    if not 1 <= steps <= 999:
+        raise ValueError(f"steps must be in [1, 999] (three-digit counter), got {steps}")
+    regs = [rng.randrange(MODULUS) for _ in range(registers)]
+    s = rng.randrange(MODULUS)
+    order = list(range(registers))
+    rng.shuffle(order)
+    prompt = f"s={s:02d};n={steps:03d};" + ",".join(f"{i}={regs[i]:02d}" for i in order) + "\n"
+    lines = []
+    for c in range(steps - 1, -1, -1):
+        i = s % registers
+        r = regs[i]
+        s2 = (r + s) % MODULUS
+        lines.append(f"{c:03d}:{s:02d}+{r:02d}>{i}={s2:02d}\n")
+        regs[i] = s = s2
+    lines.append(f"ans={s:02d}\n")
+    return Problem(prompt, "".join(lines), s, steps, registers)
+
+
+def generate(count: int, min_steps: int, max_steps: int, registers: int = 10, seed: int = 0) -> list[Problem]:
+    """`count` problems with step counts uniform in [min_steps, max_steps], reproducible from `seed`."""
+    if not 1 <= min_steps <= max_steps:
+        raise ValueError(f"need 1 <= min_steps <= max_steps, got {min_steps}, {max_steps}")
+    rng = random.Random(seed)
+    return [make_problem(rng, rng.randint(min_steps, max_steps), registers) for _ in range(count)]
+
+
+def check(problem: Problem, completion: str) -> dict:
+    """Grade a completion: exact answer, and how many leading trace lines are right."""
+    want = problem.trace.split("\n")
+    got = completion.split("\n")
+    correct_lines = 0
+    for w, g in zip(want[:-2], got):  # the step lines (the last two are 'ans=..' and '')
+        if w != g:
+            break
+        correct_lines += 1
+    answer = None
+    for line in got:
+        if line.startswith("ans="):
+            answer = line[4:]
+            break
+    return {"correct": answer == f"{problem.answer:02d}", "answer": answer, "correct_steps": correct_lines,
+            "steps": problem.steps}
+
+
+def build_tokenizer():
+    """A character-level fast tokenizer (one token per character), as a transformers tokenizer."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIALS)}
+    for ch in CHARS:
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                   clean_up_tokenization_spaces=False)
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) != len(text):
+        raise ValueError(f"text has characters outside the task's alphabet: {text!r}")
+    return ids

@@ -1,0 +1,183 @@
+"""Exact-answer accuracy on the register-machine task, full KV vs compressed at several budgets.
+
+    python -m benchmarks.quality.task_accuracy --model benchmarks/quality/models/regmachine \
+        --problems 256 --min-steps 100 --max-steps 250 --budgets 0.12,0.25,0.5 --block-size 32
+    zipserve bench task_accuracy ...   (the same)
+
+Problems are drawn from the generator with an evaluation seed the training never used; each is solved by
+greedy decoding until <eos> (or the trace length + 16 tokens) through our engine: once with full KV,
+then with a budget of pages per request (a fraction of the mean prompt + trace length) under each
+scoring setting. Reported per run: exact-answer accuracy, its ratio to full KV, mean leading correct
+steps, compressions. Several processes may split the settings (`--settings`, `--no-full`) and
+`--merge` joins their JSON files into one table and plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+
+import torch
+
+from benchmarks.quality.fidelity import SETTINGS
+from benchmarks.quality.task import check, encode, generate
+
+log = logging.getLogger("benchmarks.quality.task_accuracy")
+
+
+def solve(llm, tokenizer, problems, **engine_note) -> dict:
+    """Greedy solutions of every problem through `llm`; accuracy and step statistics."""
+    from workers import SamplingParams
+
+    prompts = [encode(tokenizer, p.prompt) for p in problems]
+    params = [SamplingParams(temperature=0, max_tokens=len(p.trace) + 16) for p in problems]
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - t
+    grades = [check(p, tokenizer.decode(o.token_ids, skip_special_tokens=True)) for p, o in zip(problems, outs)]
+    n = len(problems)
+    return {"accuracy": sum(g["correct"] for g in grades) / n,
+            "mean_correct_step_fraction": sum(g["correct_steps"] / g["steps"] for g in grades) / n,
+            "generated_tokens": sum(len(o.token_ids) for o in outs), "seconds": seconds,
+            "compressions": llm.engine.stats().get("compressions", 0), **engine_note}
+
+
+def run(args: argparse.Namespace) -> dict:
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from workers import LLM
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    problems = generate(args.problems, args.min_steps, args.max_steps, args.registers, seed=args.seed)
+    lengths = [len(p.prompt) + len(p.trace) + 1 for p in problems]
+    mean_len = sum(lengths) / len(lengths)
+    longest = max(lengths) + 16
+    common = dict(block_size=args.block_size, max_model_len=longest, max_num_seqs=len(problems), dtype=args.dtype,
+                  max_num_batched_tokens=max(8192, longest))
+    if args.device:
+        common["device"] = args.device
+    cuda = torch.cuda.is_available() and args.device in (None, "cuda")
+    results = {"benchmark": "task_accuracy", "model": os.path.basename(args.model.rstrip("/")),
+               "device": torch.cuda.get_device_name(0) if cuda else "cpu", "problems": len(problems),
+               "steps": [args.min_steps, args.max_steps], "registers": args.registers, "seed": args.seed,
+               "mean_tokens": mean_len, "block_size": args.block_size, "dtype": args.dtype, "runs": []}
+    stem = os.path.join(args.out, f"task_accuracy_{results['model']}{args.tag}")
+    budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else []
+    settings = args.settings.split(",") if args.settings else []
+    bar = tqdm(total=len(budgets) * len(settings) + (not args.no_full), desc="task accuracy", unit="run")
+    if not args.no_full:
+        full = LLM(args.model, num_blocks=len(problems) * (-(-longest // args.block_size) + 1), **common)
+        row = solve(full, tokenizer, problems, setting="full KV", budget_fraction=None, budget_blocks=None)
+        del full
+        results["runs"].append(row)
+        log.info("full KV: accuracy %.3f, %.3f of steps right before the first error (%.0f s)", row["accuracy"],
+                 row["mean_correct_step_fraction"], row["seconds"])
+        bar.update(1)
+        write(results, stem)
+    for frac in budgets:
+        blocks = max(1, round(frac * mean_len / args.block_size))
+        for name in settings:
+            comp = LLM(args.model, budget_blocks=blocks, num_blocks=len(problems) * (blocks + 2),
+                       compression=dict(SETTINGS[name], query_window=args.query_window), **common)
+            row = solve(comp, tokenizer, problems, setting=name, budget_fraction=frac, budget_blocks=blocks,
+                        budget_tokens=blocks * args.block_size)
+            del comp
+            results["runs"].append(row)
+            log.info("budget %.0f%% (%d pages of %d) %-12s: accuracy %.3f, steps right %.3f, %d compressions (%.0f s)",
+                     100 * frac, blocks, args.block_size, name, row["accuracy"], row["mean_correct_step_fraction"],
+                     row["compressions"], row["seconds"])
+            bar.update(1)
+            write(results, stem)
+    bar.close()
+    return finish(results, stem)
+
+
+def finish(results: dict, stem: str) -> dict:
+    """Ratios to full KV (when the runs include it), JSON and PNG."""
+    full = [r for r in results["runs"] if r["setting"] == "full KV"]
+    if full:
+        for r in results["runs"]:
+            r["relative_to_full"] = r["accuracy"] / full[0]["accuracy"] if full[0]["accuracy"] else None
+    write(results, stem)
+    plot(results, stem + ".png")
+    return results
+
+
+def merge(paths: list[str], out: str) -> dict:
+    """One table from several processes' JSON files (same model and problems; runs concatenated)."""
+    parts = []
+    for p in paths:
+        with open(p) as f:
+            parts.append(json.load(f))
+    keys = ("model", "problems", "steps", "registers", "seed", "block_size", "dtype")
+    for p, part in zip(paths[1:], parts[1:]):
+        if any(part[k] != parts[0][k] for k in keys):
+            raise ValueError(f"{p} measured a different workload than {paths[0]}")
+    results = dict(parts[0], runs=[r for part in parts for r in part["runs"]])
+    return finish(results, os.path.join(out, f"task_accuracy_{results['model']}"))
+
+
+def write(results: dict, stem: str) -> None:
+    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+    with open(stem + ".json", "w") as f:
+        json.dump(results, f, indent=1)
+
+
+def plot(results: dict, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in dict.fromkeys(r["setting"] for r in results["runs"] if r["setting"] != "full KV"):
+        rows = sorted((r for r in results["runs"] if r["setting"] == name), key=lambda r: r["budget_fraction"])
+        ax.plot([100 * r["budget_fraction"] for r in rows], [r["accuracy"] for r in rows], "o-", label=name)
+    for r in results["runs"]:
+        if r["setting"] == "full KV":
+            ax.axhline(r["accuracy"], color="k", ls="--", label=f"full KV ({r['accuracy']:.3f})")
+    ax.set(xlabel="budget (% of mean prompt + trace tokens)", ylabel="exact-answer accuracy", ylim=(0, 1.02))
+    ax.legend()
+    ax.set_title(f"{results['model']}: {results['problems']} register-machine problems, "
+                 f"{results['steps'][0]}-{results['steps'][1]} steps (~{results['mean_tokens']:.0f} tokens), "
+                 f"pages of {results['block_size']}\n{results['device']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    ap.add_argument("--model", default="benchmarks/quality/models/regmachine")
+    ap.add_argument("--problems", type=int, default=256)
+    ap.add_argument("--min-steps", type=int, default=100)
+    ap.add_argument("--max-steps", type=int, default=250)
+    ap.add_argument("--registers", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=12345, help="evaluation problems (training draws from other seeds)")
+    ap.add_argument("--budgets", default="0.12,0.25,0.5", help="fractions of the mean prompt + trace length")
+    ap.add_argument("--settings", default=",".join(SETTINGS), help=f"scoring settings: {', '.join(SETTINGS)}")
+    ap.add_argument("--no-full", action="store_true", help="skip the full-KV run (another process makes it)")
+    ap.add_argument("--block-size", type=int, default=32)
+    ap.add_argument("--query-window", type=int, default=16)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--tag", default="", help="suffix of the output files (parallel processes)")
+    ap.add_argument("--merge", nargs="+", default=None, help="join these JSON files instead of running")
+    ap.add_argument("--out", default="benchmarks/results")
+    return ap
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args = add_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0])).parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
+    return run(args)
+
+
+if __name__ == "__main__":
+    main()
