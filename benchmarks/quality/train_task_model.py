@@ -115,6 +115,7 @@ def train(args) -> dict:
         bar.update(int(time.perf_counter() - t0) - bar.n)
     bar.close()
     os.makedirs(args.out, exist_ok=True)
+    model.config.use_cache = True  # for whoever generates with it
     model.to(torch.bfloat16).save_pretrained(args.out, safe_serialization=True)
     tokenizer.save_pretrained(args.out)
     summary = {"parameters": n_params, "steps": step, "tokens": seen, "seconds": time.perf_counter() - t0,
