@@ -1,4 +1,4 @@
-"""A synthetic long-reasoning task with checkable chains of thought: a register machine.
+"""Synthetic long-reasoning tasks with checkable chains of thought: a register machine, two modes.
 
 A problem states a start value `s`, a step count `n` and the values of K registers (in shuffled order):
 
@@ -16,7 +16,15 @@ Every step needs the latest value of a register written by an arbitrary earlier 
 prompt): registers go unread for tens of lines at random, so a compressed cache must keep exactly the
 live writes (the last `i=vv` of each register) among many dead ones to stay correct, and one wrong step
 makes the answer wrong. The trace is 15 tokens a step (character tokens), so 100-250 steps are 1.5k-3.8k
-tokens. `generate(...)` draws problem sets from a seed; `check(...)` grades a completion.
+tokens. This "registers" mode is the hard case for attention-scored eviction: a value is read exactly once,
+by the line that overwrites it, so a live value has never been attended and a dead one just was.
+
+The "facts" mode is arithmetic over values stated in the prompt: the registers are read-only facts, read
+again and again (each about every K lines) from up to the whole trace away:
+
+    149:6:37+44=81\n     step 149: fact i = (s + 149) mod K (6, value 44), s = (fact + s) mod 100
+
+`generate(...)` draws problem sets from a seed; `check(...)` grades a completion.
 """
 
 from __future__ import annotations
@@ -36,9 +44,15 @@ class Problem:
     answer: int
     steps: int
     registers: int
+    mode: str = "registers"
 
 
-def make_problem(rng: random.Random, steps: int, registers: int = 10) -> Problem:
+MODES = ("registers", "facts")
+
+
+def make_problem(rng: random.Random, steps: int, registers: int = 10, mode: str = "registers") -> Problem:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not 2 <= registers <= 10:
         raise ValueError(f"registers must be in [2, 10] (one-digit names), got {registers}")
     if not 1 <= steps <= 999:
@@ -50,21 +64,27 @@ def make_problem(rng: random.Random, steps: int, registers: int = 10) -> Problem
     prompt = f"s={s:02d};n={steps:03d};" + ",".join(f"{i}={regs[i]:02d}" for i in order) + "\n"
     lines = []
     for c in range(steps - 1, -1, -1):
-        i = s % registers
+        # facts: the counter joins the index, else s alone (100 states) would cycle through a few facts
+        i = s % registers if mode == "registers" else (s + c) % registers
         r = regs[i]
         s2 = (r + s) % MODULUS
-        lines.append(f"{c:03d}:{s:02d}+{r:02d}>{i}={s2:02d}\n")
-        regs[i] = s = s2
+        if mode == "registers":
+            lines.append(f"{c:03d}:{s:02d}+{r:02d}>{i}={s2:02d}\n")
+            regs[i] = s2
+        else:
+            lines.append(f"{c:03d}:{i}:{s:02d}+{r:02d}={s2:02d}\n")
+        s = s2
     lines.append(f"ans={s:02d}\n")
-    return Problem(prompt, "".join(lines), s, steps, registers)
+    return Problem(prompt, "".join(lines), s, steps, registers, mode)
 
 
-def generate(count: int, min_steps: int, max_steps: int, registers: int = 10, seed: int = 0) -> list[Problem]:
+def generate(count: int, min_steps: int, max_steps: int, registers: int = 10, seed: int = 0,
+             mode: str = "registers") -> list[Problem]:
     """`count` problems with step counts uniform in [min_steps, max_steps], reproducible from `seed`."""
     if not 1 <= min_steps <= max_steps:
         raise ValueError(f"need 1 <= min_steps <= max_steps, got {min_steps}, {max_steps}")
     rng = random.Random(seed)
-    return [make_problem(rng, rng.randint(min_steps, max_steps), registers) for _ in range(count)]
+    return [make_problem(rng, rng.randint(min_steps, max_steps), registers, mode) for _ in range(count)]
 
 
 def check(problem: Problem, completion: str) -> dict:

@@ -1,6 +1,6 @@
-"""Train a small Qwen3-architecture model on the register-machine task (benchmarks/quality/task.py).
+"""Train a small Qwen3-architecture model on a register-machine task (benchmarks/quality/task.py).
 
-    python -m benchmarks.quality.train_task_model --minutes 8 --out benchmarks/quality/models/regmachine-6m
+    python -m benchmarks.quality.train_task_model --minutes 8 --mode registers --out benchmarks/quality/models/registers
 
 Plain PyTorch over transformers' Qwen3ForCausalLM (the independent implementation our engine is tested
 against), fp32 master weights under bf16 autocast, AdamW, warmup then cosine decay over the time budget
@@ -78,7 +78,7 @@ def train(args) -> dict:
              device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=device.type == "cuda")
-    held_out = [encode_problems(tokenizer, [make_problem(random.Random(10_000 + k), args.max_steps, args.registers)
+    held_out = [encode_problems(tokenizer, [make_problem(random.Random(10_000 + k), args.max_steps, args.registers, args.mode)
                                             for k in range(j, j + 8)], device) for j in range(0, args.eval_problems, 8)]
     rng = random.Random(args.seed)
     budget = args.minutes * 60
@@ -92,8 +92,8 @@ def train(args) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr
         steps = rng.randint(args.min_steps, args.max_steps)
-        length = len(make_problem(random.Random(0), steps, args.registers).prompt) + 15 * steps + 8
-        problems = [make_problem(rng, steps, args.registers) for _ in range(max(1, args.batch_tokens // length))]
+        length = len(make_problem(random.Random(0), steps, args.registers, args.mode).prompt) + 15 * steps + 8
+        problems = [make_problem(rng, steps, args.registers, args.mode) for _ in range(max(1, args.batch_tokens // length))]
         ids, labels = encode_problems(tokenizer, problems, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = model(input_ids=ids, labels=labels).loss
@@ -128,7 +128,7 @@ def train(args) -> dict:
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    ap.add_argument("--out", default="benchmarks/quality/models/regmachine")
+    ap.add_argument("--out", default="benchmarks/quality/models/registers")
     ap.add_argument("--minutes", type=float, default=8.0, help="wall-time budget (the LR schedule follows it)")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=256)
@@ -136,6 +136,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--max-positions", type=int, default=4096)
     ap.add_argument("--registers", type=int, default=10)
+    ap.add_argument("--mode", default="registers", choices=("registers", "facts"), help="see task.py")
     ap.add_argument("--min-steps", type=int, default=16)
     ap.add_argument("--max-steps", type=int, default=260)
     ap.add_argument("--batch-tokens", type=int, default=131072)
