@@ -19,10 +19,16 @@ makes the answer wrong. The trace is 15 tokens a step (character tokens), so 100
 tokens. This "registers" mode is the hard case for attention-scored eviction: a value is read exactly once,
 by the line that overwrites it, so a live value has never been attended and a dead one just was.
 
-The "facts" mode is arithmetic over values stated in the prompt: the registers are read-only facts, read
-again and again (each about every K lines) from up to the whole trace away:
+The "rereads" mode is closer to reasoning that reuses its facts: every step reads register
+i = (s + counter) mod K, and only every third step writes its result back (after the line, as `;i=vv`),
+so a value is read about three times before it is overwritten, from up to hundreds of tokens away:
 
-    149:6:37+44=81\n     step 149: fact i = (s + 149) mod K (6, value 44), s = (fact + s) mod 100
+    149:6:37+44=81\n          i = (37 + 149) mod 10 = 6 (value 44): s = 81
+    148:9:81+17=98\n          i = 9 (value 17): s = 98
+    147:5:98+30=28;5=28\n     i = 5 (value 30): s = 28; 147 is a multiple of 3: register 5 = 28
+
+On 100-220 steps (about 2.8k tokens) the value a step reads was written a median 170 tokens back, 10% over
+980 and 1% over 2,200 tokens.
 
 `generate(...)` draws problem sets from a seed; `check(...)` grades a completion.
 """
@@ -47,7 +53,8 @@ class Problem:
     mode: str = "registers"
 
 
-MODES = ("registers", "facts")
+MODES = ("registers", "rereads")
+WRITE_EVERY = 3  # rereads: steps whose counter is a multiple of this write back
 
 
 def make_problem(rng: random.Random, steps: int, registers: int = 10, mode: str = "registers") -> Problem:
@@ -64,12 +71,15 @@ def make_problem(rng: random.Random, steps: int, registers: int = 10, mode: str 
     prompt = f"s={s:02d};n={steps:03d};" + ",".join(f"{i}={regs[i]:02d}" for i in order) + "\n"
     lines = []
     for c in range(steps - 1, -1, -1):
-        # facts: the counter joins the index, else s alone (100 states) would cycle through a few facts
+        # rereads: the counter joins the index (s alone, between writes, would cycle through a few registers)
         i = s % registers if mode == "registers" else (s + c) % registers
         r = regs[i]
         s2 = (r + s) % MODULUS
         if mode == "registers":
             lines.append(f"{c:03d}:{s:02d}+{r:02d}>{i}={s2:02d}\n")
+            regs[i] = s2
+        elif c % WRITE_EVERY == 0:
+            lines.append(f"{c:03d}:{i}:{s:02d}+{r:02d}={s2:02d};{i}={s2:02d}\n")
             regs[i] = s2
         else:
             lines.append(f"{c:03d}:{i}:{s:02d}+{r:02d}={s2:02d}\n")
