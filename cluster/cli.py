@@ -115,8 +115,9 @@ def _config_names_model(path: str | None) -> bool:
 BENCHMARKS = {"routing": "routing policies side by side in the cluster simulator",
               "throughput": "compressed vs full KV vs transformers CB on one GPU (long outputs)",
               "serve_load": "streamed chat requests over HTTP against the app (started here, or --url)",
-              "fidelity": "compressed vs full KV on a real model: teacher-forced top-1 agreement, KL, NLL"}
-_BENCHMARK_MODULES = {"fidelity": "quality.fidelity"}
+              "fidelity": "compressed vs full KV on a real model: teacher-forced top-1 agreement, KL, NLL",
+              "task_accuracy": "exact-answer accuracy on the register-machine task: full KV vs compressed budgets"}
+_BENCHMARK_MODULES = {"fidelity": "quality.fidelity", "task_accuracy": "quality.task_accuracy"}
 
 
 def _benchmark_module(name: str):

@@ -1,6 +1,6 @@
 """Exact-answer accuracy on the register-machine task, full KV vs compressed at several budgets.
 
-    python -m benchmarks.quality.task_accuracy --model benchmarks/quality/models/regmachine \
+    python -m benchmarks.quality.task_accuracy --model benchmarks/quality/models/registers \
         --problems 256 --min-steps 100 --max-steps 250 --budgets 0.12,0.25,0.5 --block-size 32
     zipserve bench task_accuracy ...   (the same)
 
@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> dict:
                "steps": [args.min_steps, args.max_steps], "registers": args.registers, "seed": args.seed,
                "mean_tokens": mean_len, "block_size": args.block_size, "dtype": args.dtype, "runs": []}
     stem = os.path.join(args.out, f"task_accuracy_{results['model']}{args.tag}")
+    overrides = json.loads(args.overrides) if args.overrides else {}
     budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else []
     settings = args.settings.split(",") if args.settings else []
     bar = tqdm(total=len(budgets) * len(settings) + (not args.no_full), desc="task accuracy", unit="run")
@@ -81,10 +82,12 @@ def run(args: argparse.Namespace) -> dict:
     for frac in budgets:
         blocks = max(1, round(frac * mean_len / args.block_size))
         for name in settings:
-            comp = LLM(args.model, budget_blocks=blocks, num_blocks=len(problems) * (blocks + 2),
-                       compression=dict(SETTINGS[name], query_window=args.query_window), **common)
-            row = solve(comp, tokenizer, problems, setting=name, budget_fraction=frac, budget_blocks=blocks,
-                        budget_tokens=blocks * args.block_size)
+            knobs = dict(SETTINGS[name], query_window=args.query_window, **overrides)
+            comp = LLM(args.model, budget_blocks=blocks, num_blocks=len(problems) * (blocks + 2), compression=knobs,
+                       **common)
+            label = name + "".join(f" {k}={v}" for k, v in overrides.items())
+            row = solve(comp, tokenizer, problems, setting=label, budget_fraction=frac, budget_blocks=blocks,
+                        budget_tokens=blocks * args.block_size, compression=knobs)
             del comp
             results["runs"].append(row)
             log.info("budget %.0f%% (%d pages of %d) %-12s: accuracy %.3f, steps right %.3f, %d compressions (%.0f s)",
@@ -152,7 +155,7 @@ def plot(results: dict, path: str) -> None:
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    ap.add_argument("--model", default="benchmarks/quality/models/regmachine")
+    ap.add_argument("--model", default="benchmarks/quality/models/registers")
     ap.add_argument("--problems", type=int, default=256)
     ap.add_argument("--min-steps", type=int, default=100)
     ap.add_argument("--max-steps", type=int, default=250)
@@ -163,6 +166,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--no-full", action="store_true", help="skip the full-KV run (another process makes it)")
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--query-window", type=int, default=16)
+    ap.add_argument("--overrides", default=None, help='compression options over each setting, as JSON: {"score_decay": 1.0}')
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default=None)
     ap.add_argument("--tag", default="", help="suffix of the output files (parallel processes)")
