@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> dict:
             del comp
             results["runs"].append(row)
             log.info("budget %.0f%% (%d pages of %d) %-12s: accuracy %.3f, steps right %.3f, %d compressions (%.0f s)",
-                     100 * frac, blocks, args.block_size, name, row["accuracy"], row["mean_correct_step_fraction"],
+                     100 * frac, blocks, args.block_size, label, row["accuracy"], row["mean_correct_step_fraction"],
                      row["compressions"], row["seconds"])
             bar.update(1)
             write(results, stem)
