@@ -91,8 +91,8 @@ def make_problem(rng: random.Random, steps: int, registers: int = 10, mode: str 
 def generate(count: int, min_steps: int, max_steps: int, registers: int = 10, seed: int = 0,
              mode: str = "registers") -> list[Problem]:
     """`count` problems with step counts uniform in [min_steps, max_steps], reproducible from `seed`."""
-    if not 1 <= min_steps <= max_steps:
-        raise ValueError(f"need 1 <= min_steps <= max_steps, got {min_steps}, {max_steps}")
+    if not 1 <= min_steps <= max_steps <= 999:
+        raise ValueError(f"need 1 <= min_steps <= max_steps <= 999 (three-digit counter), got {min_steps}, {max_steps}")
     rng = random.Random(seed)
     return [make_problem(rng, rng.randint(min_steps, max_steps), registers, mode) for _ in range(count)]
 
@@ -132,6 +132,6 @@ def build_tokenizer():
 
 def encode(tokenizer, text: str) -> list[int]:
     ids = tokenizer.encode(text, add_special_tokens=False)
-    if len(ids) != len(text):
+    if len(ids) != len(text) or tokenizer.pad_token_id in ids:  # an unknown character becomes <pad>
         raise ValueError(f"text has characters outside the task's alphabet: {text!r}")
     return ids

@@ -1,0 +1,143 @@
+"""benchmarks/quality: the register-machine task, its tokenizer, the trained model and the evaluation (CPU)."""
+
+import json
+import os
+import random
+import re
+
+import pytest
+import torch
+
+from benchmarks.quality import task, task_accuracy, train_task_model
+from workers import LLM, SamplingParams
+
+MODEL = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "quality", "models", "registers")
+
+
+def replay_trace(problem: task.Problem) -> int:
+    """An independent interpreter: re-executes the trace from its text, finding each register's latest value by
+    searching the text written so far (prompt and earlier lines) backwards, and checks every line's arithmetic."""
+    text = problem.prompt
+    s = int(re.match(r"s=(\d\d);n=(\d\d\d);", text).group(1))
+    lines = problem.trace.split("\n")
+    assert lines[-1] == "" and lines[-2].startswith("ans=")
+    assert len(lines) - 2 == problem.steps
+    for k, line in enumerate(lines[:-2]):
+        c = problem.steps - 1 - k
+        if problem.mode == "registers":
+            m = re.fullmatch(r"(\d{3}):(\d\d)\+(\d\d)>(\d)=(\d\d)", line)
+            cc, ss, r, i, s2 = m.groups()
+            assert int(i) == s % problem.registers
+        else:
+            m = re.fullmatch(r"(\d{3}):(\d):(\d\d)\+(\d\d)=(\d\d)(;\d=\d\d)?", line)
+            cc, i, ss, r, s2, write = m.groups()
+            assert int(i) == (s + c) % problem.registers
+            assert (write is not None) == (c % task.WRITE_EVERY == 0)
+            if write:
+                assert write == f";{i}={s2}"
+        assert int(cc) == c and int(ss) == s
+        latest = [m.group(1) for m in re.finditer(rf"(?:[,;>]){i}=(\d\d)", text)][-1]  # the last write of i
+        assert r == latest, (k, line)
+        assert int(s2) == (int(r) + s) % 100
+        s = int(s2)
+        text += line + "\n"
+    assert lines[-2] == f"ans={s:02d}" and problem.answer == s
+    return s
+
+
+@pytest.mark.parametrize("mode", task.MODES)
+def test_generated_traces_are_correct_executions_of_the_machine(mode):
+    problems = task.generate(40, 1, 60, registers=7, seed=3, mode=mode)
+    assert {p.steps for p in problems} <= set(range(1, 61)) and len({p.steps for p in problems}) > 10
+    for p in problems:
+        replay_trace(p)
+        assert task.check(p, p.trace) == {"correct": True, "answer": f"{p.answer:02d}", "correct_steps": p.steps,
+                                          "steps": p.steps}
+
+
+def test_generator_is_reproducible_from_its_seed_and_validates_parameters():
+    a, b, c = (task.generate(5, 10, 20, seed=s) for s in (1, 1, 2))
+    assert a == b and a != c
+    with pytest.raises(ValueError, match="registers"):
+        task.generate(1, 5, 5, registers=11)
+    with pytest.raises(ValueError, match="steps"):
+        task.generate(1, 5, 1000)
+    with pytest.raises(ValueError, match="mode"):
+        task.generate(1, 5, 5, mode="nope")
+
+
+def test_check_counts_leading_correct_steps_and_reads_the_answer():
+    p = task.generate(1, 12, 12, seed=4)[0]
+    lines = p.trace.split("\n")
+    bad = lines[:]
+    bad[5] = bad[5][:-1] + str((int(bad[5][-1]) + 1) % 10)  # one wrong digit in step 6
+    g = task.check(p, "\n".join(bad))
+    assert g["correct_steps"] == 5 and g["correct"] is True  # the answer line is still right
+    wrong_answer = "\n".join(lines[:-2] + [f"ans={(p.answer + 1) % 100:02d}", ""])
+    assert task.check(p, wrong_answer)["correct"] is False
+    assert task.check(p, "")["answer"] is None and task.check(p, "")["correct"] is False
+
+
+def test_character_tokenizer_round_trips_and_matches_the_committed_one():
+    tok = task.build_tokenizer()
+    p = task.generate(1, 30, 30, seed=5, mode="rereads")[0]
+    text = p.prompt + p.trace
+    ids = task.encode(tok, text)
+    assert len(ids) == len(text) and tok.decode(ids) == text
+    with pytest.raises(ValueError, match="alphabet"):
+        task.encode(tok, "s=12 x")
+    from transformers import AutoTokenizer
+
+    committed = AutoTokenizer.from_pretrained(MODEL)
+    assert committed.encode(text, add_special_tokens=False) == ids
+    assert committed.eos_token_id == tok.eos_token_id
+
+
+def test_committed_model_engine_greedy_equals_transformers_greedy_and_solves_short_problems():
+    """The oracle: transformers' greedy decoding of the committed weights, token for token."""
+    from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(MODEL)
+    hf = Qwen3ForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
+    llm = LLM(MODEL, block_size=16, max_model_len=1024, dtype="float32")
+    problems = task.generate(4, 20, 30, seed=99)
+    solved = 0
+    for p in problems:
+        ids = task.encode(tok, p.prompt)
+        want = hf.generate(torch.tensor([ids]), max_new_tokens=len(p.trace) + 4, do_sample=False,
+                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+        got = llm.generate([ids], SamplingParams(temperature=0, max_tokens=len(p.trace) + 4), use_tqdm=False)[0]
+        assert list(got.token_ids) == want
+        solved += task.check(p, tok.decode(got.token_ids, skip_special_tokens=True))["correct"]
+    assert solved >= 3  # trained weights (an untrained model solves none)
+
+
+def test_task_accuracy_full_vs_a_roomy_budget_agree_and_a_tiny_budget_compresses(tmp_path):
+    args = task_accuracy.add_arguments(__import__("argparse").ArgumentParser()).parse_args(
+        ["--model", MODEL, "--problems", "3", "--min-steps", "12", "--max-steps", "16", "--budgets", "0.1,1.2",
+         "--settings", "+pooling", "--block-size", "16", "--out", str(tmp_path), "--tag", "_t"])
+    res = task_accuracy.run(args)
+    full, tiny, roomy = res["runs"]
+    assert full["setting"] == "full KV" and roomy["budget_fraction"] == 1.2
+    assert roomy["compressions"] == 0 and roomy["accuracy"] == full["accuracy"]
+    assert roomy["mean_correct_step_fraction"] == full["mean_correct_step_fraction"]
+    assert tiny["compressions"] > 0 and tiny["relative_to_full"] == tiny["accuracy"] / full["accuracy"]
+    with open(tmp_path / "task_accuracy_registers_t.json") as f:
+        assert json.load(f)["runs"][1]["budget_blocks"] == tiny["budget_blocks"]
+    merged = task_accuracy.merge([str(tmp_path / "task_accuracy_registers_t.json")] * 2, str(tmp_path))
+    assert len(merged["runs"]) == 6
+
+
+def test_training_script_lowers_the_loss_and_saves_a_folder_our_engine_serves(tmp_path):
+    out = str(tmp_path / "m")
+    summary = train_task_model.main(["--minutes", "0.25", "--layers", "1", "--hidden", "32", "--heads", "2",
+                                     "--kv-heads", "1", "--min-steps", "3", "--max-steps", "6", "--registers", "3",
+                                     "--batch-tokens", "1024", "--eval-every", "20", "--eval-problems", "8",
+                                     "--warmup", "5", "--max-positions", "256", "--lr", "3e-3", "--out", out])
+    hist = summary["history"]
+    assert len(hist) >= 2 and hist[-1]["loss"] < 0.8 * hist[0]["loss"]
+    p = task.make_problem(random.Random(1), 4, 3)
+    llm = LLM(out, block_size=16, max_model_len=256)
+    got = llm.generate([task.encode(llm.tokenizer, p.prompt)], SamplingParams(temperature=0, max_tokens=8),
+                       use_tqdm=False)[0]
+    assert len(got.token_ids) >= 1
