@@ -25,6 +25,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.util import metrics
 
 from cluster import openai_api as oa
+from scheduler import state_board
 from scheduler.policy import RouteRequest
 from scheduler.router import route_request_to_dict
 from workers.block_manager import page_hashes
@@ -254,6 +255,9 @@ class OpenAIIngress:
         live.append(gen)
         try:
             async for chunk in gen:
+                if "worker_state" in chunk:  # capacity after an admission or a finish: for this process's router
+                    ws = chunk.pop("worker_state")
+                    state_board.post(ws.pop("replica"), ws)
                 ci = index_map[chunk["index"]]
                 sent[ci].extend(chunk["token_ids"])
                 if chunk["finish_reason"] is not None:

@@ -4,8 +4,10 @@ Workers publish their state through Serve's `record_routing_stats` (the controll
 `request_routing_stats_period_s`, 0.1 s in our configs, and pushes it to every router): pages, slots,
 queue and the hashes of the pages they hold, generated pages included. Every ingress replica's router
 therefore builds the same prefix index from what the workers say, with no central actor on the
-request path. Between reports the router adds its own in-flight requests (sent after the worker's last
-report, not yet finished) so a burst does not pile onto one stale "free" worker.
+request path. Capacity also rides back on the first and last chunk of each response (admission and
+finish are the big changes); the ingress posts it to `scheduler/state_board.py` and the router lays the
+newer of the two over the report. Between reports the router adds its own in-flight requests (sent after
+the worker's last report, not yet finished) so a burst does not pile onto one stale "free" worker.
 
 A request carries its routing facts as a `RouteRequest` (or the dict form `route_request_to_dict`
 makes) in the keyword argument `route`, or as the first positional argument. Requests without
@@ -20,6 +22,7 @@ from typing import Any
 from ray.util import metrics
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
+from scheduler import state_board
 from scheduler.policy import CapacityAffinityPolicy, RouteRequest, WorkerState
 
 
@@ -66,7 +69,8 @@ class CapacityAffinityRouter(FIFOMixin, RequestRouter):
         by_id = {str(r.replica_id): r for r in candidate_replicas}
         states = []
         for r in candidate_replicas:
-            st = worker_state_from_stats(str(r.replica_id), r.routing_stats)
+            st = worker_state_from_stats(str(r.replica_id), state_board.overlay(r.replica_id.unique_id,
+                                                                                r.routing_stats))
             if st is None:
                 continue
             for sent_at, pages in self.sent.get(r.replica_id, {}).values():
@@ -99,6 +103,7 @@ class CapacityAffinityRouter(FIFOMixin, RequestRouter):
 
     def on_replica_actor_died(self, replica_id: ReplicaID):
         self.sent.pop(replica_id, None)
+        state_board.forget(replica_id.unique_id)
         super().on_replica_actor_died(replica_id)
 
     @staticmethod

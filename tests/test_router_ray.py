@@ -109,6 +109,23 @@ def test_full_worker_gets_none_and_unhealthy_is_skipped(app):
     time.sleep(0.6)
 
 
+def test_capacity_posted_on_the_board_overrides_an_older_report(app):
+    """What an ingress learned from a response (scheduler/state_board.py) wins over an older polled report,
+    and the next report wins over it again."""
+    from scheduler import state_board
+
+    handle, _ = app
+    names = sorted(_all_replicas(handle))
+    time.sleep(0.3)
+    try:
+        state_board.post(names[0], {"free_pages": 0, "running": 64, "waiting": 5, "timestamp": time.time() + 3})
+        landed = {_call(handle, [17000 + i] * 40) for i in range(20)}
+        assert names[0] not in landed and landed <= set(names)
+    finally:
+        state_board.clear()
+    assert names[0] in {_call(handle, [18000 + i] * 40) for i in range(40)}
+
+
 def test_removed_replica_gets_no_more_requests(app):
     """Kill one replica's actor mid-run: every later request succeeds and none goes to it."""
     handle, _ = app
@@ -118,3 +135,4 @@ def test_removed_replica_gets_no_more_requests(app):
     ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
     landed = [_call(handle, [13000 + i, 3]) for i in range(40)]
     assert victim not in landed and len(landed) == 40
+

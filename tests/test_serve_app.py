@@ -270,3 +270,17 @@ def test_router_spreads_over_replicas(server, client):
     asyncio.run(many())
     after = {r: s["generated_tokens"] for r, s in _replica_stats("zipserve", 2).items()}
     assert all(after[r] > before[r] for r in after), (before, after)
+
+
+def test_first_and_last_chunks_carry_the_workers_capacity(server, oracle):
+    """Admission and finish are the big changes of a worker's capacity: they ride back on the response
+    (scheduler/state_board.py), fresher than the controller's 100 ms poll."""
+    handle = serve.get_deployment_handle("EngineWorker", app_name="zipserve").options(stream=True)
+    ids = oracle.tokenizer.encode(PROMPTS[0], add_special_tokens=False)
+    request = {"prompt_token_ids": ids, "params": {"temperature": 0, "max_tokens": 20, "ignore_eos": True}}
+    chunks = list(handle.generate.remote(request))
+    assert len(chunks) >= 2 and all("worker_state" not in c for c in chunks[1:-1])
+    first, last = chunks[0]["worker_state"], chunks[-1]["worker_state"]
+    assert set(first) == {"replica", "free_pages", "running", "waiting", "timestamp"} and first["replica"] == last["replica"]
+    assert first["running"] >= 1 and last["timestamp"] > first["timestamp"]
+    assert last["running"] == first["running"] - 1 and last["free_pages"] > first["free_pages"]  # its pages came back

@@ -73,7 +73,9 @@ class StepLoop:
                 continue
             outputs = eng.step()
             snap = None
-            if time.monotonic() - last_snapshot >= self.snapshot_period_s or any(o.finished for o in outputs):
+            # Also on a finish or a first token (pages returned / taken): those states ride on responses.
+            if time.monotonic() - last_snapshot >= self.snapshot_period_s or any(
+                    o.finished or (o.new_token_ids and len(o.new_token_ids) == len(o.token_ids)) for o in outputs):
                 snap, last_snapshot = self.snapshot(), time.monotonic()
             self.emit("outputs", outputs, snap)
 

@@ -17,6 +17,7 @@ import uuid
 
 from ray import serve
 
+from scheduler.state_board import capacity_of
 from workers.async_engine import AsyncEngine
 from workers.config import EngineConfig
 from workers.metrics import WorkerMetrics
@@ -81,6 +82,7 @@ class EngineWorker:
                 if out.finish_reason == "error":
                     raise RuntimeError(f"request {out.request_id} failed in the engine: {out.stop_reason}")
                 now = time.monotonic()
+                admitted = first is None
                 if first is None:
                     first = now
                     self.metrics.ttft.observe(now - t0)
@@ -88,10 +90,14 @@ class EngineWorker:
                     self.metrics.itl.observe((now - last) / len(out.new_token_ids))
                 last = now
                 self.metrics.tokens.inc(len(out.new_token_ids))
-                yield {"index": i, "token_ids": list(out.new_token_ids), "text": out.new_text,
-                       "finish_reason": out.finish_reason, "prompt_tokens": out.num_prompt_tokens,
-                       "completion_tokens": len(out.token_ids), "cached_tokens": out.num_cached_tokens,
-                       "stop_reason": out.stop_reason if out.finished else None}
+                chunk = {"index": i, "token_ids": list(out.new_token_ids), "text": out.new_text,
+                         "finish_reason": out.finish_reason, "prompt_tokens": out.num_prompt_tokens,
+                         "completion_tokens": len(out.token_ids), "cached_tokens": out.num_cached_tokens,
+                         "stop_reason": out.stop_reason if out.finished else None}
+                if admitted or out.finished:  # admitted or finished: capacity jumped (scheduler/state_board.py)
+                    chunk["worker_state"] = {"replica": self.replica,
+                                             **capacity_of(self.engine.snapshot["routing"])}
+                yield chunk
             status = "ok"
         except asyncio.CancelledError:
             status = "cancelled"
