@@ -87,9 +87,14 @@ def build_app(args: dict | None = None):
         request_router_class=CapacityAffinityRouter,
         request_router_kwargs={k: r[k] for k in ("prefill_tokens_per_s", "mean_service_s", "balance_s") if k in r},
         request_routing_stats_period_s=r.get("stats_period_s", 0.1), request_routing_stats_timeout_s=5)
+    gpus = w.get("num_gpus", 0)
+    tp = int(cfg["engine"].get("tensor_parallel_size", 1))
+    if tp > 1 and 0 < gpus < tp:  # a tensor-parallel replica is one actor holding all its GPUs (one node)
+        log.info("engine.tensor_parallel_size %d: each worker replica takes %d GPUs", tp, tp)
+        gpus = tp
     options = dict(
         name="EngineWorker", request_router_config=router,
-        ray_actor_options={"num_gpus": w.get("num_gpus", 0), "num_cpus": w.get("num_cpus", 1)},
+        ray_actor_options={"num_gpus": gpus, "num_cpus": w.get("num_cpus", 1)},
         max_ongoing_requests=w.get("max_ongoing_requests", 1024),
         max_queued_requests=w.get("max_queued_requests", -1), health_check_period_s=10,
         health_check_timeout_s=30, graceful_shutdown_timeout_s=60)

@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator, Callable
 
 from workers.config import EngineConfig
 from workers.engine import LLMEngine, check_request
+from workers.tensor_parallel import make_engine
 from workers.outputs import RequestOutput, SpanView
 from workers.sampling_params import SamplingParams
 
@@ -123,7 +124,7 @@ class AsyncEngine:
             self.facts, self.snapshot = payload
             self._thread = threading.Thread(target=self._read_process, name="zipserve-engine-reader", daemon=True)
         else:
-            self.engine = LLMEngine(config)
+            self.engine = make_engine(config)
             self.facts = self.engine.facts()
             self._commands: queue.SimpleQueue = queue.SimpleQueue()
             self._loop = StepLoop(self.engine, self._next_command, self._on_result, idle_wait_s, snapshot_period_s)
@@ -311,7 +312,7 @@ def _engine_process_main(config: EngineConfig, conn, idle_wait_s: float, snapsho
     """The engine process: build the engine, then run the step loop; results go back one message per step.
     It exits when told to, when its parent goes away (the pipe closes), or on an error it reports first."""
     try:
-        engine = LLMEngine(config)
+        engine = make_engine(config)
     except BaseException as e:  # noqa: BLE001 -- the parent raises it
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         return

@@ -87,6 +87,7 @@ class EngineConfig:
     fused_elementwise: bool = True  # triton: fused RMSNorm / q-k-norm+RoPE / SwiGLU kernels (False: torch ops)
     enforce_eager: bool = False  # True: no CUDA graphs for decode
     cuda_graph_max_batch: int = 256  # decode batches up to this size replay captured graphs
+    tensor_parallel_size: int = 1  # GPUs (processes) one engine spans: workers/tensor_parallel.py
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":
@@ -126,6 +127,7 @@ class EngineConfig:
         _positive_int(self, "block_size")
         _positive_int(self, "max_num_seqs")
         _positive_int(self, "max_num_batched_tokens")
+        _positive_int(self, "tensor_parallel_size")
         if self.num_blocks is not None:
             _positive_int(self, "num_blocks")
         if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:

@@ -18,6 +18,7 @@ from workers.config import EngineConfig
 from workers.model_runner import ModelRunner
 from workers.models import read_model_args
 from workers.outputs import RequestOutput, SpanView
+from workers.parallel import TPGroup
 from workers.sampler import SamplingError, sample, top_logprobs
 from workers.sampling_params import SamplingParams
 from workers.scheduler import Scheduler
@@ -28,15 +29,18 @@ log = logging.getLogger(__name__)
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, tp: TPGroup = TPGroup()):
+        """One engine, or one rank of a tensor-parallel engine (workers/tensor_parallel.py): every rank runs
+        this same engine in lockstep on its shard of the heads."""
         self.config = cfg = config
+        self.tp = tp
         args, _ = read_model_args(cfg.model)
         self.max_model_len = cfg.max_model_len or args.max_position_embeddings
         if self.max_model_len > args.max_position_embeddings:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
                              f"max_position_embeddings {args.max_position_embeddings}")
         torch.manual_seed(cfg.seed)
-        self.runner = ModelRunner(cfg, self.max_model_len)
+        self.runner = ModelRunner(cfg, self.max_model_len, tp)
         self.model_args = args
         pool_tokens = self.runner.num_blocks * cfg.block_size
         if cfg.budget_blocks is not None and self.runner.num_blocks < cfg.budget_blocks + 1:
@@ -210,6 +214,10 @@ class LLMEngine:
     def _land_compressions(self) -> None:
         """Finish compactions whose data has moved: free the replaced pages, resume the requests."""
         bm = self.block_manager
+        if self.tp.size > 1:  # land at the same step on every rank (a query() result depends on timing)
+            for event, _ in self.in_flight:
+                if event is not None:
+                    event.synchronize()
         while self.in_flight and (self.in_flight[0][0] is None or self.in_flight[0][0].query()):
             _, plans = self.in_flight.pop(0)
             for plan in plans:

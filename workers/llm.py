@@ -7,7 +7,7 @@ import itertools
 from tqdm.auto import tqdm
 
 from workers.config import EngineConfig
-from workers.engine import LLMEngine
+from workers.tensor_parallel import make_engine
 from workers.outputs import RequestOutput
 from workers.sampling_params import SamplingParams
 
@@ -21,7 +21,7 @@ class LLM:
             raise ValueError("LLM needs a model folder (or config_file=...)")
         else:
             cfg = EngineConfig.from_kwargs(model, **config)
-        self.engine = LLMEngine(cfg)
+        self.engine = make_engine(cfg)
         self._ids = itertools.count()
 
     @property

@@ -16,6 +16,7 @@ from workers.block_manager import CompactionPlan
 from workers.compressor import Compressor
 from workers.cuda_graph import DecodeGraphs
 from workers.models import load_model
+from workers.parallel import TPGroup
 from workers.scheduler import ScheduledChunk
 
 log = logging.getLogger(__name__)
@@ -24,17 +25,18 @@ _CPU_DEFAULT_KV_BYTES = 4 << 30
 
 
 class ModelRunner:
-    def __init__(self, cfg: EngineConfig, max_model_len: int):
+    def __init__(self, cfg: EngineConfig, max_model_len: int, tp: TPGroup = TPGroup()):
         self.cfg = cfg
         self.device, self.dtype = cfg.torch_device, cfg.torch_dtype
         self.block_size = cfg.block_size
         self.model = load_model(cfg.model, self.device, self.dtype, max_model_len, cfg.load_format, cfg.seed,
-                                cfg.resolved_backend, cfg.fused_elementwise)
-        self.args = a = self.model.args
+                                cfg.resolved_backend, cfg.fused_elementwise, tp)
+        self.args = a = self.model.args  # this rank's heads under tensor parallelism
         self.max_model_len = max_model_len
         self.compressing = cfg.budget_blocks is not None
         self.global_scores = self.compressing and cfg.compression.use_global_score
-        self.num_blocks = self._plan_num_blocks(max_model_len)
+        # Every rank must hold the same pages: their page tables (and schedulers) are identical.
+        self.num_blocks = tp.min_int(self._plan_num_blocks(max_model_len))
         dev = self.device
         self.kv_cache = torch.empty(2, a.num_layers, self.num_blocks, self.block_size, a.num_kv_heads, a.head_dim,
                                     device=dev, dtype=self.dtype)
@@ -51,7 +53,8 @@ class ModelRunner:
                                          a.head_dim**-0.5, backend=cfg.resolved_backend)
         self.clock = None  # a GpuClock when a benchmark measures GPU time per region
         self.graphs = None
-        if dev.type == "cuda" and cfg.resolved_backend == "triton" and not cfg.enforce_eager:
+        # No graphs under tensor parallelism: the collectives would have to be captured as well.
+        if dev.type == "cuda" and cfg.resolved_backend == "triton" and not cfg.enforce_eager and tp.size == 1:
             top = min(cfg.max_num_seqs, cfg.cuda_graph_max_batch)
             sizes = sorted({b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256) if b < top} | {top})
             self.graphs = DecodeGraphs(self.model, self.kv_cache, self.compressor.q_window if self.compressor else None,

@@ -38,8 +38,10 @@ class AttentionMetadata:
 
 class Attention(nn.Module):
     def __init__(self, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int, *, qkv_bias: bool,
-                 o_bias: bool, qk_norm: bool, rms_eps: float, rotary: RotaryEmbedding, kernels: KernelSet):
+                 o_bias: bool, qk_norm: bool, rms_eps: float, rotary: RotaryEmbedding, kernels: KernelSet,
+                 reduce=None):
         super().__init__()
+        self._reduce = reduce  # tensor parallel: this rank's heads; o_proj's partial sums add up over ranks
         self.kernels = kernels
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.q_size, self.kv_size = n_heads * head_dim, n_kv_heads * head_dim
@@ -67,7 +69,8 @@ class Attention(nn.Module):
             kern.store_q_window(q, cache.q_window, meta.window_rows, meta.window_slots, meta.window_pos)
         o = kern.attention(q, cache.k, cache.v, meta.block_tables, meta.query_start_loc, meta.kv_lens, self.scale,
                            max_query_len=meta.max_query_len, max_kv_len=meta.max_kv_len)
-        return self.o_proj(o.reshape(-1, self.q_size))
+        out = self.o_proj(o.reshape(-1, self.q_size))
+        return out if self._reduce is None else self._reduce(out)
 
 
 class _NormWeight(nn.Module):

@@ -7,6 +7,7 @@ LM head to the embedding and scale RoPE.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ from workers.layers.backend import KernelSet
 from workers.layers.mlp import SwiGLU
 from workers.layers.norm import RMSNorm
 from workers.layers.rotary import RotaryEmbedding
+from workers.parallel import TPGroup, VocabParallelEmbedding
 
 ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
 
@@ -87,14 +89,14 @@ class ModelArgs:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, a: ModelArgs, rotary: RotaryEmbedding, kernels: KernelSet):
+    def __init__(self, a: ModelArgs, rotary: RotaryEmbedding, kernels: KernelSet, tp: TPGroup):
         super().__init__()
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, kernels.rms_norm)
         self.self_attn = Attention(a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim, qkv_bias=a.qkv_bias,
                                    o_bias=a.o_bias, qk_norm=a.qk_norm, rms_eps=a.rms_norm_eps, rotary=rotary,
-                                   kernels=kernels)
+                                   kernels=kernels, reduce=tp.all_reduce)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, kernels.rms_norm)
-        self.mlp = SwiGLU(a.hidden_size, a.intermediate_size, a.mlp_bias, kernels.silu_and_mul)
+        self.mlp = SwiGLU(a.hidden_size, a.intermediate_size, a.mlp_bias, kernels.silu_and_mul, tp.all_reduce)
 
     def forward(self, positions, h, residual, kv_cache, meta):
         if residual is None:
@@ -108,16 +110,23 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    """Token ids -> hidden states -> logits, over a paged KV cache."""
+    """Token ids -> hidden states -> logits, over a paged KV cache. Under tensor parallelism `args` holds
+    this rank's shares (heads, KV heads, intermediate units) and `full_args` the model's."""
 
-    def __init__(self, a: ModelArgs, max_positions: int, kernels: KernelSet):
+    def __init__(self, a: ModelArgs, max_positions: int, kernels: KernelSet, tp: TPGroup = TPGroup()):
         super().__init__()
+        self.full_args, self.tp = a, tp
+        if tp.size > 1:
+            a = dataclasses.replace(a, num_heads=tp.split(a.num_heads, "num_attention_heads"),
+                                    num_kv_heads=tp.split(a.num_kv_heads, "num_key_value_heads"),
+                                    intermediate_size=tp.split(a.intermediate_size, "intermediate_size"))
         self.args = a
         rotary = RotaryEmbedding(a.head_dim, max_positions, a.rope_theta, a.rope_scaling)
-        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(a, rotary, kernels) for _ in range(a.num_layers))
+        self.embed_tokens = VocabParallelEmbedding(a.vocab_size, a.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(a, rotary, kernels, tp) for _ in range(a.num_layers))
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps, kernels.rms_norm)
-        self.lm_head = None if a.tie_word_embeddings else nn.Linear(a.hidden_size, a.vocab_size, bias=False)
+        self.lm_head = (None if a.tie_word_embeddings
+                        else nn.Linear(a.hidden_size, self.embed_tokens.rows, bias=False))  # this rank's vocab rows
 
     def forward(self, input_ids, positions, kv_cache: torch.Tensor, meta: AttentionMetadata,
                 q_window: torch.Tensor | None = None) -> torch.Tensor:
@@ -131,4 +140,7 @@ class DecoderModel(nn.Module):
 
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(h, weight).float()
+        logits = torch.nn.functional.linear(h, weight)
+        if self.tp.size > 1:
+            logits = self.tp.all_gather_last(logits)[:, : self.args.vocab_size]
+        return logits.float()

@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from workers.layers.backend import get_kernel_set
 from workers.models.decoder import DecoderModel, ModelArgs
+from workers.parallel import TPGroup
 
 log = logging.getLogger(__name__)
 
@@ -51,23 +52,68 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
+def _fused_sizes(a: ModelArgs) -> dict[str, list[int]]:
+    return {"qkv_proj": [a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.num_kv_heads * a.head_dim],
+            "gate_up_proj": [a.intermediate_size, a.intermediate_size]}
+
+
+def shard_tensor(name: str, t: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    """This rank's piece of one checkpoint tensor (for a fused parameter: of one of its components), under
+    our parameter name: column-parallel rows, row-parallel input columns (bias on rank 0 only), vocabulary
+    rows (the last shard zero-padded); everything else is replicated."""
+    if tp.size == 1:
+        return t
+    module, kind = name.split(".")[-2:]
+    if module in _FUSED_NAMES:
+        n = t.shape[0] // tp.size
+        return t.narrow(0, tp.rank * n, n)
+    if module in ("o_proj", "down_proj"):
+        if kind == "bias":
+            return t if tp.rank == 0 else torch.zeros_like(t)
+        n = t.shape[1] // tp.size
+        return t.narrow(1, tp.rank * n, n)
+    if name in ("embed_tokens.weight", "lm_head.weight"):
+        start, rows = tp.vocab_rows(t.shape[0])
+        piece = t[start : start + rows]
+        if piece.shape[0] < rows:
+            piece = torch.cat([piece, piece.new_zeros(rows - piece.shape[0], *piece.shape[1:])])
+        return piece
+    return t
+
+
+_FUSED_NAMES = ("qkv_proj", "gate_up_proj")
+
+
 def load_model(path: str, device: torch.device, dtype: torch.dtype, max_positions: int,
                load_format: str = "safetensors", seed: int = 0, backend: str = "torch",
-               fused_elementwise: bool = True) -> DecoderModel:
+               fused_elementwise: bool = True, tp: TPGroup = TPGroup()) -> DecoderModel:
     """load_format "safetensors" reads the folder's weights; "dummy" makes random weights on the device
-    (for benchmarks of real shapes from a config-only folder, so nothing large has to travel)."""
+    (for benchmarks of real shapes from a config-only folder, so nothing large has to travel). Under
+    tensor parallelism each rank keeps its shard; dummy weights are drawn at full size in one order and
+    sliced, so every tensor_parallel_size gets the same model."""
     args, _ = read_model_args(path)
+    kernels = get_kernel_set(backend, fused_elementwise)
     with _default_dtype(dtype), torch.device(device):
-        model = DecoderModel(args, max_positions, get_kernel_set(backend, fused_elementwise))
+        model = DecoderModel(args, max_positions, kernels, tp)
     if load_format == "dummy":
         gen = torch.Generator(device=device).manual_seed(seed)
+        with torch.device("meta"):
+            full = dict(DecoderModel(args, max_positions, kernels).named_parameters())
+        params = dict(model.named_parameters())
         with torch.no_grad():
-            for name, p in model.named_parameters():
+            for name, meta in full.items():
                 if "norm" in name:
-                    p.fill_(1.0)
-                else:  # small weights keep activations finite through many layers
-                    p.normal_(0.0, 0.02, generator=gen)
-        log.info("made random %s weights (%d layers) on %s", args.architecture, args.num_layers, device)
+                    params[name].fill_(1.0)
+                    continue
+                # small weights keep activations finite through many layers
+                t = torch.empty(meta.shape, device=device, dtype=dtype).normal_(0.0, 0.02, generator=gen)
+                module = name.split(".")[-2]
+                if module in _FUSED_NAMES and tp.size > 1:
+                    parts = t.split(_fused_sizes(args)[module])
+                    t = torch.cat([shard_tensor(name, part, tp) for part in parts])
+                params[name].copy_(shard_tensor(name, t, tp) if module not in _FUSED_NAMES else t)
+        log.info("made random %s weights (%d layers) on %s%s", args.architecture, args.num_layers, device,
+                 f", tensor-parallel rank {tp.rank} of {tp.size}" if tp.size > 1 else "")
         return model.eval()
     if load_format != "safetensors":
         raise ValueError(f"load_format must be 'safetensors' or 'dummy', got {load_format!r}")
@@ -77,8 +123,7 @@ def load_model(path: str, device: torch.device, dtype: torch.dtype, max_position
     params = dict(model.named_parameters())
     loaded: set[tuple[str, int]] = set()
     a = args
-    sizes = {"qkv_proj": [a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.num_kv_heads * a.head_dim],
-             "gate_up_proj": [a.intermediate_size, a.intermediate_size]}
+    sizes = _fused_sizes(model.args)  # this rank's shares
     for file in files:
         with safe_open(file, framework="pt", device="cpu") as f:
             for hf_name in f.keys():
@@ -95,7 +140,7 @@ def load_model(path: str, device: torch.device, dtype: torch.dtype, max_position
                 name = ".".join(parts)
                 if name not in params:
                     raise ValueError(f"unexpected weight {hf_name!r} in {file}")
-                tensor = f.get_tensor(hf_name)
+                tensor = shard_tensor(name, f.get_tensor(hf_name), tp)
                 target = params[name].data
                 if shard is not None:
                     fused = parts[-2]
