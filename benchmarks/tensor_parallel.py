@@ -46,18 +46,23 @@ def _one(spec: dict) -> dict:
               "device": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count()}
     if spec.get("keep_tokens"):
         result["token_ids"] = [list(o.token_ids) for o in outs]
+    print("RESULT " + json.dumps(result), flush=True)  # before the shutdown, which may be slow
     if hasattr(llm.engine, "shutdown"):
         llm.engine.shutdown()
     return result
 
 
 def _spawn(spec: dict) -> dict:
-    out = subprocess.run([sys.executable, "-m", "benchmarks.tensor_parallel", "--one", json.dumps(spec)],
-                         capture_output=True, text=True, timeout=600)
-    for line in out.stdout.splitlines():
+    try:
+        out = subprocess.run([sys.executable, "-m", "benchmarks.tensor_parallel", "--one", json.dumps(spec)],
+                             capture_output=True, text=True, timeout=300)
+        stdout, stderr = out.stdout, out.stderr
+    except subprocess.TimeoutExpired as e:  # a slow shutdown after the result was printed
+        stdout, stderr = (x.decode() if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr))
+    for line in stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
-    raise RuntimeError(f"run {spec} failed:\n{out.stderr[-3000:]}")
+    raise RuntimeError(f"run {spec} failed:\n{stderr[-3000:]}")
 
 
 def run(args) -> dict:
@@ -117,7 +122,7 @@ def main(argv=None):
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
-        print("RESULT " + json.dumps(_one(json.loads(args.one))), flush=True)
+        _one(json.loads(args.one))
         return None
     return run(args)
 

@@ -68,17 +68,22 @@ def _follower_main(cfg: EngineConfig, rank: int, address: str) -> None:
     _die_with_parent()
     tp, commands = _join(cfg, rank, address)
     engine = LLMEngine(_rank_config(cfg, rank), tp)
+    code = 1
     try:
         while True:
             box = [None]
             dist.broadcast_object_list(box, src=0, group=commands)
             if box[0] is None:  # stop
+                code = 0
                 return
             for cmd in box[0]:
                 _apply(engine, cmd)
             engine.step()
     finally:
-        dist.destroy_process_group()
+        # No destroy_process_group here: NCCL's teardown can wait on rank 0, which waits for this exit.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _die_with_parent() -> None:
@@ -156,7 +161,10 @@ class TensorParallelEngine(LLMEngine):
             if all(p.poll() is None for p in self.followers):
                 dist.broadcast_object_list([None], src=0, group=self._commands)
             for p in self.followers:
-                p.wait(timeout=30)
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    log.warning("tensor-parallel rank did not exit in 30 s after stop: killed")
         finally:
             for p in self.followers:
                 if p.poll() is None:
