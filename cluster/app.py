@@ -72,6 +72,16 @@ def resolve_config(args: dict | None) -> dict:
     return args
 
 
+def gpus_per_engine(num_gpus: float, engine: dict) -> float:
+    """GPUs for one engine actor: a tensor-parallel engine is one actor holding all its ranks' GPUs (so they
+    are on one node, visible to the rank processes it starts)."""
+    tp = int(engine.get("tensor_parallel_size", 1))
+    if tp > 1 and 0 < num_gpus < tp:
+        log.info("engine.tensor_parallel_size %d: each engine actor takes %d GPUs", tp, tp)
+        return tp
+    return num_gpus
+
+
 def build_app(args: dict | None = None):
     """Application builder: `serve run cluster.app:build_app` or an import_path in configs/serve.yaml."""
     from cluster.ingress import OpenAIIngress
@@ -87,11 +97,7 @@ def build_app(args: dict | None = None):
         request_router_class=CapacityAffinityRouter,
         request_router_kwargs={k: r[k] for k in ("prefill_tokens_per_s", "mean_service_s", "balance_s") if k in r},
         request_routing_stats_period_s=r.get("stats_period_s", 0.1), request_routing_stats_timeout_s=5)
-    gpus = w.get("num_gpus", 0)
-    tp = int(cfg["engine"].get("tensor_parallel_size", 1))
-    if tp > 1 and 0 < gpus < tp:  # a tensor-parallel replica is one actor holding all its GPUs (one node)
-        log.info("engine.tensor_parallel_size %d: each worker replica takes %d GPUs", tp, tp)
-        gpus = tp
+    gpus = gpus_per_engine(w.get("num_gpus", 0), cfg["engine"])
     options = dict(
         name="EngineWorker", request_router_config=router,
         ray_actor_options={"num_gpus": gpus, "num_cpus": w.get("num_cpus", 1)},

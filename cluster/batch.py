@@ -209,7 +209,7 @@ def run(input_path: str, output_path: str, *, model: str | None = None, engine: 
     import ray
     from tqdm import tqdm
 
-    from cluster.app import resolve_config
+    from cluster.app import gpus_per_engine, resolve_config
 
     cfg = resolve_config({"model": model, "engine": engine or {}, "engine_config": engine_config})
     engine_cfg = dict(cfg["engine"], model=cfg["model"])
@@ -237,7 +237,8 @@ def run(input_path: str, output_path: str, *, model: str | None = None, engine: 
         out = ds.map_batches(
             BatchEngine, fn_constructor_kwargs={"engine_config": engine_cfg}, batch_size=batch_size,
             batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=min_workers, max_size=max_workers),
-            num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=-1, max_task_retries=-1)
+            num_gpus=gpus_per_engine(num_gpus, cfg["engine"]), num_cpus=num_cpus, max_restarts=-1,
+            max_task_retries=-1)
         bar = tqdm(total=len(rows), unit="req", disable=not progress, desc="zipserve batch")
         written, workers = set(), set()
         job_id = ray.get_runtime_context().get_job_id()

@@ -56,3 +56,88 @@ def test_shard_tensor_splits_rows_columns_and_vocab():
     v = torch.arange(5.0)[:, None].expand(5, 2)
     piece = shard_tensor("lm_head.weight", v, tp)  # 3 rows a rank: rows 3 and 4, then one zero row of padding
     assert torch.equal(piece, torch.tensor([[3.0, 3.0], [4.0, 4.0], [0.0, 0.0]]))
+
+
+@pytest.mark.parametrize("host", ["thread", "process"])
+def test_the_serving_step_loop_hosts_a_tensor_parallel_engine(qwen3_path, host):
+    """AsyncEngine (what a Serve worker replica runs) with TP=2, its loop in a thread or its own process:
+    streamed tokens equal TP=1's, and shutting it down stops the other rank."""
+    import asyncio
+
+    from workers.async_engine import AsyncEngine
+    from workers.config import EngineConfig
+
+    engine = dict(CFG, budget_blocks=2, compression={"query_window": 8})
+    params = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
+    want = [list(o.token_ids) for o in LLM(qwen3_path, **engine).generate(PROMPTS[:2], params, use_tqdm=False)]
+    eng = AsyncEngine(EngineConfig.from_kwargs(qwen3_path, tensor_parallel_size=2, **engine),
+                      separate_process=host == "process")
+
+    async def one(rid, prompt):
+        toks = []
+        async for _, out in eng.generate(rid, prompt, params, 1):
+            toks.extend(out.new_token_ids)
+        return toks
+
+    async def both():
+        return await asyncio.gather(one("a", PROMPTS[0]), one("b", PROMPTS[1]))
+
+    try:
+        assert asyncio.run(both()) == want
+    finally:
+        eng.shutdown()
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()  # the thread host closed its rank-0 group (a process host never had one here)
+
+
+def test_serve_app_and_batch_job_run_a_tensor_parallel_worker(qwen3_path, tmp_path):
+    """The Serve app (router, ingress, one TP=2 worker replica) answers over HTTP what TP=1 generates, and a
+    batch job on a TP=2 engine actor writes TP=1's tokens; each engine is one actor (CPU here)."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    import json
+
+    import httpx
+    from ray import serve
+
+    from cluster.app import build_app, gpus_per_engine
+    from cluster.batch import run as run_batch
+    from tests.tiny_models import free_port
+
+    assert gpus_per_engine(1, {"tensor_parallel_size": 4}) == 4 and gpus_per_engine(0, {"tensor_parallel_size": 4}) == 0
+    engine = dict(CFG, budget_blocks=2, compression={"query_window": 8})
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    outs = LLM(qwen3_path, **engine).generate(PROMPTS, params, use_tqdm=False)
+    want, want_text = [list(o.token_ids) for o in outs], [o.text for o in outs]
+    assert len(set(want_text)) == 3
+    port = free_port()
+    ray.init(num_cpus=3, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app({"model": qwen3_path, "model_name": "tiny", "engine": dict(engine, tensor_parallel_size=2),
+                             "workers": {"num_replicas": 1, "num_cpus": 0}}), name="tp", route_prefix="/")
+        for prompt, text in zip(PROMPTS, want_text):
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=120,
+                           json={"model": "tiny", "prompt": prompt, "max_tokens": 30, "temperature": 0,
+                                 "ignore_eos": True})
+            assert r.status_code == 200, r.text
+            usage = r.json()["usage"]
+            assert usage["completion_tokens"] == 30 and usage["prompt_tokens"] == len(prompt)
+            assert r.json()["choices"][0]["text"] == text
+        stats = serve.get_deployment_handle("EngineWorker", app_name="tp").stats.remote().result(timeout_s=30)
+        assert stats["generated_tokens"] >= 3 * 30  # one replica, one state for the router
+        serve.delete("tp")
+
+        rows = [{"id": f"r{i}", "prompt": p, "max_tokens": 30, "temperature": 0, "ignore_eos": True}
+                for i, p in enumerate(PROMPTS)]
+        with open(tmp_path / "in.jsonl", "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+        summary = run_batch(str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), model=qwen3_path,
+                            engine=dict(engine, tensor_parallel_size=2), num_cpus=1, batch_size=8, progress=False)
+        with open(tmp_path / "out.jsonl") as f:
+            got = {o["id"]: o["choices"][0]["token_ids"] for o in map(json.loads, f)}
+        assert summary["output_rows"] == 3 and got == {f"r{i}": t for i, t in enumerate(want)}
+    finally:
+        serve.shutdown()
+        ray.shutdown()

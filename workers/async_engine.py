@@ -234,6 +234,8 @@ class AsyncEngine:
         except BaseException as e:  # noqa: BLE001 -- every waiting request must hear of it
             log.exception("engine loop failed")
             self._fail(e)
+        finally:
+            _close(self.engine)
 
     # ---- process host: the parent's reader ---------------------------------------------------
     def _read_process(self) -> None:
@@ -342,6 +344,18 @@ def _engine_process_main(config: EngineConfig, conn, idle_wait_s: float, snapsho
             conn.send(("died", f"{type(e).__name__}: {e}", traceback.format_exc()))
         except OSError:
             pass
+    finally:
+        _close(engine)
+
+
+def _close(engine) -> None:
+    """Stop a tensor-parallel engine's other ranks (a plain engine has nothing to stop)."""
+    shutdown = getattr(engine, "shutdown", None)
+    if shutdown is not None:
+        try:
+            shutdown()
+        except Exception:  # noqa: BLE001 -- closing; the ranks die with this process anyway
+            log.exception("tensor-parallel shutdown failed")
 
 
 @dataclasses.dataclass
