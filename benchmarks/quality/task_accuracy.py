@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from benchmarks.quality.fidelity import SETTINGS
+from benchmarks.quality.fidelity import SETTINGS, write
 from benchmarks.quality.task import check, encode, generate
 
 log = logging.getLogger("benchmarks.quality.task_accuracy")
@@ -122,12 +122,6 @@ def merge(paths: list[str], out: str) -> dict:
             raise ValueError(f"{p} measured a different workload than {paths[0]}")
     results = dict(parts[0], runs=[r for part in parts for r in part["runs"]])
     return finish(results, os.path.join(out, f"task_accuracy_{results['model']}"))
-
-
-def write(results: dict, stem: str) -> None:
-    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
-    with open(stem + ".json", "w") as f:
-        json.dump(results, f, indent=1)
 
 
 def plot(results: dict, path: str) -> None:
