@@ -130,12 +130,12 @@ def test_task_accuracy_full_vs_a_roomy_budget_agree_and_a_tiny_budget_compresses
 
 def test_training_script_lowers_the_loss_and_saves_a_folder_our_engine_serves(tmp_path):
     out = str(tmp_path / "m")
-    summary = train_task_model.main(["--minutes", "0.25", "--layers", "1", "--hidden", "32", "--heads", "2",
+    summary = train_task_model.main(["--minutes", "5", "--train-steps", "300", "--layers", "1", "--hidden", "32", "--heads", "2",
                                      "--kv-heads", "1", "--min-steps", "3", "--max-steps", "6", "--registers", "3",
-                                     "--batch-tokens", "1024", "--eval-every", "20", "--eval-problems", "8",
+                                     "--batch-tokens", "1024", "--eval-every", "100", "--eval-problems", "8",
                                      "--warmup", "5", "--max-positions", "256", "--lr", "3e-3", "--out", out])
     hist = summary["history"]
-    assert len(hist) >= 2 and hist[-1]["loss"] < 0.8 * hist[0]["loss"]
+    assert hist[0]["step"] == 0 and hist[-1]["step"] == 300 and hist[-1]["loss"] < 0.6 * hist[0]["loss"]
     p = task.make_problem(random.Random(1), 4, 3)
     llm = LLM(out, block_size=16, max_model_len=256)
     got = llm.generate([task.encode(llm.tokenizer, p.prompt)], SamplingParams(temperature=0, max_tokens=8),

@@ -82,12 +82,16 @@ def train(args) -> dict:
                                             for k in range(j, j + 8)], device) for j in range(0, args.eval_problems, 8)]
     rng = random.Random(args.seed)
     budget = args.minutes * 60
-    history, step, seen, t0 = [], 0, 0, time.perf_counter()
+    model.eval()
+    ms = [teacher_forced(model, i, l) for i, l in held_out]  # the untrained model: where the curve starts
+    model.train()
+    history = [{"step": 0, "seconds": 0.0, "tokens": 0, **{k: sum(m[k] for m in ms) / len(ms) for k in ms[0]}}]
+    step, seen, t0 = 0, 0, time.perf_counter()
     from tqdm import tqdm
 
     bar = tqdm(total=int(budget), desc="train", unit="s", mininterval=5)
-    while (elapsed := time.perf_counter() - t0) < budget:
-        frac = elapsed / budget
+    while (elapsed := time.perf_counter() - t0) < budget and not (args.train_steps and step >= args.train_steps):
+        frac = max(elapsed / budget, step / args.train_steps if args.train_steps else 0.0)
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = lr
@@ -102,7 +106,8 @@ def train(args) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         step, seen = step + 1, seen + ids.numel()
-        if step % args.eval_every == 0 or time.perf_counter() - t0 >= budget:
+        if (step % args.eval_every == 0 or time.perf_counter() - t0 >= budget
+                or (args.train_steps and step >= args.train_steps)):
             model.eval()
             ms = [teacher_forced(model, i, l) for i, l in held_out]
             model.train()
@@ -130,6 +135,7 @@ def train(args) -> dict:
 def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--out", default="benchmarks/quality/models/registers")
     ap.add_argument("--minutes", type=float, default=8.0, help="wall-time budget (the LR schedule follows it)")
+    ap.add_argument("--train-steps", type=int, default=0, help="stop after this many optimizer steps (0: time only)")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--heads", type=int, default=4)
