@@ -6,8 +6,8 @@ queue and the hashes of the pages they hold, generated pages included. Every ing
 therefore builds the same prefix index from what the workers say, with no central actor on the
 request path. Capacity also rides back on the first and last chunk of each response (admission and
 finish are the big changes); the ingress posts it to `scheduler/state_board.py` and the router lays the
-newer of the two over the report. Between reports the router adds its own in-flight requests (sent after
-the worker's last report, not yet finished) so a burst does not pile onto one stale "free" worker.
+newer of the two over the report. The router adds its own in-flight requests (sent after the worker's last
+polled report, not yet finished) so a burst does not pile onto one stale "free" worker.
 
 A request carries its routing facts as a `RouteRequest` (or the dict form `route_request_to_dict`
 makes) in the keyword argument `route`, or as the first positional argument. Requests without
@@ -73,8 +73,12 @@ class CapacityAffinityRouter(FIFOMixin, RequestRouter):
                                                                                 r.routing_stats))
             if st is None:
                 continue
+            # In flight = sent after the *polled* report. Not after the board's newer stamp: requests sent
+            # before it may still be in transit (a burst would then look absent from the replica that
+            # answered first and pile onto it); counting some twice for <= one poll period is the safe side.
+            polled_at = (r.routing_stats or {}).get("timestamp", 0.0)
             for sent_at, pages in self.sent.get(r.replica_id, {}).values():
-                if sent_at > st.timestamp:  # not in its report yet
+                if sent_at > polled_at:
                     st.in_flight += 1
                     st.in_flight_pages += pages
             states.append(st)
