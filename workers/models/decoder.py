@@ -91,12 +91,13 @@ class ModelArgs:
 class DecoderLayer(nn.Module):
     def __init__(self, a: ModelArgs, rotary: RotaryEmbedding, kernels: KernelSet, tp: TPGroup):
         super().__init__()
+        reduce = tp.all_reduce if tp.size > 1 else None  # nothing to call per layer on one GPU
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, kernels.rms_norm)
         self.self_attn = Attention(a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim, qkv_bias=a.qkv_bias,
                                    o_bias=a.o_bias, qk_norm=a.qk_norm, rms_eps=a.rms_norm_eps, rotary=rotary,
-                                   kernels=kernels, reduce=tp.all_reduce)
+                                   kernels=kernels, reduce=reduce)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps, kernels.rms_norm)
-        self.mlp = SwiGLU(a.hidden_size, a.intermediate_size, a.mlp_bias, kernels.silu_and_mul, tp.all_reduce)
+        self.mlp = SwiGLU(a.hidden_size, a.intermediate_size, a.mlp_bias, kernels.silu_and_mul, reduce)
 
     def forward(self, positions, h, residual, kv_cache, meta):
         if residual is None:

@@ -28,6 +28,9 @@ _FUSED = {
 }
 
 
+_FUSED_NAMES = frozenset(fused for fused, _ in _FUSED.values())
+
+
 def read_model_args(path: str) -> tuple[ModelArgs, dict]:
     with open(os.path.join(path, "config.json")) as f:
         cfg = json.load(f)
@@ -81,7 +84,12 @@ def shard_tensor(name: str, t: torch.Tensor, tp: TPGroup) -> torch.Tensor:
     return t
 
 
-_FUSED_NAMES = ("qkv_proj", "gate_up_proj")
+def shard_full_parameter(name: str, t: torch.Tensor, args: ModelArgs, tp: TPGroup) -> torch.Tensor:
+    """This rank's piece of a whole parameter under our name (a fused one is sharded per component)."""
+    module = name.split(".")[-2]
+    if module in _FUSED_NAMES and tp.size > 1:
+        return torch.cat([shard_tensor(name, part, tp) for part in t.split(_fused_sizes(args)[module])])
+    return shard_tensor(name, t, tp)
 
 
 def load_model(path: str, device: torch.device, dtype: torch.dtype, max_positions: int,
@@ -107,11 +115,7 @@ def load_model(path: str, device: torch.device, dtype: torch.dtype, max_position
                     continue
                 # small weights keep activations finite through many layers
                 t = torch.empty(meta.shape, device=device, dtype=dtype).normal_(0.0, 0.02, generator=gen)
-                module = name.split(".")[-2]
-                if module in _FUSED_NAMES and tp.size > 1:
-                    parts = t.split(_fused_sizes(args)[module])
-                    t = torch.cat([shard_tensor(name, part, tp) for part in parts])
-                params[name].copy_(shard_tensor(name, t, tp) if module not in _FUSED_NAMES else t)
+                params[name].copy_(shard_full_parameter(name, t, args, tp))
         log.info("made random %s weights (%d layers) on %s%s", args.architecture, args.num_layers, device,
                  f", tensor-parallel rank {tp.rank} of {tp.size}" if tp.size > 1 else "")
         return model.eval()
