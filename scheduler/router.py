@@ -7,7 +7,9 @@ therefore builds the same prefix index from what the workers say, with no centra
 request path. Capacity also rides back on the first and last chunk of each response (admission and
 finish are the big changes); the ingress posts it to `scheduler/state_board.py` and the router lays the
 newer of the two over the report. The router adds its own in-flight requests (sent after the worker's last
-polled report, not yet finished) so a burst does not pile onto one stale "free" worker.
+polled report, not yet finished) so a burst does not pile onto one stale "free" worker, and the requests it has
+chosen a replica for but Serve has not yet handed over (a burst is routed by many concurrent decisions, each
+of which would otherwise see the same state and herd onto the same replica).
 
 A request carries its routing facts as a `RouteRequest` (or the dict form `route_request_to_dict`
 makes) in the keyword argument `route`, or as the first positional argument. Requests without
@@ -24,6 +26,8 @@ from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, Reque
 
 from scheduler import state_board
 from scheduler.policy import CapacityAffinityPolicy, RouteRequest, WorkerState
+
+CHOSEN_TTL_S = 5.0  # a decision Serve never acted on (request cancelled while routing) stops counting
 
 
 def route_request_to_dict(req: RouteRequest) -> dict:
@@ -59,6 +63,8 @@ class CapacityAffinityRouter(FIFOMixin, RequestRouter):
         self.policy = CapacityAffinityPolicy(prefill_tokens_per_s, mean_service_s, balance_s, seed=seed)
         # replica -> {internal request id: (time sent, pages it will need)}
         self.sent: dict[ReplicaID, dict[str, tuple[float, int]]] = {}
+        # internal request id -> (replica chosen, time, pages): decided, not yet routed (on_request_routed)
+        self.chosen: dict[str, tuple[ReplicaID, float, int]] = {}
         self.last_decision = None
         self._decisions = metrics.Counter("zipserve_router_decisions_total", "routing decisions by reason",
                                           tag_keys=("reason",))
@@ -68,6 +74,9 @@ class CapacityAffinityRouter(FIFOMixin, RequestRouter):
         req = self._route_of(pending_request)
         by_id = {str(r.replica_id): r for r in candidate_replicas}
         states = []
+        now = time.time()
+        self.chosen = {k: v for k, v in self.chosen.items() if now - v[1] < CHOSEN_TTL_S}
+        own = pending_request.metadata.internal_request_id if pending_request is not None else None
         for r in candidate_replicas:
             st = worker_state_from_stats(str(r.replica_id), state_board.overlay(r.replica_id.unique_id,
                                                                                 r.routing_stats))
@@ -81,6 +90,10 @@ class CapacityAffinityRouter(FIFOMixin, RequestRouter):
                 if sent_at > polled_at:
                     st.in_flight += 1
                     st.in_flight_pages += pages
+            for rid, (replica, _, pages) in self.chosen.items():
+                if replica == r.replica_id and rid != own:
+                    st.in_flight += 1
+                    st.in_flight_pages += pages
             states.append(st)
         if req is None or not states:
             return [sorted(candidate_replicas, key=lambda r: len(self.sent.get(r.replica_id, {})))]
@@ -91,9 +104,13 @@ class CapacityAffinityRouter(FIFOMixin, RequestRouter):
         if decision.worker_id is None:
             return []
         ranked = sorted(decision.costs, key=decision.costs.get)
+        if own is not None:
+            st = next(s for s in states if s.worker_id == decision.worker_id)
+            self.chosen[own] = (by_id[decision.worker_id].replica_id, now, st.peak_pages(req, decision.hit_pages))
         return [[by_id[decision.worker_id]]] + [[by_id[w]] for w in ranked if w != decision.worker_id]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
+        self.chosen.pop(pending_request.metadata.internal_request_id, None)
         req = self._route_of(pending_request)
         pages = 0
         if req is not None:
