@@ -1,4 +1,4 @@
-"""Synthetic long-reasoning tasks with checkable chains of thought: a register machine, two modes.
+"""Synthetic long-reasoning tasks with checkable chains of thought: a register machine, three modes.
 
 A problem states a start value `s`, a step count `n` and the values of K registers (in shuffled order):
 
@@ -30,6 +30,17 @@ so a value is read about three times before it is overwritten, from up to hundre
 On 100-220 steps (about 2.8k tokens) the value a step reads was written a median 170 tokens back, 10% over
 980 and 1% over 2,200 tokens.
 
+The "lookup" mode is "arithmetic over values stated in the prompt": the rereads line without write-backs,
+so the registers are a constant table in the prompt that every step consults (i = (s + counter) mod K):
+
+    149:6:37+44=81\n          i = 6: s = 37 + table[6]
+    148:9:81+17=98\n
+
+Each step depends on the previous line (s) and on one table entry stated up to the whole trace (3.5k
+tokens) back; every entry is read about every K steps. This is how long reasoning tends to use its facts
+(a problem's givens consulted again and again, the latest intermediate result carried forward), and it is
+the case attention-scored eviction is built for: what stays live is what keeps being attended.
+
 `generate(...)` draws problem sets from a seed; `check(...)` grades a completion.
 """
 
@@ -53,7 +64,7 @@ class Problem:
     mode: str = "registers"
 
 
-MODES = ("registers", "rereads")
+MODES = ("registers", "rereads", "lookup")
 WRITE_EVERY = 3  # rereads: steps whose counter is a multiple of this write back
 
 
@@ -78,7 +89,7 @@ def make_problem(rng: random.Random, steps: int, registers: int = 10, mode: str 
         if mode == "registers":
             lines.append(f"{c:03d}:{s:02d}+{r:02d}>{i}={s2:02d}\n")
             regs[i] = s2
-        elif c % WRITE_EVERY == 0:
+        elif mode == "rereads" and c % WRITE_EVERY == 0:
             lines.append(f"{c:03d}:{i}:{s:02d}+{r:02d}={s2:02d};{i}={s2:02d}\n")
             regs[i] = s2
         else:

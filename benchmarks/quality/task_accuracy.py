@@ -2,6 +2,8 @@
 
     python -m benchmarks.quality.task_accuracy --model benchmarks/quality/models/registers \
         --problems 256 --min-steps 100 --max-steps 250 --budgets 0.12,0.25,0.5 --block-size 32
+    python -m benchmarks.quality.task_accuracy --model benchmarks/quality/models/lookup   (its mode is read
+        from the model folder's train_log.json)
     zipserve bench task_accuracy ...   (the same)
 
 Problems are drawn from the generator with an evaluation seed the training never used; each is solved by
@@ -23,7 +25,7 @@ import time
 import torch
 
 from benchmarks.quality.fidelity import SETTINGS, write
-from benchmarks.quality.task import check, encode, generate
+from benchmarks.quality.task import MODES, check, encode, generate
 
 log = logging.getLogger("benchmarks.quality.task_accuracy")
 
@@ -52,7 +54,8 @@ def run(args: argparse.Namespace) -> dict:
     from workers import LLM
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    problems = generate(args.problems, args.min_steps, args.max_steps, args.registers, seed=args.seed)
+    mode = args.mode or trained_mode(args.model)
+    problems = generate(args.problems, args.min_steps, args.max_steps, args.registers, seed=args.seed, mode=mode)
     lengths = [len(p.prompt) + len(p.trace) + 1 for p in problems]
     mean_len = sum(lengths) / len(lengths)
     longest = max(lengths) + 16
@@ -63,7 +66,7 @@ def run(args: argparse.Namespace) -> dict:
     cuda = torch.cuda.is_available() and args.device in (None, "cuda")
     results = {"benchmark": "task_accuracy", "model": os.path.basename(args.model.rstrip("/")),
                "device": torch.cuda.get_device_name(0) if cuda else "cpu", "problems": len(problems),
-               "steps": [args.min_steps, args.max_steps], "registers": args.registers, "seed": args.seed,
+               "mode": mode, "steps": [args.min_steps, args.max_steps], "registers": args.registers, "seed": args.seed,
                "mean_tokens": mean_len, "block_size": args.block_size, "dtype": args.dtype, "runs": []}
     stem = os.path.join(args.out, f"task_accuracy_{results['model']}{args.tag}")
     overrides = json.loads(args.overrides) if args.overrides else {}
@@ -99,6 +102,15 @@ def run(args: argparse.Namespace) -> dict:
     return finish(results, stem)
 
 
+def trained_mode(model: str) -> str:
+    """The task mode a model folder was trained on (train_task_model.py's log), "registers" if it has none."""
+    path = os.path.join(model, "train_log.json")
+    if not os.path.exists(path):
+        return "registers"
+    with open(path) as f:
+        return json.load(f)["args"].get("mode", "registers")
+
+
 def finish(results: dict, stem: str) -> dict:
     """Ratios to full KV (when the runs include it), JSON and PNG."""
     full = [r for r in results["runs"] if r["setting"] == "full KV"]
@@ -116,9 +128,9 @@ def merge(paths: list[str], out: str) -> dict:
     for p in paths:
         with open(p) as f:
             parts.append(json.load(f))
-    keys = ("model", "problems", "steps", "registers", "seed", "block_size", "dtype")
+    keys = ("model", "mode", "problems", "steps", "registers", "seed", "block_size", "dtype")
     for p, part in zip(paths[1:], parts[1:]):
-        if any(part[k] != parts[0][k] for k in keys):
+        if any(part.get(k) != parts[0].get(k) for k in keys):
             raise ValueError(f"{p} measured a different workload than {paths[0]}")
     results = dict(parts[0], runs=[r for part in parts for r in part["runs"]])
     return finish(results, os.path.join(out, f"task_accuracy_{results['model']}"))
@@ -141,7 +153,7 @@ def plot(results: dict, path: str) -> None:
             ax.axhline(r["accuracy"], color="k", ls="--", label=f"full KV ({r['accuracy']:.3f})")
     ax.set(xlabel="budget (% of mean prompt + trace tokens)", ylabel="exact-answer accuracy", ylim=(0, 1.02))
     ax.legend()
-    ax.set_title(f"{results['model']}: {results['problems']} register-machine problems, "
+    ax.set_title(f"{results['model']}: {results['problems']} {results.get('mode', 'registers')} problems, "
                  f"{results['steps'][0]}-{results['steps'][1]} steps (~{results['mean_tokens']:.0f} tokens), "
                  f"pages of {results['block_size']}\n{results['device']}", fontsize=9)
     fig.tight_layout()
@@ -154,6 +166,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--min-steps", type=int, default=100)
     ap.add_argument("--max-steps", type=int, default=250)
     ap.add_argument("--registers", type=int, default=10)
+    ap.add_argument("--mode", default=None, choices=MODES, help="task mode (default: the one the model was trained on)")
     ap.add_argument("--seed", type=int, default=12345, help="evaluation problems (training draws from other seeds)")
     ap.add_argument("--budgets", default="0.12,0.25,0.5", help="fractions of the mean prompt + trace length")
     ap.add_argument("--settings", default=",".join(SETTINGS), help=f"scoring settings: {', '.join(SETTINGS)}")

@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from benchmarks.quality.task import build_tokenizer, encode, make_problem
+from benchmarks.quality.task import MODES, build_tokenizer, encode, make_problem
 
 log = logging.getLogger("benchmarks.quality.train_task_model")
 
@@ -142,7 +142,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--max-positions", type=int, default=4096)
     ap.add_argument("--registers", type=int, default=10)
-    ap.add_argument("--mode", default="registers", choices=("registers", "rereads"), help="see task.py")
+    ap.add_argument("--mode", default="registers", choices=MODES, help="see task.py")
     ap.add_argument("--min-steps", type=int, default=16)
     ap.add_argument("--max-steps", type=int, default=260)
     ap.add_argument("--batch-tokens", type=int, default=131072)
