@@ -29,6 +29,7 @@ import torch
 from benchmarks.quality.task import MODES, build_tokenizer, encode, make_problem
 
 log = logging.getLogger("benchmarks.quality.train_task_model")
+SHORT_STEPS = 40
 
 
 def model_config(tokenizer, args):
@@ -71,7 +72,15 @@ def train(args) -> dict:
     torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = build_tokenizer()
-    model = Qwen3ForCausalLM(model_config(tokenizer, args)).to(device)
+    previous = None
+    if args.init:  # a second phase: go on from a saved model (its log says what it took so far)
+        model = Qwen3ForCausalLM.from_pretrained(args.init, torch_dtype=torch.float32).to(device)
+        with open(os.path.join(args.init, "train_log.json")) as f:
+            previous = json.load(f)
+        if previous["args"]["mode"] != args.mode:
+            raise ValueError(f"{args.init} was trained on mode {previous['args']['mode']!r}, not {args.mode!r}")
+    else:
+        model = Qwen3ForCausalLM(model_config(tokenizer, args)).to(device)
     model.config.use_cache = False
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2fM parameters, %d layers, hidden %d; device %s", n_params / 1e6, args.layers, args.hidden,
@@ -95,7 +104,8 @@ def train(args) -> dict:
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = lr
-        steps = rng.randint(args.min_steps, args.max_steps)
+        short = rng.random() < args.short_share  # short problems weigh the first lines (read from the prompt)
+        steps = rng.randint(args.min_steps, min(args.max_steps, SHORT_STEPS) if short else args.max_steps)
         length = len(make_problem(random.Random(0), steps, args.registers, args.mode).prompt) + 15 * steps + 8
         problems = [make_problem(rng, steps, args.registers, args.mode) for _ in range(max(1, args.batch_tokens // length))]
         ids, labels = encode_problems(tokenizer, problems, device)
@@ -126,6 +136,10 @@ def train(args) -> dict:
     summary = {"parameters": n_params, "steps": step, "tokens": seen, "seconds": time.perf_counter() - t0,
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "args": vars(args), "history": history}
+    if previous is not None:
+        summary["previous_phases"] = previous.get("previous_phases", []) + [
+            {k: previous[k] for k in ("steps", "tokens", "seconds", "device", "args", "history")}]
+        summary["total_seconds"] = summary["seconds"] + sum(p["seconds"] for p in summary["previous_phases"])
     with open(os.path.join(args.out, "train_log.json"), "w") as f:
         json.dump(summary, f, indent=1)
     log.info("saved %s (%d steps, %.0fM tokens)", args.out, step, seen / 1e6)
@@ -143,6 +157,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--max-positions", type=int, default=4096)
     ap.add_argument("--registers", type=int, default=10)
     ap.add_argument("--mode", default="registers", choices=MODES, help="see task.py")
+    ap.add_argument("--init", default=None, help="start from this saved model (a further phase of its training)")
+    ap.add_argument("--short-share", type=float, default=0.0,
+                    help=f"share of batches with at most {SHORT_STEPS} steps (weighs the lines read from the prompt)")
     ap.add_argument("--min-steps", type=int, default=16)
     ap.add_argument("--max-steps", type=int, default=260)
     ap.add_argument("--batch-tokens", type=int, default=131072)
