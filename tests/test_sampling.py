@@ -127,6 +127,33 @@ def test_text_equals_decode(llm):
     assert out.prompt == "The quick brown fox"
 
 
+def test_text_decoder_equals_transformers_decode(llm):
+    """The detokenizer's direct backend call gives transformers' decode, specials and partial bytes included;
+    a tokenizer that cleans up spaces keeps transformers' path."""
+    import random
+
+    from workers.tokenizer import text_decoder
+
+    tok = llm.tokenizer
+    decode = text_decoder(tok)
+    rng = random.Random(0)
+    specials = list(tok.all_special_ids)
+    for _ in range(200):
+        ids = [rng.choice(specials) if rng.random() < 0.1 else rng.randrange(len(tok)) for _ in range(rng.randint(0, 12))]
+        assert decode(ids) == tok.decode(ids, skip_special_tokens=True), ids
+    cleans = tok.clean_up_tokenization_spaces
+    tok.clean_up_tokenization_spaces = True
+    try:
+        calls = []
+        original = tok.decode
+        tok.decode = lambda ids, **kw: calls.append(ids) or original(ids, **kw)
+        text_decoder(tok)([5, 6])
+        assert calls == [[5, 6]]
+    finally:
+        del tok.decode
+        tok.clean_up_tokenization_spaces = cleans
+
+
 def test_tiny_temperatures_are_greedy_not_nan(qwen3_path):
     """Found by the HTTP fuzzer: temperature 1e-300 overflowed logits / T to inf and NaN probabilities
     killed the engine loop. Below 1e-5 a request is greedy."""

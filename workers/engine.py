@@ -23,7 +23,7 @@ from workers.sampler import SamplingError, sample, top_logprobs
 from workers.sampling_params import SamplingParams
 from workers.scheduler import Scheduler
 from workers.sequence import Sequence, Status
-from workers.tokenizer import detokenize_step, init_detokenizer, load_tokenizer
+from workers.tokenizer import detokenize_step, init_detokenizer, load_tokenizer, text_decoder
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class LLMEngine:
         self.in_flight: list[tuple[object, list]] = []  # (event, plans) of overlapped compressions
         self.deferred: list = []  # plans made at the end of a step, launched beside the next step's forward
         self.tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+        self.decode = text_decoder(self.tokenizer) if self.tokenizer is not None else None
         self.eos_token_ids = set(args.eos_token_ids)
         if not self.eos_token_ids and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids = {self.tokenizer.eos_token_id}
@@ -105,7 +106,7 @@ class LLMEngine:
         for t in resume:
             seq.token_ids.append(t)
             if self.tokenizer is not None:
-                detokenize_step(self.tokenizer, seq)
+                detokenize_step(self.decode, seq)
         self.requests[request_id] = seq
         self.scheduler.add(seq)
 
@@ -231,7 +232,7 @@ class LLMEngine:
         seq.token_ids.append(token)
         self.num_generated_tokens += 1
         p = seq.params
-        new_text = detokenize_step(self.tokenizer, seq) if self.tokenizer is not None else ""
+        new_text = detokenize_step(self.decode, seq) if self.tokenizer is not None else ""
         if not p.ignore_eos and token in self.eos_token_ids:
             seq.finish_reason = "stop"
         elif token in p.stop_token_ids:
@@ -242,7 +243,7 @@ class LLMEngine:
             seq.finish_reason = "length"
         if seq.finish_reason is not None:
             if seq.stop_reason is None or not isinstance(seq.stop_reason, str):  # flush held-back bytes
-                new_text += detokenize_step(self.tokenizer, seq, final=True) if self.tokenizer is not None else ""
+                new_text += detokenize_step(self.decode, seq, final=True) if self.tokenizer is not None else ""
             self.scheduler.finish(seq)
             del self.requests[seq.request_id]
         return self._output(seq, [token], new_text)
