@@ -28,11 +28,15 @@ def replay_trace(problem: task.Problem) -> int:
             m = re.fullmatch(r"(\d{3}):(\d\d)\+(\d\d)>(\d)=(\d\d)", line)
             cc, ss, r, i, s2 = m.groups()
             assert int(i) == s % problem.registers
+        elif problem.mode == "lookup":  # the entry restated as i=vv: the latest statement of i before this line
+            m = re.fullmatch(r"(\d{3}):(\d)=(\d\d):(\d\d)>(\d\d)", line)
+            cc, i, r, ss, s2 = m.groups()
+            assert int(i) == (s + c) % problem.registers
         else:
             m = re.fullmatch(r"(\d{3}):(\d):(\d\d)\+(\d\d)=(\d\d)(;\d=\d\d)?", line)
             cc, i, ss, r, s2, write = m.groups()
             assert int(i) == (s + c) % problem.registers
-            assert (write is not None) == (problem.mode == "rereads" and c % task.WRITE_EVERY == 0)
+            assert (write is not None) == (c % task.WRITE_EVERY == 0)
             if write:
                 assert write == f";{i}={s2}"
         assert int(cc) == c and int(ss) == s

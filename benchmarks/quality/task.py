@@ -30,16 +30,19 @@ so a value is read about three times before it is overwritten, from up to hundre
 On 100-220 steps (about 2.8k tokens) the value a step reads was written a median 170 tokens back, 10% over
 980 and 1% over 2,200 tokens.
 
-The "lookup" mode is "arithmetic over values stated in the prompt": the rereads line without write-backs,
-so the registers are a constant table in the prompt that every step consults (i = (s + counter) mod K):
+The "lookup" mode is "arithmetic over values stated in the prompt": the registers are a constant table in
+the prompt that every step consults (i = (s + counter) mod K), and each line restates the entry it used in
+the prompt's own notation, as reasoning restates the givens it works with:
 
-    149:6:37+44=81\n          i = 6: s = 37 + table[6]
-    148:9:81+17=98\n
+    149:6=44:37>81\n          i = 6, table[6] = 44: s = 37 + 44 = 81
+    148:9=17:81>98\n
 
-Each step depends on the previous line (s) and on one table entry stated up to the whole trace (3.5k
-tokens) back; every entry is read about every K steps. This is how long reasoning tends to use its facts
-(a problem's givens consulted again and again, the latest intermediate result carried forward), and it is
-the case attention-scored eviction is built for: what stays live is what keeps being attended.
+An entry can be copied from the prompt or from any earlier line that used it (all say the same), so what a
+compressed cache must keep is any one statement of each entry plus the last line; an entry is used about
+every K steps. This is how long reasoning tends to use its facts (a problem's givens consulted again and
+again, the latest intermediate result carried forward), and the case attention-scored eviction is built for.
+(A first version wrote the value only as an operand, `149:6:37+44=81`: a 6.3M model learned to copy it
+from the last line that used the same entry but, in 10 minutes, never to read the prompt's `6=44`.)
 
 `generate(...)` draws problem sets from a seed; `check(...)` grades a completion.
 """
@@ -82,14 +85,16 @@ def make_problem(rng: random.Random, steps: int, registers: int = 10, mode: str 
     prompt = f"s={s:02d};n={steps:03d};" + ",".join(f"{i}={regs[i]:02d}" for i in order) + "\n"
     lines = []
     for c in range(steps - 1, -1, -1):
-        # rereads: the counter joins the index (s alone, between writes, would cycle through a few registers)
+        # rereads, lookup: the counter joins the index (s alone would cycle through a few registers)
         i = s % registers if mode == "registers" else (s + c) % registers
         r = regs[i]
         s2 = (r + s) % MODULUS
         if mode == "registers":
             lines.append(f"{c:03d}:{s:02d}+{r:02d}>{i}={s2:02d}\n")
             regs[i] = s2
-        elif mode == "rereads" and c % WRITE_EVERY == 0:
+        elif mode == "lookup":
+            lines.append(f"{c:03d}:{i}={r:02d}:{s:02d}>{s2:02d}\n")
+        elif c % WRITE_EVERY == 0:
             lines.append(f"{c:03d}:{i}:{s:02d}+{r:02d}={s2:02d};{i}={s2:02d}\n")
             regs[i] = s2
         else:
