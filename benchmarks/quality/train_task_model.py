@@ -77,8 +77,8 @@ def train(args) -> dict:
         model = Qwen3ForCausalLM.from_pretrained(args.init, torch_dtype=torch.float32).to(device)
         with open(os.path.join(args.init, "train_log.json")) as f:
             previous = json.load(f)
-        if previous["args"]["mode"] != args.mode:
-            raise ValueError(f"{args.init} was trained on mode {previous['args']['mode']!r}, not {args.mode!r}")
+        if previous["args"]["mode"] != args.mode:  # transfer: what it learned (reading i=vv, adding) carries over
+            log.info("starting from %s, trained on mode %r, for mode %r", args.init, previous["args"]["mode"], args.mode)
     else:
         model = Qwen3ForCausalLM(model_config(tokenizer, args)).to(device)
     model.config.use_cache = False
@@ -157,7 +157,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--max-positions", type=int, default=4096)
     ap.add_argument("--registers", type=int, default=10)
     ap.add_argument("--mode", default="registers", choices=MODES, help="see task.py")
-    ap.add_argument("--init", default=None, help="start from this saved model (a further phase of its training)")
+    ap.add_argument("--init", default=None,
+                    help="start from this saved model (a further phase of its training, on its mode or another)")
     ap.add_argument("--short-share", type=float, default=0.0,
                     help=f"share of batches with at most {SHORT_STEPS} steps (weighs the lines read from the prompt)")
     ap.add_argument("--min-steps", type=int, default=16)
