@@ -77,8 +77,8 @@ def train(args) -> dict:
         model = Qwen3ForCausalLM.from_pretrained(args.init, torch_dtype=torch.float32).to(device)
         with open(os.path.join(args.init, "train_log.json")) as f:
             previous = json.load(f)
-        if previous["args"]["mode"] != args.mode:  # transfer: what it learned (reading i=vv, adding) carries over
-            log.info("starting from %s, trained on mode %r, for mode %r", args.init, previous["args"]["mode"], args.mode)
+        if previous["args"].get("mode", "registers") != args.mode:  # transfer: what it learned (reading i=vv, adding) carries over
+            log.info("starting from %s, trained on mode %r, for mode %r", args.init, previous["args"].get("mode", "registers"), args.mode)
     else:
         model = Qwen3ForCausalLM(model_config(tokenizer, args)).to(device)
     model.config.use_cache = False
