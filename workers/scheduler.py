@@ -102,7 +102,8 @@ class Scheduler:
 
     def outstanding_pages(self) -> int:
         """Pages promised to reserved requests but not yet allocated."""
-        return sum(self.future_pages(s) for s in self.running if s.reserved)
+        # Compressed requests take no more (future_pages is 0): skip the call, they are most of a full batch.
+        return sum(self.future_pages(s) for s in self.running if s.reserved and not s.compressed)
 
     def available_pages(self) -> int:
         """Free pages nobody has reserved."""
@@ -168,6 +169,8 @@ class Scheduler:
         Only requests not yet scheduled this step (index and later) can be preempted."""
         while True:
             need = self.bm.blocks_needed(seq, n)
+            if need == 0:  # most decode steps; fits since reservations never exceed free pages (avail >= 0)
+                return True
             avail = self.bm.num_free_blocks if seq.reserved else self.available_pages()
             if need <= avail:
                 return True
