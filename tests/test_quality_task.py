@@ -28,10 +28,12 @@ def replay_trace(problem: task.Problem) -> int:
             m = re.fullmatch(r"(\d{3}):(\d\d)\+(\d\d)>(\d)=(\d\d)", line)
             cc, ss, r, i, s2 = m.groups()
             assert int(i) == s % problem.registers
-        elif problem.mode == "lookup":  # the entry restated as i=vv: the latest statement of i before this line
-            m = re.fullmatch(r"(\d{3}):(\d)=(\d\d):(\d\d)>(\d\d)", line)
-            cc, i, r, ss, s2 = m.groups()
+        elif problem.mode == "lookup":  # s first, then the entry restated as i=vv (the prompt's notation)
+            m = re.fullmatch(r"(\d{3}):(\d\d):(\d)=(\d\d)>(\d\d)", line)
+            cc, ss, i, r, s2 = m.groups()
             assert int(i) == (s + c) % problem.registers
+            # a constant table: every statement of i so far (the prompt's and earlier lines') says the same
+            assert {m.group(1) for m in re.finditer(rf"[,;:]{i}=(\d\d)", text)} == {r}, (k, line)
         else:
             m = re.fullmatch(r"(\d{3}):(\d):(\d\d)\+(\d\d)=(\d\d)(;\d=\d\d)?", line)
             cc, i, ss, r, s2, write = m.groups()
@@ -145,3 +147,12 @@ def test_training_script_lowers_the_loss_and_saves_a_folder_our_engine_serves(tm
     got = llm.generate([task.encode(llm.tokenizer, p.prompt)], SamplingParams(temperature=0, max_tokens=8),
                        use_tqdm=False)[0]
     assert len(got.token_ids) >= 1
+
+
+def test_curriculum_cap_rises_from_its_start_to_max_steps_then_stays():
+    ap = train_task_model.add_arguments(__import__("argparse").ArgumentParser())
+    args = ap.parse_args(["--curriculum", "0.3", "--max-steps", "260"])
+    caps = [train_task_model.steps_cap(args, f / 100) for f in range(101)]
+    assert caps[0] == 12 and caps[29] < 260 and caps[30:] == [260] * 71
+    assert caps == sorted(caps) and abs(caps[15] - (12 + 260) / 2) <= 1  # linear
+    assert {train_task_model.steps_cap(ap.parse_args([]), f) for f in (0.0, 0.5)} == {260}  # off by default

@@ -34,15 +34,23 @@ The "lookup" mode is "arithmetic over values stated in the prompt": the register
 the prompt that every step consults (i = (s + counter) mod K), and each line restates the entry it used in
 the prompt's own notation, as reasoning restates the givens it works with:
 
-    149:6=44:37>81\n          i = 6, table[6] = 44: s = 37 + 44 = 81
-    148:9=17:81>98\n
+    149:37:6=44>81\n          s = 37 (the last line's result), i = (37 + 149) mod 10 = 6, table[6] = 44:
+    148:81:9=17>98\n          s = 37 + 44 = 81
 
 An entry can be copied from the prompt or from any earlier line that used it (all say the same), so what a
 compressed cache must keep is any one statement of each entry plus the last line; an entry is used about
 every K steps. This is how long reasoning tends to use its facts (a problem's givens consulted again and
 again, the latest intermediate result carried forward), and the case attention-scored eviction is built for.
 (A first version wrote the value only as an operand, `149:6:37+44=81`: a 6.3M model learned to copy it
-from the last line that used the same entry but, in 10 minutes, never to read the prompt's `6=44`.)
+from the last line that used the same entry but, in 10 minutes, never to read the prompt's `6=44`. A second
+restated the entry first, `149:6=44:37>81`, and did no better (token accuracy 0.995, none solved), maybe
+because its index digit comes before the `s` it is computed from: the model had to add the previous
+line's result to the counter in one token, before writing either. The current order writes s first,
+copied from the previous line's end, so every token depends only on tokens just written -- the counter and
+s give i, `i=` is the key to look up in the prompt, s and the entry give the result --, a local computation
+per line, as in the registers mode, which a 6.3M model learned in 8 minutes. With this order and short
+problems first (train_task_model.py's `--curriculum 0.3`) the 6.3M model learned lookup in 9.2 minutes on
+an H200: all 32 held-out 260-step problems solved, teacher-forced.)
 
 `generate(...)` draws problem sets from a seed; `check(...)` grades a completion.
 """
@@ -93,7 +101,7 @@ def make_problem(rng: random.Random, steps: int, registers: int = 10, mode: str 
             lines.append(f"{c:03d}:{s:02d}+{r:02d}>{i}={s2:02d}\n")
             regs[i] = s2
         elif mode == "lookup":
-            lines.append(f"{c:03d}:{i}={r:02d}:{s:02d}>{s2:02d}\n")
+            lines.append(f"{c:03d}:{s:02d}:{i}={r:02d}>{s2:02d}\n")
         elif c % WRITE_EVERY == 0:
             lines.append(f"{c:03d}:{i}:{s:02d}+{r:02d}={s2:02d};{i}={s2:02d}\n")
             regs[i] = s2

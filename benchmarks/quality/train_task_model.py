@@ -8,6 +8,13 @@ against), fp32 master weights under bf16 autocast, AdamW, warmup then cosine dec
 (drawn uniformly from [min_steps, max_steps]), so its rows have equal length and need no padding; the
 batch holds about `--batch-tokens` tokens. The loss covers the trace and answer only (prompts are random).
 
+`--curriculum F` starts with short problems: over the first fraction F of the run (of the time budget, or
+of `--train-steps` if that ends it sooner) the largest step count a batch may draw rises linearly from
+`--curriculum-start` (default 12: most lines then read their entry from the prompt) to `--max-steps`;
+after that batches are uniform over [min_steps, max_steps] as without it. While the cap is below
+`--min-steps`, the floor drops to the cap (such batches all have exactly cap steps). Each history row
+records the cap at that point (`max_steps_cap`).
+
 Progress is measured teacher-forced on held-out long problems: token accuracy and the share of problems
 whose every trace token is the model's argmax -- exactly the share greedy decoding solves (given the
 prefix, greedy reproduces the reference token by token). Saves an HF folder (bf16 safetensors, the
@@ -66,6 +73,14 @@ def teacher_forced(model, ids: torch.Tensor, labels: torch.Tensor) -> dict:
             "solved": ok.all(1).float().mean().item()}
 
 
+def steps_cap(args, frac: float) -> int:
+    """The largest step count a batch may draw at progress `frac` (0..1 of the run): see --curriculum."""
+    if args.curriculum <= 0 or frac >= args.curriculum:
+        return args.max_steps
+    start = min(args.curriculum_start, args.max_steps)
+    return start + int((args.max_steps - start) * frac / args.curriculum)
+
+
 def train(args) -> dict:
     from transformers import Qwen3ForCausalLM
 
@@ -104,8 +119,10 @@ def train(args) -> dict:
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = lr
+        cap = steps_cap(args, frac)
         short = rng.random() < args.short_share  # short problems weigh the first lines (read from the prompt)
-        steps = rng.randint(args.min_steps, min(args.max_steps, SHORT_STEPS) if short else args.max_steps)
+        top = min(cap, SHORT_STEPS) if short else cap
+        steps = rng.randint(min(args.min_steps, top), top)
         length = len(make_problem(random.Random(0), steps, args.registers, args.mode).prompt) + 15 * steps + 8
         problems = [make_problem(rng, steps, args.registers, args.mode) for _ in range(max(1, args.batch_tokens // length))]
         ids, labels = encode_problems(tokenizer, problems, device)
@@ -122,10 +139,11 @@ def train(args) -> dict:
             ms = [teacher_forced(model, i, l) for i, l in held_out]
             model.train()
             row = {"step": step, "seconds": round(time.perf_counter() - t0, 1), "tokens": seen, "lr": lr,
-                   "train_loss": loss.item(), **{k: sum(m[k] for m in ms) / len(ms) for k in ms[0]}}
+                   "max_steps_cap": cap, "train_loss": loss.item(),
+                   **{k: sum(m[k] for m in ms) / len(ms) for k in ms[0]}}
             history.append(row)
-            log.info("step %d (%.0f s, %.1fM tokens): train loss %.4f, held-out loss %.4f, token acc %.5f, "
-                     "solved %.3f", step, row["seconds"], seen / 1e6, row["train_loss"], row["loss"],
+            log.info("step %d (%.0f s, %.1fM tokens, steps <= %d): train loss %.4f, held-out loss %.4f, "
+                     "token acc %.5f, solved %.3f", step, row["seconds"], seen / 1e6, cap, row["train_loss"], row["loss"],
                      row["token_accuracy"], row["solved"])
         bar.update(int(time.perf_counter() - t0) - bar.n)
     bar.close()
@@ -161,6 +179,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
                     help="start from this saved model (a further phase of its training, on its mode or another)")
     ap.add_argument("--short-share", type=float, default=0.0,
                     help=f"share of batches with at most {SHORT_STEPS} steps (weighs the lines read from the prompt)")
+    ap.add_argument("--curriculum", type=float, default=0.0,
+                    help="over this fraction of the run, the batches' largest step count rises from "
+                         "--curriculum-start to --max-steps (0: off)")
+    ap.add_argument("--curriculum-start", type=int, default=12)
     ap.add_argument("--min-steps", type=int, default=16)
     ap.add_argument("--max-steps", type=int, default=260)
     ap.add_argument("--batch-tokens", type=int, default=131072)
