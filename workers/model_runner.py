@@ -147,6 +147,7 @@ class ModelRunner:
                 pos.append(s)
                 slots.append(table[kv // bs] * bs + kv % bs)
             else:
+                assert s + n <= len(seq.token_ids), f"{seq.request_id}: a prefill chunk reaches a token not yet known"
                 ids.extend(seq.token_ids[s : s + n])
                 pos.extend(range(s, s + n))
                 slots.extend(table[i // bs] * bs + i % bs for i in range(kv, kv + n))
