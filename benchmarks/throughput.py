@@ -57,14 +57,16 @@ def _percentiles(xs: list[float]) -> dict:
 
 def run_zipserve(system: str, path: str, prompts, L: int, *, budget: int, pool_pages: int, block_size: int,
                  bandwidth: float, max_seconds: float) -> dict:
-    """One engine run; the timeline samples (time, running, tokens) every step."""
+    """One engine run; the timeline samples (time, running, tokens) every step. system: "compressed" or
+    "full", with "-sync" for the engine without async scheduling (the host work between steps exposed)."""
     from workers import LLM, SamplingParams
     from workers.gpu_clock import GpuClock
 
-    compressed = system == "compressed"
+    compressed = system.startswith("compressed")
+    overlap = not system.endswith("-sync")
     max_len = max(map(len, prompts)) + L + block_size
     llm = LLM(path, load_format="dummy", block_size=block_size, num_blocks=pool_pages, max_num_seqs=len(prompts),
-              max_model_len=max_len, budget_blocks=budget if compressed else None)
+              max_model_len=max_len, budget_blocks=budget if compressed else None, async_scheduling=overlap)
     eng = llm.engine
     # Warm up (Triton compiles, graph pools), including a compression at prefill end and one in decode.
     warm_prompt = [7] * ((budget + 1) * block_size + 17 if compressed else 300)
@@ -113,7 +115,7 @@ def run_zipserve(system: str, path: str, prompts, L: int, *, budget: int, pool_p
     stats = eng.stats()
     running = [r for _, r, _ in timeline]
     result = {
-        "system": f"zipserve {system}", "requests": len(prompts), "output_len": L, "complete": not incomplete,
+        "system": f"zipserve {system}", "async_scheduling": overlap, "requests": len(prompts), "output_len": L, "complete": not incomplete,
         "output_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "steps": eng.num_steps - steps0,
         "mean_running": sum(running) / len(running), "peak_running": max(running),
         "ttft_s": _percentiles(list(first.values())), "itl_ms": {k: 1e3 * v for k, v in _percentiles(gaps).items()},
@@ -235,7 +237,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--requests", type=int, default=32, help="N: the compressed engine's slot count")
     ap.add_argument("--budget", type=int, default=8, help="compressed budget in pages")
     ap.add_argument("--block-size", type=int, default=256)
-    ap.add_argument("--systems", default="compressed,full,transformers")
+    ap.add_argument("--systems", default="compressed,full,transformers",
+                    help="of compressed, full, transformers, compressed-sync, full-sync (no async scheduling)")
+    ap.add_argument("--tag", default="", help="suffix of the result files' names")
     ap.add_argument("--max-seconds", type=float, default=300, help="abort a zipserve run after this long")
     ap.add_argument("--hf-seconds", type=float, default=90, help="transformers' measurement window")
     ap.add_argument("--out", default="benchmarks/results")
@@ -261,7 +265,7 @@ def run(args: argparse.Namespace) -> dict:
                "systems": {}}
         for system in args.systems.split(","):
             log.info("L=%d: running %s", L, system)
-            if system in ("compressed", "full"):
+            if system in ("compressed", "full", "compressed-sync", "full-sync"):
                 r = run_zipserve(system, path, prompts, L, budget=args.budget, pool_pages=pool,
                                  block_size=args.block_size, bandwidth=bw, max_seconds=args.max_seconds)
             elif system == "transformers":
@@ -281,22 +285,26 @@ def run(args: argparse.Namespace) -> dict:
             row["fraction_of_ceiling"] = row["compressed_over_full"] / row["ceiling_compressed_over_full"]
             print(f"L={L}: compressed / full KV = {row['compressed_over_full']:.2f}x "
                   f"(ceiling {row['ceiling_compressed_over_full']:.2f}x, {100 * row['fraction_of_ceiling']:.0f}% of it)")
+        for name in ("compressed", "full"):
+            if name in s and f"{name}-sync" in s:
+                row[f"{name}_async_over_sync"] = s[name]["tokens_per_s"] / s[f"{name}-sync"]["tokens_per_s"]
+                print(f"L={L}: {name}: async scheduling / synchronous = {row[f'{name}_async_over_sync']:.2f}x")
         if "compressed" in s and "transformers" in s:
             row["compressed_over_transformers"] = s["compressed"]["tokens_per_s"] / s["transformers"]["tokens_per_s"]
             print(f"L={L}: compressed / transformers CB = {row['compressed_over_transformers']:.1f}x")
         results["lengths"].append(row)
-        _write(results, args.out)
+        _write(results, args.out, args.tag)
     return results
 
 
 _SETUP = ("shape", "device", "requests", "budget_blocks", "block_size", "pool_pages")
 
 
-def _write(results: dict, out: str) -> None:
+def _write(results: dict, out: str, tag: str = "") -> None:
     """Write the results; lengths measured earlier with the same setup (shape, card, N, budget, pool) in the
     same file are kept, so that lengths run in separate calls end up in one table."""
     os.makedirs(out, exist_ok=True)
-    name = os.path.join(out, f"throughput_{results['shape']}_{card_tag(results['device'])}")
+    name = os.path.join(out, f"throughput_{results['shape']}_{card_tag(results['device'])}{tag}")
     merged = results
     if os.path.isfile(name + ".json"):
         with open(name + ".json") as f:

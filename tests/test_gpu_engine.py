@@ -75,3 +75,23 @@ def test_same_kept_sets_at_first_compressions(gpu_model):
     assert len(logs["torch"]) == len(logs["triton"]) > 0
     for (ra, la, a), (rb, lb, b) in zip(logs["torch"], logs["triton"]):
         assert (ra, la) == (rb, lb) and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("budget", [None, 4])
+def test_async_scheduling_equals_synchronous_on_the_gpu(gpu_model, budget):
+    """Async scheduling with CUDA graphs, pinned copies and the compression stream (fp32): every request gets
+    the tokens and ending of the synchronous engine, including requests ended by a stop token's value."""
+    common = dict(device="cuda", dtype="float32", block_size=16, budget_blocks=budget, max_num_batched_tokens=128,
+                  compression=dict(query_window=16), kv_cache_memory_gb=2)
+    free = LLM(gpu_model, async_scheduling=False, **common).generate(
+        PROMPTS, SamplingParams(temperature=0, max_tokens=96, ignore_eos=True), use_tqdm=False)
+    params = [SamplingParams(temperature=0, max_tokens=96, stop_token_ids=[o.token_ids[20 + 5 * i]]) if i % 2 == 0
+              else SamplingParams(temperature=0, max_tokens=50 + i, ignore_eos=True) for i, o in enumerate(free)]
+    results = {}
+    for overlap in (False, True):
+        llm = LLM(gpu_model, async_scheduling=overlap, **common)
+        assert llm.engine.runner.graphs is not None
+        results[overlap] = [(list(o.token_ids), o.finish_reason) for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+        assert llm.stats()["free_pages"] == llm.stats()["total_pages"]
+    assert results[True] == results[False]
+    assert [r for _, r in results[True]].count("stop") == 3

@@ -175,6 +175,7 @@ class BlockManager:
             return
         if len(seq.block_hashes) < n_full:
             seq.block_hashes = page_hashes(seq.token_ids, self.block_size, seq.block_hashes)
+        assert len(seq.block_hashes) >= n_full, f"{seq.request_id}: a computed page holds a token not yet known"
         for i in range(seq.num_committed_blocks, n_full):
             block, h = seq.block_table[i], seq.block_hashes[i]
             if self.block_hash[block] is None and h not in self.hash_to_block:

@@ -88,6 +88,9 @@ class EngineConfig:
     enforce_eager: bool = False  # True: no CUDA graphs for decode
     cuda_graph_max_batch: int = 256  # decode batches up to this size replay captured graphs
     tensor_parallel_size: int = 1  # GPUs (processes) one engine spans: workers/tensor_parallel.py
+    # Overlap a step's host work (scheduling, input building, detokenizing, stop checks) with the previous
+    # step's GPU work: sampled tokens stay on the device and feed the next step (workers/engine.py).
+    async_scheduling: bool = True
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":

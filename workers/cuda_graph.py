@@ -80,9 +80,9 @@ class DecodeGraphs:
     def fits(self, batch: int) -> bool:
         return batch <= self.batch_sizes[-1]
 
-    def run(self, ids, pos, slots, tables, kv_lens, win_slots, win_pos) -> torch.Tensor:
+    def run(self, ids, pos, slots, tables, kv_lens, win_slots, win_pos, fill=None) -> torch.Tensor:
         """Replay the graph of the smallest captured size >= len(ids) (host int lists in; padded here);
-        returns hidden states [len(ids), H]."""
+        returns hidden states [len(ids), H]. fill(ids buffer): writes ids known only on the device."""
         n = len(ids)
         b = next(s for s in self.batch_sizes if s >= n)
         pad, w = b - n, self.width
@@ -92,5 +92,7 @@ class DecodeGraphs:
         host32 = torch.tensor(kv_lens + [1] * pad + flat_tables + [0] * (pad * w), dtype=torch.int32)
         self.flat64[: 5 * b].copy_(host64.pin_memory(), non_blocking=True)
         self.flat32[: b * (1 + w)].copy_(host32.pin_memory(), non_blocking=True)
+        if fill is not None:
+            fill(self.flat64[:b])
         self.graphs[b].replay()
         return self.outputs[b][:n]

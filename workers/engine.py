@@ -2,6 +2,16 @@
 
 This is the API the serving worker drives: `add_request`, `step` (returns what changed), `abort_request`
 (frees the request's pages at once) and `stats`. `LLM` (workers/llm.py) is a thin offline wrapper.
+
+Async scheduling (`async_scheduling`, on by default): a step's sampled tokens stay on the device; the next
+step is scheduled and launched first (its inputs read those tokens on the device), and only then are they
+copied back and appended, detokenized and checked for stops -- while the GPU runs the next step. So the
+host's work of one step hides behind the GPU's work of the next (at small model shapes that host work is
+as long as the step itself). The scheduler sees a pending token as a token (`Sequence.num_pending`), so its
+decisions are those of a synchronous engine; what differs is that a request that ends by a token's value
+(EOS, stop token or string) is known one step late: it computed one more token, which is dropped. A
+request that reaches max_tokens or max_model_len ends at once, whatever the token. Steps with logprobs or
+teacher forcing, and tensor parallelism, run synchronously.
 """
 
 from __future__ import annotations
@@ -10,6 +20,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -19,13 +30,24 @@ from workers.model_runner import ModelRunner
 from workers.models import read_model_args
 from workers.outputs import RequestOutput, SpanView
 from workers.parallel import TPGroup
-from workers.sampler import SamplingError, sample, top_logprobs
+from workers.sampler import SamplingError, sample, sample_on_device, top_logprobs
 from workers.sampling_params import SamplingParams
 from workers.scheduler import Scheduler
 from workers.sequence import Sequence, Status
 from workers.tokenizer import detokenize_step, init_detokenizer, load_tokenizer, text_decoder
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class PendingStep:
+    """One step's sampled tokens, not yet on the host (async scheduling)."""
+
+    seqs: list[Sequence]  # the requests that sampled, in row order
+    tokens: torch.Tensor  # [rows] int64 on the device: the next step's inputs read them there
+    host: torch.Tensor  # their copy on the host (pinned), then a bad-row flag per row if `checks`
+    ready: object  # a CUDA event: the host copy has landed (None off CUDA)
+    checks: bool
 
 
 class LLMEngine:
@@ -57,6 +79,7 @@ class LLMEngine:
         self.pages_freed_by_compression = 0
         self.in_flight: list[tuple[object, list]] = []  # (event, plans) of overlapped compressions
         self.deferred: list = []  # plans made at the end of a step, launched beside the next step's forward
+        self.pending: PendingStep | None = None  # the last step's tokens, still on the device
         self.tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
         self.decode = text_decoder(self.tokenizer) if self.tokenizer is not None else None
         self.eos_token_ids = set(args.eos_token_ids)
@@ -123,64 +146,52 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> bool:
         """Cancel a request; its pages return to the pool now. False if it is unknown or done."""
         seq = self.requests.pop(request_id, None)
-        if seq is None or seq.is_finished:
+        if seq is None:
             return False
         seq.finish_reason = "abort"
-        if not seq.compressing:  # else its pages are freed when its compaction lands
-            self.scheduler.finish(seq)
+        self._retire(seq)
         return True
 
+    def _retire(self, seq: Sequence) -> None:
+        """Free a request's pages now, or when its compaction lands (which reads them)."""
+        if not seq.is_finished and not seq.compressing:
+            self.scheduler.finish(seq)
+
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work() or bool(self.in_flight) or bool(self.deferred)
+        return (self.scheduler.has_work() or bool(self.in_flight) or bool(self.deferred)
+                or (self.pending is not None and bool(self.requests)))  # (else it holds aborted requests only)
 
     # ---- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled batch; returns an output for every request that changed."""
+        """Run one scheduled batch; returns an output for every request that changed (under async
+        scheduling: the tokens of the step before, whose values arrive while this one runs)."""
         self._land_compressions()
         sched = self.scheduler.schedule()
         self._compress(sched.compactions)  # early compressions (pages ran short), before the forward
         if not sched.chunks:
+            outputs = self._resolve_pending()
             self._launch_deferred()
-            if self.in_flight:  # only compressions left to wait for: wait for the oldest, then go on
+            if self.in_flight and not outputs:  # only compressions left to wait for: wait for the oldest
                 self.in_flight[0][0].synchronize()
-            return []
+            return outputs
         data_ready = self.runner.mark()  # everything the deferred compressions read is written by now
-        logits = self.runner.execute(sched.chunks)  # queued on the main stream; not waited for yet
+        last_tokens = self.pending.tokens if self.pending is not None else None
+        logits = self.runner.execute(sched.chunks, last_tokens)  # queued on the main stream; not waited for yet
         self._launch_deferred(after=data_ready)  # last step's compressions, on their own stream, beside it
         samplers = [c.seq for c in sched.chunks if c.samples]
         for c in sched.chunks:
             if not c.samples:
                 self.num_prompt_tokens_computed += c.num_new_tokens
             c.seq.num_computed_tokens += c.num_new_tokens
+        if self._overlaps(samplers):
+            pending = self._sample_async(samplers, logits)
+            outputs = self._resolve_pending()  # the step before's tokens, while the GPU runs this one
+            self.pending = pending
+        else:
+            outputs = self._resolve_pending()
+            outputs += self._sample_now(samplers, logits)
+        for c in sched.chunks:  # page hashes need token values: the step before's are all known now
             self.block_manager.commit_full_blocks(c.seq)
-        outputs = []
-        forced = self.step_observer(samplers, logits) if self.step_observer is not None and samplers else None
-        if forced is not None:  # teacher forcing (quality evaluation): the observer's tokens, not sampled ones
-            for seq, tok in zip(samplers, forced):
-                seq.decoding = True
-                outputs.append(self._append_token(seq, tok))
-        elif samplers:
-            try:
-                tokens, logprobs = sample(logits, [s.params for s in samplers], [s.generator for s in samplers],
-                                          self.generator)
-            except SamplingError as e:  # fail those requests alone; the others sample again
-                for row in e.rows:
-                    seq = samplers[row]
-                    log.error("request %s: %s; it is ended with finish_reason 'error'", seq.request_id, e)
-                    seq.finish_reason, seq.stop_reason = "error", "invalid sampling distribution"
-                    self.scheduler.finish(seq)
-                    self.requests.pop(seq.request_id, None)
-                    outputs.append(self._output(seq, [], ""))
-                keep = [r for r in range(len(samplers)) if r not in set(e.rows)]
-                samplers = [samplers[r] for r in keep]
-                logits = logits[keep]
-                tokens, logprobs = sample(logits, [s.params for s in samplers], [s.generator for s in samplers],
-                                          self.generator) if samplers else ([], None)
-            for row, (seq, tok) in enumerate(zip(samplers, tokens)):
-                seq.decoding = True
-                if seq.params.logprobs is not None:
-                    seq.logprobs.append(top_logprobs(logprobs[row], tok, seq.params.logprobs))
-                outputs.append(self._append_token(seq, tok))
         # Compression stage: requests whose cache reached budget + 1 full pages (or a long prompt ended).
         # On CUDA it is launched beside the next step's forward, on its own stream; the requests it
         # compacts sit out until it has landed. Elsewhere it runs now.
@@ -197,6 +208,91 @@ class LLMEngine:
             self._compress(plans)
         self.num_steps += 1
         return outputs
+
+    def _overlaps(self, samplers: list[Sequence]) -> bool:
+        """Whether this step's tokens may stay on the device until the next step is launched."""
+        return (self.config.async_scheduling and bool(samplers) and self.step_observer is None
+                and self.tp.size == 1 and not any(s.params.logprobs is not None for s in samplers))
+
+    def _sample_async(self, samplers: list[Sequence], logits: torch.Tensor) -> PendingStep:
+        """Sample on the device and start the copy back; the requests count the tokens as pending."""
+        tokens, bad, _ = sample_on_device(logits, [s.params for s in samplers], [s.generator for s in samplers],
+                                          self.generator)
+        flat = tokens if bad is None else torch.cat([tokens, bad.long()])
+        ready = None
+        if flat.device.type == "cuda":
+            host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            host.copy_(flat, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        else:
+            host = flat
+        rec = PendingStep(samplers, tokens, host, ready, bad is not None)
+        for row, seq in enumerate(samplers):
+            seq.decoding = True
+            seq.num_pending += 1
+            seq.pending_row = (rec, row)
+            if seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
+                self.scheduler.finish(seq)  # it ends here whatever the token is: its pages go back now
+        return rec
+
+    def _resolve_pending(self) -> list[RequestOutput]:
+        """Append the last async step's tokens (waiting for their copy), detokenize, check stops."""
+        rec, self.pending = self.pending, None
+        if rec is None:
+            return []
+        if rec.ready is not None:
+            rec.ready.synchronize()
+        values, n = rec.host.tolist(), len(rec.seqs)
+        outputs = []
+        for row, seq in enumerate(rec.seqs):
+            if self.requests.get(seq.request_id) is not seq:
+                continue  # aborted, or ended by an earlier token: this one is dropped
+            seq.num_pending -= 1
+            if seq.pending_row is not None and seq.pending_row[0] is rec:
+                seq.pending_row = None
+            if rec.checks and values[n + row]:
+                outputs.append(self._fail(seq, "invalid sampling distribution"))
+            else:
+                outputs.append(self._append_token(seq, values[row]))
+        return outputs
+
+    def _sample_now(self, samplers: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
+        """Sample (or take the observer's tokens) and append them in this step."""
+        outputs = []
+        forced = self.step_observer(samplers, logits) if self.step_observer is not None and samplers else None
+        if forced is not None:  # teacher forcing (quality evaluation): the observer's tokens, not sampled ones
+            for seq, tok in zip(samplers, forced):
+                seq.decoding = True
+                outputs.append(self._append_token(seq, tok))
+            return outputs
+        if not samplers:
+            return outputs
+        try:
+            tokens, logprobs = sample(logits, [s.params for s in samplers], [s.generator for s in samplers],
+                                      self.generator)
+        except SamplingError as e:  # fail those requests alone; the others sample again
+            for row in e.rows:
+                outputs.append(self._fail(samplers[row], str(e)))
+            keep = [r for r in range(len(samplers)) if r not in set(e.rows)]
+            samplers = [samplers[r] for r in keep]
+            logits = logits[keep]
+            tokens, logprobs = sample(logits, [s.params for s in samplers], [s.generator for s in samplers],
+                                      self.generator) if samplers else ([], None)
+        for row, (seq, tok) in enumerate(zip(samplers, tokens)):
+            seq.decoding = True
+            if seq.params.logprobs is not None:
+                seq.logprobs.append(top_logprobs(logprobs[row], tok, seq.params.logprobs))
+            outputs.append(self._append_token(seq, tok))
+        return outputs
+
+    def _fail(self, seq: Sequence, why: str) -> RequestOutput:
+        log.error("request %s: %s; it is ended with finish_reason 'error'", seq.request_id, why)
+        seq.finish_reason, seq.stop_reason = "error", "invalid sampling distribution"
+        seq.num_pending, seq.pending_row = 0, None
+        self._retire(seq)
+        self.requests.pop(seq.request_id, None)
+        return self._output(seq, [], "")
 
     def _compress(self, plans, overlap: bool = False, after=None) -> None:
         if not plans:
@@ -225,8 +321,8 @@ class LLMEngine:
                 self.pages_freed_by_compression += sum(1 for b in plan.release if bm.ref_count[b] == 1) - plan.num_fresh
                 bm.release(plan.release)
                 plan.seq.compressing = False
-                if plan.seq.finish_reason == "abort" and not plan.seq.is_finished:
-                    self.scheduler.finish(plan.seq)
+                if plan.seq.finish_reason is not None:  # it ended (or was aborted) while compacting
+                    self._retire(plan.seq)
 
     def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
         seq.token_ids.append(token)
@@ -239,12 +335,14 @@ class LLMEngine:
             seq.finish_reason, seq.stop_reason = "stop", token
         elif p.stop and new_text:
             new_text = self._check_stop_strings(seq, new_text)
-        if seq.finish_reason is None and (seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+        known = len(seq.token_ids)  # (tokens sampled after this one may be pending)
+        if seq.finish_reason is None and (known - seq.num_prompt_tokens >= p.max_tokens or known >= self.max_model_len):
             seq.finish_reason = "length"
         if seq.finish_reason is not None:
             if seq.stop_reason is None or not isinstance(seq.stop_reason, str):  # flush held-back bytes
                 new_text += detokenize_step(self.decode, seq, final=True) if self.tokenizer is not None else ""
-            self.scheduler.finish(seq)
+            seq.num_pending, seq.pending_row = 0, None  # tokens sampled after this one are dropped
+            self._retire(seq)
             del self.requests[seq.request_id]
         return self._output(seq, [token], new_text)
 
@@ -268,13 +366,14 @@ class LLMEngine:
 
     def _output(self, seq: Sequence, new_tokens: list[int], new_text: str) -> RequestOutput:
         n_prompt = seq.num_prompt_tokens
-        done = seq.is_finished  # final outputs own their lists; intermediate ones get O(1) views
+        done = seq.finish_reason is not None  # (its pages may still wait for a compaction to land)
+        # final outputs own their lists; intermediate ones get O(1) views
         return RequestOutput(
             request_id=seq.request_id,
             prompt_token_ids=seq.token_ids[:n_prompt] if done else SpanView(seq.token_ids, 0, n_prompt),
             token_ids=seq.output_token_ids if done else SpanView(seq.token_ids, n_prompt),
             text=seq.text,
-            finished=seq.is_finished,
+            finished=done,
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
             new_token_ids=new_tokens,

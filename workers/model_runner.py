@@ -118,25 +118,36 @@ class ModelRunner:
         return n
 
     @torch.inference_mode()
-    def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+    def execute(self, chunks: list[ScheduledChunk], last_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Run one step; returns fp32 logits for the chunks that sample, in chunk order.
 
         Host work is kept small: every index array is built in Python and crosses to the device in one
         int64 and one int32 copy through pinned memory (queued before the forward, so the host never waits
-        for the GPU here, and compression can be launched beside the forward)."""
+        for the GPU here, and compression can be launched beside the forward).
+
+        last_tokens: the previous step's sampled tokens, still on the device (async scheduling); a request
+        whose input token is not on the host yet (seq.pending_row) reads it from there."""
         bs = self.block_size
         Q = self.cfg.compression.query_window
         ids, pos, slots, qsl, kv_lens, sample_rows = [], [], [], [0], [], []
         win_rows, win_slots, win_pos = [], [], []
+        from_device, device_rows = [], []  # input rows filled on the device, and their rows in last_tokens
         for c in chunks:
             seq, n = c.seq, c.num_new_tokens
             s, kv = seq.num_computed_tokens, seq.kv_len  # position and cache index of the first new token
             table = seq.block_table
             if n == 1:
-                ids.append(seq.token_ids[s])
+                if s < len(seq.token_ids):
+                    ids.append(seq.token_ids[s])
+                else:  # its last sampled token: still on the device
+                    assert last_tokens is not None and seq.pending_row is not None, f"{seq.request_id}: token {s} unknown"
+                    from_device.append(len(ids))
+                    device_rows.append(seq.pending_row[1])
+                    ids.append(0)
                 pos.append(s)
                 slots.append(table[kv // bs] * bs + kv % bs)
             else:
+                assert s + n <= len(seq.token_ids), f"{seq.request_id}: a prefill chunk reaches a token not yet known"
                 ids.extend(seq.token_ids[s : s + n])
                 pos.extend(range(s, s + n))
                 slots.extend(table[i // bs] * bs + i % bs for i in range(kv, kv + n))
@@ -155,15 +166,27 @@ class ModelRunner:
             spare = self.graphs.spare_slot or 0
             wslots = [c.seq.window_slot if c.seq.window_slot is not None else spare for c in chunks]
             wpos = [c.seq.kv_len % Q for c in chunks]
-            h = self.graphs.run(ids, pos, slots, tables, kv_lens, wslots, wpos)
+            h = self.graphs.run(ids, pos, slots, tables, kv_lens, wslots, wpos,
+                                fill=self._fill_ids(from_device, device_rows, last_tokens))
             if len(sample_rows) != len(chunks):
                 h = h[self._upload([sample_rows], torch.long)[0]]
         else:
-            h = self._eager_forward(ids, pos, slots, tables, qsl, kv_lens, win_rows, win_slots, win_pos, sample_rows)
+            h = self._eager_forward(ids, pos, slots, tables, qsl, kv_lens, win_rows, win_slots, win_pos, sample_rows,
+                                    self._fill_ids(from_device, device_rows, last_tokens))
         logits = self.model.compute_logits(h) if sample_rows else torch.empty(0, self.args.vocab_size, device=self.device)
         if tick is not None:
             self.clock.stop(tick)
         return logits
+
+    def _fill_ids(self, rows: list[int], src: list[int], last_tokens: torch.Tensor | None):
+        """A function that writes last_tokens[src] into rows of an uploaded ids tensor (None if no row)."""
+        if not rows:
+            return None
+        rows_d, src_d = self._upload([rows, src], torch.long)
+
+        def fill(ids_d: torch.Tensor) -> None:
+            ids_d.index_copy_(0, rows_d, last_tokens.index_select(0, src_d))
+        return fill
 
     def _upload(self, arrays: list[list[int]], dtype) -> list[torch.Tensor]:
         """Concatenate host int lists, copy them to the device at once, return the device slices."""
@@ -177,12 +200,14 @@ class ModelRunner:
             i += len(a)
         return out
 
-    def _eager_forward(self, ids, pos, slots, tables, qsl, kv_lens, win_rows, win_slots, win_pos, sample_rows):
+    def _eager_forward(self, ids, pos, slots, tables, qsl, kv_lens, win_rows, win_slots, win_pos, sample_rows, fill=None):
         width = max(len(t) for t in tables)
         flat_tables = [b for t in tables for b in t + [0] * (width - len(t))]
         ids_d, pos_d, slots_d, rows_d, wr_d, ws_d, wp_d = self._upload(
             [ids, pos, slots, sample_rows, win_rows, win_slots, win_pos], torch.long)
         qsl_d, kvl_d, tab_d = self._upload([qsl, kv_lens, flat_tables], torch.int32)
+        if fill is not None:
+            fill(ids_d)
         windows = bool(win_rows)
         meta = AttentionMetadata(
             slot_mapping=slots_d, block_tables=tab_d.view(len(tables), width), query_start_loc=qsl_d, kv_lens=kvl_d,

@@ -144,6 +144,8 @@ class Scheduler:
         # Admit waiting requests only when nobody was preempted this step (else they would thrash).
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             seq = self.waiting[0]
+            if seq.num_pending:  # preempted with a token still on the device: admitted once it is known
+                break
             cached = self.bm.cached_prefix(seq)
             start = len(cached) * self.block_size
             n = min(seq.num_tokens - start, budget)

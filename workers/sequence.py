@@ -18,13 +18,13 @@ class Status(enum.Enum):
 @dataclass(eq=False)
 class Sequence:
     request_id: str
-    token_ids: list[int]  # prompt + generated so far
+    token_ids: list[int]  # prompt + generated so far (whose values are known on the host)
     num_prompt_tokens: int
     params: SamplingParams
     arrival: int  # admission order (FCFS tie-break)
     status: Status = Status.WAITING
     # Tokens whose K/V are in the cache (or are being written by the current step). The next step
-    # runs tokens [num_computed_tokens, len(token_ids)).
+    # runs tokens [num_computed_tokens, num_tokens).
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
     # Chained hashes of this request's full pages, in order (prompt and generated pages alike).
@@ -41,6 +41,11 @@ class Sequence:
     reserved: bool = False  # admitted with its peak pages reserved (never preempted)
     decoding: bool = False  # its prompt (and any recomputed tokens) are in; set when it samples
     compressing: bool = False  # its compaction is in flight on the compressor's stream: not schedulable
+    # Async scheduling: tokens sampled but still on the device (counted in num_tokens, not yet in
+    # token_ids), and where the latest one is: (the step's pending record, its row) -- the next step's
+    # input for this request is read from there on the device.
+    num_pending: int = 0
+    pending_row: tuple[object, int] | None = None
     num_preemptions: int = 0
     finish_reason: str | None = None
     stop_reason: str | int | None = None
@@ -55,7 +60,7 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) + self.num_pending
 
     @property
     def kv_len(self) -> int:
@@ -67,7 +72,7 @@ class Sequence:
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        return self.num_tokens - self.num_prompt_tokens
 
     @property
     def output_token_ids(self) -> list[int]:
