@@ -99,14 +99,16 @@ def test_character_tokenizer_round_trips_and_matches_the_committed_one():
     assert committed.eos_token_id == tok.eos_token_id
 
 
-def test_committed_model_engine_greedy_equals_transformers_greedy_and_solves_short_problems():
+@pytest.mark.parametrize("mode", ["registers", "lookup"])
+def test_committed_model_engine_greedy_equals_transformers_greedy_and_solves_short_problems(mode):
     """The oracle: transformers' greedy decoding of the committed weights, token for token."""
     from transformers import AutoTokenizer, Qwen3ForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(MODEL)
-    hf = Qwen3ForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
-    llm = LLM(MODEL, block_size=16, max_model_len=1024, dtype="float32")
-    problems = task.generate(4, 20, 30, seed=99)
+    model = os.path.join(os.path.dirname(MODEL), mode)
+    tok = AutoTokenizer.from_pretrained(model)
+    hf = Qwen3ForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    llm = LLM(model, block_size=16, max_model_len=1024, dtype="float32")
+    problems = task.generate(4, 20, 30, seed=99, mode=mode)
     solved = 0
     for p in problems:
         ids = task.encode(tok, p.prompt)
