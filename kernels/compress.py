@@ -13,7 +13,7 @@ best `keep` are kept, in their original order. All math is fp32. The pieces (eac
      near-duplicate (similarity > threshold); r_m sums row m; R = softmax(r / (T * N)) over tokens,
      N = tokens (all pairs) or block_size ("lightning": pairs within one page only).
   S  = lam * P - (1 - lam) * R (or P without redundancy); the first `num_sink_tokens` entries and the
-     window itself get +inf, so they are always kept.
+     last max(Q, `recent_window`) (the window itself at least) get +inf, so they are always kept.
 """
 
 from __future__ import annotations
@@ -123,8 +123,13 @@ def compression_scores_ref(q_win: torch.Tensor, k: torch.Tensor, g_prev: torch.T
     s = s.clone()
     if cfg.num_sink_tokens:
         s[..., : cfg.num_sink_tokens] = float("inf")
-    s[..., N - q_win.shape[1] :] = float("inf")
+    s[..., max(0, N - _tail(q_win, cfg)) :] = float("inf")
     return s, g
+
+
+def _tail(q_win: torch.Tensor, cfg) -> int:
+    """The recent entries always kept: the query window, or the configured recent window if longer."""
+    return max(q_win.shape[1], cfg.recent_window)
 
 
 def select_keep_ref(scores: torch.Tensor, keep: int) -> torch.Tensor:
@@ -354,12 +359,12 @@ def redundancy_triton(k: torch.Tensor, threshold: float, temperature: float, blo
 
 
 @_jit
-def _scores_finish_kernel(a_ptr, gp_ptr, r_ptr, s_ptr, g_ptr, N, H, num_prev, num_sink, Q,
+def _scores_finish_kernel(a_ptr, gp_ptr, r_ptr, s_ptr, g_ptr, N, H, num_prev, num_sink, tail,
                           decay, lam, one_minus_lam, sg_l, sg_h, sg_n,
                           USE_G: tl.constexpr, W: tl.constexpr, USE_R: tl.constexpr, BLOCK: tl.constexpr):
     """Grid (L * H, N tiles): G = max(A, decay * G_prev) (first num_prev entries), P = max-pool of G
     over [n - W, n + W] (G recomputed at the neighbours instead of a second launch), S = lam * P -
-    (1 - lam) * R, sinks and window = +inf."""
+    (1 - lam) * R, sinks and the recent tail = +inf."""
     lh, t = tl.program_id(0), tl.program_id(1)
     n = t * BLOCK + tl.arange(0, BLOCK)
     pooled = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -377,7 +382,7 @@ def _scores_finish_kernel(a_ptr, gp_ptr, r_ptr, s_ptr, g_ptr, N, H, num_prev, nu
     if USE_R:
         r = tl.load(r_ptr + lh * N + n, mask=n < N, other=0.0)
         s = lam * s - one_minus_lam * r
-    s = tl.where((n < num_sink) | (n >= N - Q), float("inf"), s)
+    s = tl.where((n < num_sink) | (n >= N - tail), float("inf"), s)
     tl.store(s_ptr + lh * N + n, s, mask=n < N)
 
 
@@ -397,7 +402,7 @@ def compression_scores_triton(q_win: torch.Tensor, k: torch.Tensor, g_prev: torc
     lam = float(cfg.redundancy_lambda)
     BLOCK = _block(N, hi=1024)
     _scores_finish_kernel[(L * H, triton.cdiv(N, BLOCK))](
-        a, gp, r, s, g, N, H, num_prev if use_g else 0, cfg.num_sink_tokens, q_win.shape[1],
+        a, gp, r, s, g, N, H, num_prev if use_g else 0, cfg.num_sink_tokens, _tail(q_win, cfg),
         float(cfg.score_decay), lam, 1 - lam, *gp.stride()[:3],
         USE_G=use_g, W=cfg.pooling_width // 2 if pool else 0, USE_R=bool(cfg.use_redundancy), BLOCK=BLOCK)
     return s, g

@@ -27,6 +27,7 @@ SCORING = {
     "paper-default": dict(),
     "all-pairs-sinks": dict(lightning_redundancy=False, num_sink_tokens=2),
     "continuous-pooling-w3": dict(use_redundancy=False, pooling_width=3, continuous_pooling=True, score_decay=0.5),
+    "global-sinks-recent": dict(use_redundancy=False, use_pooling=False, num_sink_tokens=5, recent_window=6),
 }
 
 MODELS = {
@@ -42,6 +43,7 @@ CASES = [  # (model, scoring, block_size, budget, window, max_num_batched_tokens
     ("qwen3-gqa2", "global-lightning", 8, 1, 8, 64),
     ("qwen3-gqa2", "all-pairs-sinks", 8, 2, 4, 16),
     ("qwen3-gqa2", "continuous-pooling-w3", 4, 4, 3, 9),
+    ("qwen3-gqa2", "global-sinks-recent", 4, 3, 2, 9),  # sinks longer than a page, tail longer than the window
     ("llama-gqa4", "paper-default", 8, 2, 4, 10),
     ("llama-gqa4", "all-pairs-sinks", 4, 3, 2, 16),
     ("qwen2-mha", "paper-default", 8, 3, 8, 16),
@@ -213,7 +215,9 @@ def test_random_workloads_keep_invariants(qwen3_path, reqs, num_blocks, chunk, a
     (dict(budget_blocks=2, compression=dict(pooling_width=4)), ValueError, "pooling_width"),
     (dict(budget_blocks=2, compression=dict(score_decay=1.5)), ValueError, "score_decay"),
     (dict(budget_blocks=2, compression=dict(use_similarity=True)), ValueError, "unknown compression option.*use_similarity"),
-    (dict(budget_blocks=2, compression=dict(num_sink_tokens=10, query_window=8)), ValueError, "num_sink_tokens"),
+    (dict(budget_blocks=2, compression=dict(num_sink_tokens=25, query_window=8)), ValueError, "num_sink_tokens"),
+    (dict(budget_blocks=2, compression=dict(num_sink_tokens=2, recent_window=31)), ValueError, "must be <= the budget"),
+    (dict(budget_blocks=2, compression=dict(recent_window=-1)), ValueError, "recent_window"),
     (dict(budget_blocks=8, num_blocks=5), ValueError, "fewer than one request's budget"),
 ])
 def test_bad_compression_config(qwen3_path, kw, err, msg):

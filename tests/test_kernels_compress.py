@@ -112,6 +112,7 @@ CONFIGS = {
     "all-pairs-sinks": dict(lightning_redundancy=False, num_sink_tokens=2),
     "continuous-pooling-w3-decay0": dict(pooling_width=3, continuous_pooling=True, score_decay=0.0),
     "pool-w7-lam0.5": dict(pooling_width=7, redundancy_lambda=0.5, redundancy_threshold=0.2),
+    "sinks-recent": dict(num_sink_tokens=11, recent_window=9, use_redundancy=False),
 }
 SCORE_CASES = [  # config, L, Q, H_kv, GQA, D, N, block_size, num_prev, first, dtype
     ("attention-only", 1, 2, 1, 2, 16, 13, 4, 0, True, F32),
@@ -121,6 +122,7 @@ SCORE_CASES = [  # config, L, Q, H_kv, GQA, D, N, block_size, num_prev, first, d
     ("all-pairs-sinks", 1, 3, 2, 2, 16, 45, 8, 16, True, F32),
     ("continuous-pooling-w3-decay0", 1, 2, 2, 2, 16, 30, 4, 12, False, F16),
     ("pool-w7-lam0.5", 2, 2, 1, 4, 32, 66, 16, 48, True, F32),
+    ("sinks-recent", 1, 3, 2, 2, 16, 45, 8, 24, False, F32),
 ]
 
 
@@ -334,6 +336,17 @@ def test_sinks_and_window_forced_kept(backend):
     assert s[0, 0, [0, 1, 6, 7]].isinf().all() and s[0, 0, 2:6].isfinite().all()
     assert SELECT[backend](s, 4).tolist() == [[[0, 1, 6, 7]]]  # the budget holds only sinks + window
     assert SELECT[backend](s, 5).tolist() == [[[0, 1, 4, 6, 7]]]  # then the attended token
+
+
+@BOTH
+def test_recent_window_forced_kept(backend):
+    q, k = _peak(8, at=1, Q=2)
+    cfg = CompressionConfig(query_window=2, recent_window=3, **PLAIN)
+    s, _ = SCORES[backend](q, k, None, 0, True, 1.0, cfg, 4)
+    assert s[0, 0, 5:].isinf().all() and s[0, 0, :5].isfinite().all()  # the tail is 3 entries, not the 2 queries
+    assert SELECT[backend](s, 4).tolist() == [[[1, 5, 6, 7]]]  # then the attended token
+    cfg = CompressionConfig(query_window=2, recent_window=20, **PLAIN)  # longer than the cache: all of it
+    assert SCORES[backend](q, k, None, 0, True, 1.0, cfg, 4)[0].isinf().all()
 
 
 @BOTH

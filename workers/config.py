@@ -30,7 +30,8 @@ class CompressionConfig:
     use_pooling: bool = True
     pooling_width: int = 5
     continuous_pooling: bool = False  # pool at every compression, not only the first
-    num_sink_tokens: int = 0  # always keep the first n cache entries
+    num_sink_tokens: int = 0  # always keep the first n cache entries (e.g. the prompt)
+    recent_window: int = 0  # always keep the last n cache entries (H2O's recent tokens; >= query_window to matter)
     layer_group: int = 8  # layers scored at once (bounds the scratch memory)
 
     @classmethod
@@ -47,14 +48,26 @@ class CompressionConfig:
             raise ValueError(f"unknown compression option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**value)
 
-    def validate(self, block_size: int, compressing: bool) -> None:
+    def protected(self) -> int:
+        """Entries kept whatever their score: the sinks and the recent tail (at least the query window)."""
+        return self.num_sink_tokens + max(self.query_window, self.recent_window)
+
+    def validate(self, block_size: int, budget_blocks: int | None) -> None:
+        """budget_blocks: the engine's pages of history per request (None: full KV, nothing to check
+        against). A request whose own budget is smaller keeps the latest protected entries."""
         _positive_int(self, "query_window")
         _positive_int(self, "layer_group")
-        if compressing and self.query_window + self.num_sink_tokens > block_size:
-            raise ValueError(f"query_window ({self.query_window}) + num_sink_tokens ({self.num_sink_tokens}) "
-                             f"must be <= block_size ({block_size})")
-        if isinstance(self.num_sink_tokens, bool) or not isinstance(self.num_sink_tokens, int) or self.num_sink_tokens < 0:
-            raise ValueError(f"num_sink_tokens must be a non-negative integer, got {self.num_sink_tokens!r}")
+        for name in ("num_sink_tokens", "recent_window"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+        if budget_blocks is not None:
+            if self.query_window > block_size:
+                raise ValueError(f"query_window ({self.query_window}) must be <= block_size ({block_size})")
+            if self.protected() > budget_blocks * block_size:
+                raise ValueError(f"num_sink_tokens ({self.num_sink_tokens}) + max(query_window, recent_window) "
+                                 f"({max(self.query_window, self.recent_window)}) must be <= the budget "
+                                 f"({budget_blocks} pages x {block_size} = {budget_blocks * block_size} entries)")
         if not isinstance(self.pooling_width, int) or self.pooling_width < 1 or self.pooling_width % 2 == 0:
             raise ValueError(f"pooling_width must be a positive odd integer, got {self.pooling_width!r}")
         for name, lo, hi in (("score_decay", 0, 1), ("redundancy_threshold", -1, 1), ("redundancy_lambda", 0, 1)):
@@ -149,7 +162,7 @@ class EngineConfig:
                              "slowly on the CPU, as the tests do); use backend='torch' on the CPU")
         if self.budget_blocks is not None:
             _positive_int(self, "budget_blocks")
-        self.compression.validate(self.block_size, self.budget_blocks is not None)
+        self.compression.validate(self.block_size, self.budget_blocks)
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.device is not None:

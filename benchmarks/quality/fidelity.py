@@ -153,21 +153,23 @@ def run(args: argparse.Namespace) -> dict:
                "mean_prompt_tokens": mean_total - args.length, "runs": []}
     budgets = [float(b) for b in args.budgets.split(",")]
     settings = args.settings.split(",")
-    stem = os.path.join(args.out, f"fidelity_{results['model'].lower()}_{args.length}")
+    stem = os.path.join(args.out, f"fidelity_{results['model'].lower()}_{args.length}{args.tag}")
+    overrides = json.loads(args.overrides) if args.overrides else {}
     bar = tqdm(total=len(budgets) * len(settings), desc="fidelity", unit="run")
     for frac in budgets:
         blocks = max(1, round(frac * mean_total / args.block_size))
         for name in settings:
-            comp = LLM(model, budget_blocks=blocks, compression=dict(SETTINGS[name], query_window=args.query_window),
-                       **common)
+            knobs = dict(SETTINGS[name], query_window=args.query_window, **overrides)
+            comp = LLM(model, budget_blocks=blocks, compression=knobs, **common)
+            label = name + "".join(f" {k}={v}" for k, v in overrides.items())
             t = time.perf_counter()
             metrics = replay(full, comp, prompts, reference)
             row = {"budget_fraction": frac, "budget_blocks": blocks, "budget_tokens": blocks * args.block_size,
-                   "setting": name, "seconds": time.perf_counter() - t, **metrics}
+                   "setting": label, "seconds": time.perf_counter() - t, **metrics}
             results["runs"].append(row)
             a = metrics["after"]
             log.info("budget %.0f%% (%d pages) %-12s: top-1 %.3f (after first compression %.3f), KL %.4f, NLL +%.4f, "
-                     "%d compressions", 100 * frac, blocks, name, metrics["all"]["top1_agreement"],
+                     "%d compressions", 100 * frac, blocks, label, metrics["all"]["top1_agreement"],
                      a["top1_agreement"] or float("nan"), metrics["all"]["mean_kl"], metrics["all"]["nll_increase"],
                      metrics["compressions"])
             bar.update(1)
@@ -217,6 +219,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--query-window", type=int, default=16)
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default="float32", help="float32 (default: the CPU and GPU figures compare) or bfloat16")
+    ap.add_argument("--overrides", default=None, help='compression options over each setting, as JSON: {"recent_window": 256}')
+    ap.add_argument("--tag", default="", help="suffix of the output files (parallel processes)")
     ap.add_argument("--out", default="benchmarks/results")
     return ap
 
