@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import time
 
 import torch
@@ -136,7 +137,15 @@ def merge(paths: list[str], out: str) -> dict:
     return finish(results, os.path.join(out, f"task_accuracy_{results['model']}"))
 
 
+def _recent_share(run: dict) -> float | None:
+    """A run's recent window as a share of its budget (from its label), or None."""
+    m = re.search(r"recent_window=(\d+)", run["setting"])
+    return int(m.group(1)) / run["budget_tokens"] if m and run.get("budget_tokens") else None
+
+
 def plot(results: dict, path: str) -> None:
+    """Accuracy against budget per setting; with a recent-window sweep, a second panel: accuracy against the
+    share of the budget kept for the most recent entries, per budget and scoring setting."""
     try:
         import matplotlib
 
@@ -144,18 +153,34 @@ def plot(results: dict, path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in dict.fromkeys(r["setting"] for r in results["runs"] if r["setting"] != "full KV"):
-        rows = sorted((r for r in results["runs"] if r["setting"] == name), key=lambda r: r["budget_fraction"])
+    runs = results["runs"]
+    swept = [r for r in runs if _recent_share(r) is not None]
+    fig, axes = plt.subplots(1, 2 if swept else 1, figsize=(13 if swept else 7, 4.5), squeeze=False)
+    ax = axes[0][0]
+    for name in dict.fromkeys(r["setting"] for r in runs if r["setting"] != "full KV" and r not in swept):
+        rows = sorted((r for r in runs if r["setting"] == name), key=lambda r: r["budget_fraction"])
         ax.plot([100 * r["budget_fraction"] for r in rows], [r["accuracy"] for r in rows], "o-", label=name)
-    for r in results["runs"]:
+    if swept:
+        groups: dict = {}
+        for r in swept:
+            base = re.sub(r"\s*recent_window=\d+", "", r["setting"]) or "+global"
+            groups.setdefault((r["budget_fraction"], base), []).append(r)
+        for (frac, base), rows in sorted(groups.items()):
+            rows.sort(key=_recent_share)
+            axes[0][1].plot([_recent_share(r) for r in rows], [r["accuracy"] for r in rows], "o-",
+                            label=f"{100 * frac:.0f}% budget, {base}")
+        axes[0][1].set(xlabel="recent_window / budget (1 = a sliding window)", ylabel="exact-answer accuracy",
+                       ylim=(0, 1.02))
+    for r in runs:
         if r["setting"] == "full KV":
-            ax.axhline(r["accuracy"], color="k", ls="--", label=f"full KV ({r['accuracy']:.3f})")
+            for a in axes[0]:
+                a.axhline(r["accuracy"], color="k", ls="--", label=f"full KV ({r['accuracy']:.3f})")
     ax.set(xlabel="budget (% of mean prompt + trace tokens)", ylabel="exact-answer accuracy", ylim=(0, 1.02))
-    ax.legend()
-    ax.set_title(f"{results['model']}: {results['problems']} {results.get('mode', 'registers')} problems, "
+    for a in axes[0]:
+        a.legend(fontsize=7)
+    fig.suptitle(f"{results['model']}: {results['problems']} {results.get('mode', 'registers')} problems, "
                  f"{results['steps'][0]}-{results['steps'][1]} steps (~{results['mean_tokens']:.0f} tokens), "
-                 f"pages of {results['block_size']}\n{results['device']}", fontsize=9)
+                 f"pages of {results['block_size']}; {results['device']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
