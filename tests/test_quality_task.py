@@ -34,6 +34,14 @@ def replay_trace(problem: task.Problem) -> int:
             assert int(i) == (s + c) % problem.registers
             # a constant table: every statement of i so far (the prompt's and earlier lines') says the same
             assert {m.group(1) for m in re.finditer(rf"[,;:]{i}=(\d\d)", text)} == {r}, (k, line)
+        elif problem.mode == "table":  # the counter picks the entry (two-digit names): every K lines, far back
+            m = re.fullmatch(r"(\d{3}):(\d\d):(\d\d)=(\d\d)>(\d\d)", line)
+            cc, ss, i, r, s2 = m.groups()
+            assert int(i) == c % problem.registers
+            assert {m.group(1) for m in re.finditer(rf"[,;:]{i}=(\d\d)", text)} == {r}, (k, line)
+            if k >= problem.registers:  # last stated exactly K lines back, by no line since
+                back = lines[k - problem.registers: k]
+                assert back[0].split(":")[2].startswith(f"{i}={r}>") and all(f":{i}=" not in b for b in back[1:])
         else:
             m = re.fullmatch(r"(\d{3}):(\d):(\d\d)\+(\d\d)=(\d\d)(;\d=\d\d)?", line)
             cc, i, ss, r, s2, write = m.groups()

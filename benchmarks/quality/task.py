@@ -75,14 +75,16 @@ class Problem:
     mode: str = "registers"
 
 
-MODES = ("registers", "rereads", "lookup")
+MODES = ("registers", "rereads", "lookup", "table")
 WRITE_EVERY = 3  # rereads: steps whose counter is a multiple of this write back
 
 
 def make_problem(rng: random.Random, steps: int, registers: int = 10, mode: str = "registers") -> Problem:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if not 2 <= registers <= 10:
+    if mode == "table" and not 2 <= registers <= 100:
+        raise ValueError(f"registers must be in [2, 100] (two-digit names), got {registers}")
+    if mode != "table" and not 2 <= registers <= 10:
         raise ValueError(f"registers must be in [2, 10] (one-digit names), got {registers}")
     if not 1 <= steps <= 999:
         raise ValueError(f"steps must be in [1, 999] (three-digit counter), got {steps}")
@@ -90,11 +92,14 @@ def make_problem(rng: random.Random, steps: int, registers: int = 10, mode: str 
     s = rng.randrange(MODULUS)
     order = list(range(registers))
     rng.shuffle(order)
-    prompt = f"s={s:02d};n={steps:03d};" + ",".join(f"{i}={regs[i]:02d}" for i in order) + "\n"
+    name = "{:02d}" if mode == "table" else "{}"
+    prompt = f"s={s:02d};n={steps:03d};" + ",".join(f"{name.format(i)}={regs[i]:02d}" for i in order) + "\n"
     lines = []
     for c in range(steps - 1, -1, -1):
         # rereads, lookup: the counter joins the index (s alone would cycle through a few registers)
-        i = s % registers if mode == "registers" else (s + c) % registers
+        # (lookup's i walks i -> i + table[i] - 1 mod K, a function of i alone, so it falls into a short cycle;
+        # table's index is the counter's, so each entry comes back exactly every K lines)
+        i = s % registers if mode == "registers" else c % registers if mode == "table" else (s + c) % registers
         r = regs[i]
         s2 = (r + s) % MODULUS
         if mode == "registers":
@@ -102,6 +107,8 @@ def make_problem(rng: random.Random, steps: int, registers: int = 10, mode: str 
             regs[i] = s2
         elif mode == "lookup":
             lines.append(f"{c:03d}:{s:02d}:{i}={r:02d}>{s2:02d}\n")
+        elif mode == "table":
+            lines.append(f"{c:03d}:{s:02d}:{i:02d}={r:02d}>{s2:02d}\n")
         elif c % WRITE_EVERY == 0:
             lines.append(f"{c:03d}:{i}:{s:02d}+{r:02d}={s2:02d};{i}={s2:02d}\n")
             regs[i] = s2
