@@ -38,9 +38,12 @@ the prompt's own notation, as reasoning restates the givens it works with:
     148:81:9=17>98\n          s = 37 + 44 = 81
 
 An entry can be copied from the prompt or from any earlier line that used it (all say the same), so what a
-compressed cache must keep is any one statement of each entry plus the last line; an entry is used about
-every K steps. This is how long reasoning tends to use its facts (a problem's givens consulted again and
-again, the latest intermediate result carried forward), and the case attention-scored eviction is built for.
+compressed cache must keep is any one statement of each entry plus the last line. But the index is not
+random: i' = (s + table[i] + counter - 1) mod K = i + table[i] - 1 (mod K), a function of i alone, so after
+a short transient the lines cycle over a few entries (1-7 of 10; on 256 problems an entry was last stated
+at most 7 lines back, and no entry is first used after line 20): lookup's dependencies are local, and it
+measures how whole a policy keeps the recent lines, not long-range recall.
+
 (A first version wrote the value only as an operand, `149:6:37+44=81`: a 6.3M model learned to copy it
 from the last line that used the same entry but, in 10 minutes, never to read the prompt's `6=44`. A second
 restated the entry first, `149:6=44:37>81`, and did no better (token accuracy 0.995, none solved), maybe
@@ -51,6 +54,15 @@ s give i, `i=` is the key to look up in the prompt, s and the entry give the res
 per line, as in the registers mode, which a 6.3M model learned in 8 minutes. With this order and short
 problems first (train_task_model.py's `--curriculum 0.3`) the 6.3M model learned lookup in 9.2 minutes on
 an H200: all 32 held-out 260-step problems solved, teacher-forced.)
+
+The "table" mode is the long-range version: the counter alone picks the entry, i = counter mod K (two-digit
+names, K up to 100), so each entry comes back exactly K lines later, or is first read from the prompt:
+
+    149:37:49=44>81\n         K = 50: entry 49 = 44; line 99 reads it again, 50 lines (800 tokens) later
+    148:81:48=17>98\n
+
+A 6.3M model trained 9 minutes on it (K = 50) learned the fixed-offset copy (K lines back is a constant
+distance) but not to read the prompt: all its errors are first reads, in the first K lines.
 
 `generate(...)` draws problem sets from a seed; `check(...)` grades a completion.
 """
