@@ -137,7 +137,7 @@ def test_stream_interval_bounds_the_message_rate_and_finishes_at_once(engine, qw
     async def run():
         loop = asyncio.get_running_loop()
         t0, stamps, tokens, text = loop.time(), [], [], ""
-        async for _, out in engine.generate("paced", PROMPT, params, stream_interval_s=0.05):
+        async for _, out in engine.generate("paced", PROMPT, params, stream_interval_s=0.3):
             stamps.append((loop.time() - t0, out.finished))
             tokens += out.new_token_ids
             text += out.new_text
@@ -146,8 +146,12 @@ def test_stream_interval_bounds_the_message_rate_and_finishes_at_once(engine, qw
     stamps, tokens, text = asyncio.run(run())
     assert tokens == want.token_ids and text == want.text
     gaps = [b - a for (a, _), (b, fin) in zip(stamps, stamps[1:]) if not fin]
-    assert all(g >= 0.045 for g in gaps), f"messages closer than the interval: {gaps}"
-    assert stamps[-1][1] and 3 <= len(stamps) < 150 / 3
+    # The pacing is the generator's (each hand-over >= 300 ms after the last); the consumer's stamps add its own
+    # scheduling delay, so on a loaded machine a single gap can shrink by some ms, their mean hardly.
+    assert all(g >= 0.27 for g in gaps) and sum(gaps) / len(gaps) >= 0.295, f"closer than the interval: {gaps}"
+    assert stamps[-1][1] and len(stamps) >= 2  # the finish is handed over at once, not after an interval
+    assert len(stamps) <= (stamps[-1][0] - stamps[0][0]) / 0.3 + 2
+    assert len(stamps) < len(tokens) / 2, "outputs were not merged"  # steps are far shorter than 300 ms
 
 
 def test_merge_waiting_keeps_order_per_request_and_stops_at_an_error():
