@@ -76,9 +76,7 @@ class DenseCompressedReference:
                 R = torch.softmax(r / (c.redundancy_temperature * norm), 0)
                 s = c.redundancy_lambda * s - (1 - c.redundancy_lambda) * R
             s[: c.num_sink_tokens] = float("inf")
-            for j in range(N):  # the recent tail: the window, or the recent window if longer
-                if j >= N - max(Q, c.recent_window):
-                    s[j] = float("inf")
+            s[max(0, N - max(Q, c.recent_window)):] = float("inf")  # the window, or the recent window if longer
             S[h] = s
         return S, G
 

@@ -49,6 +49,12 @@ SETTINGS = {  # cumulative scoring ablations (CompressionConfig keys)
 }
 
 
+def setting_knobs(name: str, query_window: int, overrides: dict) -> tuple[dict, str]:
+    """A scoring setting's compression options with `overrides` on top, and its label in results."""
+    return (dict(SETTINGS[name], query_window=query_window, **overrides),
+            name + "".join(f" {k}={v}" for k, v in overrides.items()))
+
+
 class Replay:
     """Step observer for one engine: forces the reference tokens and keeps each position's log-probs."""
 
@@ -159,9 +165,8 @@ def run(args: argparse.Namespace) -> dict:
     for frac in budgets:
         blocks = max(1, round(frac * mean_total / args.block_size))
         for name in settings:
-            knobs = dict(SETTINGS[name], query_window=args.query_window, **overrides)
+            knobs, label = setting_knobs(name, args.query_window, overrides)
             comp = LLM(model, budget_blocks=blocks, compression=knobs, **common)
-            label = name + "".join(f" {k}={v}" for k, v in overrides.items())
             t = time.perf_counter()
             metrics = replay(full, comp, prompts, reference)
             row = {"budget_fraction": frac, "budget_blocks": blocks, "budget_tokens": blocks * args.block_size,

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from benchmarks.quality.fidelity import SETTINGS, write
+from benchmarks.quality.fidelity import SETTINGS, setting_knobs, write
 from benchmarks.quality.task import MODES, check, encode, generate
 
 log = logging.getLogger("benchmarks.quality.task_accuracy")
@@ -86,10 +86,9 @@ def run(args: argparse.Namespace) -> dict:
     for frac in budgets:
         blocks = max(1, round(frac * mean_len / args.block_size))
         for name in settings:
-            knobs = dict(SETTINGS[name], query_window=args.query_window, **overrides)
+            knobs, label = setting_knobs(name, args.query_window, overrides)
             comp = LLM(args.model, budget_blocks=blocks, num_blocks=len(problems) * (blocks + 2), compression=knobs,
                        **common)
-            label = name + "".join(f" {k}={v}" for k, v in overrides.items())
             row = solve(comp, tokenizer, problems, setting=label, budget_fraction=frac, budget_blocks=blocks,
                         budget_tokens=blocks * args.block_size, compression=knobs)
             del comp
