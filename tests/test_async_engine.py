@@ -145,10 +145,12 @@ def test_stream_interval_bounds_the_message_rate_and_finishes_at_once(engine, qw
 
     stamps, tokens, text = asyncio.run(run())
     assert tokens == want.token_ids and text == want.text
-    gaps = [b - a for (a, _), (b, fin) in zip(stamps, stamps[1:]) if not fin]
-    # The pacing is the generator's (each hand-over >= 300 ms after the last); the consumer's stamps add its own
-    # scheduling delay, so on a loaded machine a single gap can shrink by some ms, their mean hardly.
-    assert all(g >= 0.27 for g in gaps) and sum(gaps) / len(gaps) >= 0.295, f"closer than the interval: {gaps}"
+    paced = [t for t, fin in stamps if not fin]
+    # The generator hands over message k no sooner than 300 ms x k after message 0. The consumer's stamps add its
+    # own scheduling delay, which on a loaded machine moves single stamps by tens of ms and so shortens single
+    # gaps; against message 0 only that one stamp's delay counts, so the check is cumulative.
+    early = [round(t - paced[0] - 0.3 * k, 3) for k, t in enumerate(paced)]
+    assert len(paced) >= 3 and min(early) >= -0.1, f"closer than the interval: {early}"
     assert stamps[-1][1] and len(stamps) >= 2  # the finish is handed over at once, not after an interval
     assert len(stamps) <= (stamps[-1][0] - stamps[0][0]) / 0.3 + 2
     assert len(stamps) < len(tokens) / 2, "outputs were not merged"  # steps are far shorter than 300 ms

@@ -17,6 +17,8 @@ MODEL = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "quality", "
 def replay_trace(problem: task.Problem) -> int:
     """An independent interpreter: re-executes the trace from its text, finding each register's latest value by
     searching the text written so far (prompt and earlier lines) backwards, and checks every line's arithmetic."""
+    if problem.mode == "table":
+        return replay_table(problem)
     text = problem.prompt
     s = int(re.match(r"s=(\d\d);n=(\d\d\d);", text).group(1))
     lines = problem.trace.split("\n")
@@ -34,14 +36,6 @@ def replay_trace(problem: task.Problem) -> int:
             assert int(i) == (s + c) % problem.registers
             # a constant table: every statement of i so far (the prompt's and earlier lines') says the same
             assert {m.group(1) for m in re.finditer(rf"[,;:]{i}=(\d\d)", text)} == {r}, (k, line)
-        elif problem.mode == "table":  # the counter picks the entry (two-digit names): every K lines, far back
-            m = re.fullmatch(r"(\d{3}):(\d\d):(\d\d)=(\d\d)>(\d\d)", line)
-            cc, ss, i, r, s2 = m.groups()
-            assert int(i) == c % problem.registers
-            assert {m.group(1) for m in re.finditer(rf"[,;:]{i}=(\d\d)", text)} == {r}, (k, line)
-            if k >= problem.registers:  # last stated exactly K lines back, by no line since
-                back = lines[k - problem.registers: k]
-                assert back[0].split(":")[2].startswith(f"{i}={r}>") and all(f":{i}=" not in b for b in back[1:])
         else:
             m = re.fullmatch(r"(\d{3}):(\d):(\d\d)\+(\d\d)=(\d\d)(;\d=\d\d)?", line)
             cc, i, ss, r, s2, write = m.groups()
@@ -55,6 +49,28 @@ def replay_trace(problem: task.Problem) -> int:
         assert int(s2) == (int(r) + s) % 100
         s = int(s2)
         text += line + "\n"
+    assert lines[-2] == f"ans={s:02d}" and problem.answer == s
+    return s
+
+
+def replay_table(problem: task.Problem) -> int:
+    """table: the prompt is the first K worked steps; every line (prompt's and trace's) reads entry c mod K, which
+    the line exactly K back stated (in the trace, no line since states it), and adds it to the last line's result."""
+    K = problem.registers
+    prompt_lines = problem.prompt.split("\n")
+    assert prompt_lines[-1] == "" and len(prompt_lines) - 1 == K
+    lines = problem.trace.split("\n")
+    assert lines[-1] == "" and lines[-2].startswith("ans=") and len(lines) - 2 == problem.steps
+    steps = [re.fullmatch(r"(\d{3}):(\d\d):(\d\d)=(\d\d)>(\d\d)", line).groups() for line in prompt_lines[:-1] + lines[:-2]]
+    assert sorted(int(i) for _, _, i, _, _ in steps[:K]) == list(range(K))  # the prompt states each entry once
+    s = int(steps[0][1])
+    for k, (cc, ss, i, r, s2) in enumerate(steps):
+        c = problem.steps + K - 1 - k
+        assert int(cc) == c and int(ss) == s and int(i) == c % K
+        if k >= K:
+            assert steps[k - K][2:4] == (i, r) and all(st[2] != i for st in steps[k - K + 1:k]), k
+        assert int(s2) == (int(r) + s) % 100
+        s = int(s2)
     assert lines[-2] == f"ans={s:02d}" and problem.answer == s
     return s
 

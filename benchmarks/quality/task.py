@@ -56,13 +56,19 @@ problems first (train_task_model.py's `--curriculum 0.3`) the 6.3M model learned
 an H200: all 32 held-out 260-step problems solved, teacher-forced.)
 
 The "table" mode is the long-range version: the counter alone picks the entry, i = counter mod K (two-digit
-names, K up to 100), so each entry comes back exactly K lines later, or is first read from the prompt:
+names, K up to 100), and the prompt is the problem's first K steps, worked (so it states every entry once,
+in the trace's own notation); the model goes on for n more steps:
 
-    149:37:49=44>81\n         K = 50: entry 49 = 44; line 99 reads it again, 50 lines (800 tokens) later
-    148:81:48=17>98\n
+    prompt: 229:18:69=07>25\n ... 150:20:70=17>37\n     K = 80 worked steps, counters n + K - 1 .. n
+    149:37:69=44>81\n         entry 69 = 44 was last stated exactly K lines (1,280 tokens) back
+    148:81:68=17>98\n
 
-A 6.3M model trained 9 minutes on it (K = 50) learned the fixed-offset copy (K lines back is a constant
-distance) but not to read the prompt: all its errors are first reads, in the first K lines.
+Every entry a line needs was stated exactly K lines (16 K tokens) back, and by no line since: a sliding
+window shorter than that loses it, and a compressed cache must keep, out of each of the last K lines, the
+two digits of its entry (one in 8 of its tokens) -- entries that were last attended when they were written.
+(A first version stated the table in the prompt as `s=..;n=..;69=44,...`, so the first K lines read it by
+name and the rest by a constant distance: a 6.3M model learned only the constant-distance copy in 9
+minutes.)
 
 `generate(...)` draws problem sets from a seed; `check(...)` grades a completion.
 """
@@ -98,16 +104,16 @@ def make_problem(rng: random.Random, steps: int, registers: int = 10, mode: str 
         raise ValueError(f"registers must be in [2, 100] (two-digit names), got {registers}")
     if mode != "table" and not 2 <= registers <= 10:
         raise ValueError(f"registers must be in [2, 10] (one-digit names), got {registers}")
-    if not 1 <= steps <= 999:
-        raise ValueError(f"steps must be in [1, 999] (three-digit counter), got {steps}")
+    first = steps + registers if mode == "table" else steps  # table: the prompt works the first K steps
+    if not 1 <= steps or first > 999:
+        raise ValueError(f"steps must be in [1, {999 - (first - steps)}] (three-digit counter), got {steps}")
     regs = [rng.randrange(MODULUS) for _ in range(registers)]
     s = rng.randrange(MODULUS)
     order = list(range(registers))
     rng.shuffle(order)
-    name = "{:02d}" if mode == "table" else "{}"
-    prompt = f"s={s:02d};n={steps:03d};" + ",".join(f"{name.format(i)}={regs[i]:02d}" for i in order) + "\n"
+    prompt = f"s={s:02d};n={steps:03d};" + ",".join(f"{i}={regs[i]:02d}" for i in order) + "\n"
     lines = []
-    for c in range(steps - 1, -1, -1):
+    for c in range(first - 1, -1, -1):
         # rereads, lookup: the counter joins the index (s alone would cycle through a few registers)
         # (lookup's i walks i -> i + table[i] - 1 mod K, a function of i alone, so it falls into a short cycle;
         # table's index is the counter's, so each entry comes back exactly every K lines)
@@ -127,6 +133,8 @@ def make_problem(rng: random.Random, steps: int, registers: int = 10, mode: str 
         else:
             lines.append(f"{c:03d}:{i}:{s:02d}+{r:02d}={s2:02d}\n")
         s = s2
+    if mode == "table":
+        prompt, lines = "".join(lines[:registers]), lines[registers:]
     lines.append(f"ans={s:02d}\n")
     return Problem(prompt, "".join(lines), s, steps, registers, mode)
 
