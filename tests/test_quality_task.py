@@ -144,6 +144,41 @@ def test_committed_model_engine_greedy_equals_transformers_greedy_and_solves_sho
     assert solved >= 3  # trained weights (an untrained model solves none)
 
 
+def test_read_offsets_point_at_the_value_each_step_reads():
+    for mode, line in [("registers", "004:57+97>1=54"), ("rereads", "004:5:57+63=20;5=20"), ("lookup", "004:57:5=63>20"),
+                       ("table", "004:41:04=15>56")]:
+        p = task.Problem("", line + "\nans=20\n", 20, 1, 10, mode)
+        assert [p.trace[k] for k in task.read_offsets(p)] == list(re.findall(r"[+=](\d\d)[>=]", line)[0])
+
+
+def test_teacher_forced_replay_equals_transformers_and_a_window_shorter_than_k_lines_loses_the_reads():
+    """The committed table model (K = 30) replayed teacher-forced: with full KV its per-position argmax is
+    transformers' on the same text (the oracle), and it reads every entry from 30 lines back; a sliding window
+    of 128 entries holds none of them, so its reads can only be right by chance."""
+    from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+    model = os.path.join(os.path.dirname(MODEL), "table")
+    tok = AutoTokenizer.from_pretrained(model)
+    hf = Qwen3ForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    problems = task.generate(3, 6, 10, registers=30, seed=7, mode="table")
+    right = reads = reads_right = tokens = 0
+    for p in problems:
+        prompt, ref = task.encode(tok, p.prompt), task.encode(tok, p.trace) + [tok.eos_token_id]
+        with torch.no_grad():
+            pred = hf(input_ids=torch.tensor([prompt + ref[:-1]])).logits[0, len(prompt) - 1:].argmax(-1).tolist()
+        ok = [a == b for a, b in zip(pred, ref)]
+        right, tokens = right + sum(ok), tokens + len(ok)
+        reads += len(task.read_offsets(p))
+        reads_right += sum(ok[k] for k in task.read_offsets(p))
+    assert reads_right == reads  # the model reads every entry from K lines back
+    full = task_accuracy.replay_reads(LLM(model, block_size=16, max_model_len=1024, dtype="float32"), tok, problems)
+    assert full["token_accuracy"] == right / tokens and full["read_accuracy"] == 1.0 and full["accuracy"] == 1.0
+    window = LLM(model, block_size=16, max_model_len=1024, dtype="float32", budget_blocks=8,
+                 compression=dict(recent_window=128))
+    slid = task_accuracy.replay_reads(window, tok, problems)
+    assert slid["compressions"] > 0 and slid["read_accuracy"] < 0.5 and slid["accuracy"] == 0.0
+
+
 def test_task_accuracy_full_vs_a_roomy_budget_agree_and_a_tiny_budget_compresses(tmp_path):
     args = task_accuracy.add_arguments(__import__("argparse").ArgumentParser()).parse_args(
         ["--model", MODEL, "--problems", "3", "--min-steps", "12", "--max-steps", "16", "--budgets", "0.1,1.2",

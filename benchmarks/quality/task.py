@@ -76,6 +76,7 @@ minutes.)
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 CHARS = "0123456789:;,+>=\nsna"  # every character the task writes
@@ -164,6 +165,15 @@ def check(problem: Problem, completion: str) -> dict:
             break
     return {"correct": answer == f"{problem.answer:02d}", "answer": answer, "correct_steps": correct_lines,
             "steps": problem.steps}
+
+
+READ_VALUE = {"registers": r"\+(\d\d)>", "rereads": r"\+(\d\d)=", "lookup": r"=(\d\d)>", "table": r"=(\d\d)>"}
+
+
+def read_offsets(problem: Problem) -> list[int]:
+    """Offsets in `problem.trace` (= token positions: one token per character) of the digits of every value a
+    step reads -- from the prompt or an earlier line: the long-range part of the task."""
+    return [m.start(1) + j for m in re.finditer(READ_VALUE[problem.mode], problem.trace) for j in (0, 1)]
 
 
 def build_tokenizer():
