@@ -23,10 +23,10 @@ PROMPTS = [
 SCORING = {
     "attention-only": dict(use_global_score=False, use_redundancy=False, use_pooling=False),
     "global": dict(use_redundancy=False, use_pooling=False),
-    "global-lightning": dict(use_pooling=False),
-    "paper-default": dict(),
-    "all-pairs-sinks": dict(lightning_redundancy=False, num_sink_tokens=2),
-    "continuous-pooling-w3": dict(use_redundancy=False, pooling_width=3, continuous_pooling=True, score_decay=0.5),
+    "global-lightning": dict(use_redundancy=True, use_pooling=False),
+    "paper-set": dict(use_redundancy=True, use_pooling=True),
+    "all-pairs-sinks": dict(use_redundancy=True, use_pooling=True, lightning_redundancy=False, num_sink_tokens=2),
+    "continuous-pooling-w3": dict(use_redundancy=False, use_pooling=True, pooling_width=3, continuous_pooling=True, score_decay=0.5),
     "global-sinks-recent": dict(use_redundancy=False, use_pooling=False, num_sink_tokens=5, recent_window=6),
 }
 
@@ -37,16 +37,16 @@ MODELS = {
 }
 
 CASES = [  # (model, scoring, block_size, budget, window, max_num_batched_tokens)
-    ("qwen3-gqa2", "paper-default", 8, 2, 4, 16),
+    ("qwen3-gqa2", "paper-set", 8, 2, 4, 16),
     ("qwen3-gqa2", "attention-only", 8, 2, 4, 16),
     ("qwen3-gqa2", "global", 4, 3, 2, 7),
     ("qwen3-gqa2", "global-lightning", 8, 1, 8, 64),
     ("qwen3-gqa2", "all-pairs-sinks", 8, 2, 4, 16),
     ("qwen3-gqa2", "continuous-pooling-w3", 4, 4, 3, 9),
     ("qwen3-gqa2", "global-sinks-recent", 4, 3, 2, 9),  # sinks longer than a page, tail longer than the window
-    ("llama-gqa4", "paper-default", 8, 2, 4, 10),
+    ("llama-gqa4", "paper-set", 8, 2, 4, 10),
     ("llama-gqa4", "all-pairs-sinks", 4, 3, 2, 16),
-    ("qwen2-mha", "paper-default", 8, 3, 8, 16),
+    ("qwen2-mha", "paper-set", 8, 3, 8, 16),
     ("qwen2-mha", "global", 16, 1, 4, 24),
 ]
 

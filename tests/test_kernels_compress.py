@@ -108,17 +108,17 @@ def test_redundancy(L, N, H, D, bs, dtype, thr):
 CONFIGS = {
     "attention-only": dict(use_global_score=False, use_redundancy=False, use_pooling=False),
     "global": dict(use_redundancy=False, use_pooling=False),
-    "paper-default": dict(),
-    "all-pairs-sinks": dict(lightning_redundancy=False, num_sink_tokens=2),
-    "continuous-pooling-w3-decay0": dict(pooling_width=3, continuous_pooling=True, score_decay=0.0),
-    "pool-w7-lam0.5": dict(pooling_width=7, redundancy_lambda=0.5, redundancy_threshold=0.2),
-    "sinks-recent": dict(num_sink_tokens=11, recent_window=9, use_redundancy=False),
+    "paper-set": dict(use_redundancy=True, use_pooling=True),
+    "all-pairs-sinks": dict(use_redundancy=True, use_pooling=True, lightning_redundancy=False, num_sink_tokens=2),
+    "continuous-pooling-w3-decay0": dict(use_redundancy=True, use_pooling=True, pooling_width=3, continuous_pooling=True, score_decay=0.0),
+    "pool-w7-lam0.5": dict(use_redundancy=True, use_pooling=True, pooling_width=7, redundancy_lambda=0.5, redundancy_threshold=0.2),
+    "sinks-recent": dict(num_sink_tokens=11, recent_window=9, use_redundancy=False, use_pooling=True),
 }
 SCORE_CASES = [  # config, L, Q, H_kv, GQA, D, N, block_size, num_prev, first, dtype
     ("attention-only", 1, 2, 1, 2, 16, 13, 4, 0, True, F32),
     ("global", 2, 3, 2, 1, 16, 37, 8, 20, False, F32),
-    ("paper-default", 2, 4, 2, 2, 32, 70, 16, 0, True, F32),
-    ("paper-default", 1, 4, 1, 4, 16, 37, 8, 32, False, F16),
+    ("paper-set", 2, 4, 2, 2, 32, 70, 16, 0, True, F32),
+    ("paper-set", 1, 4, 1, 4, 16, 37, 8, 32, False, F16),
     ("all-pairs-sinks", 1, 3, 2, 2, 16, 45, 8, 16, True, F32),
     ("continuous-pooling-w3-decay0", 1, 2, 2, 2, 16, 30, 4, 12, False, F16),
     ("pool-w7-lam0.5", 2, 2, 1, 4, 32, 66, 16, 48, True, F32),
@@ -303,7 +303,7 @@ def _peak(N, at, Q=1, strength=30.0):
 @BOTH
 def test_pooling_spreads_peak_and_ties_go_later(backend):
     q, k = _peak(7, at=2)
-    cfg = CompressionConfig(query_window=1, use_global_score=False, use_redundancy=False, pooling_width=3)
+    cfg = CompressionConfig(query_window=1, use_global_score=False, use_redundancy=False, use_pooling=True, pooling_width=3)
     s, g = SCORES[backend](q, k, None, 0, True, 1.0, cfg, 4)
     # G: the peak at 2, every other token the same tiny value; pooling copies the peak to 1 and 3
     assert s[0, 0, 1] == s[0, 0, 2] == s[0, 0, 3] == g[0, 0, 2] > 0.99 and s[0, 0, 6] == math.inf
@@ -318,7 +318,7 @@ def test_pooling_spreads_peak_and_ties_go_later(backend):
 @BOTH
 def test_global_decay_by_hand(backend):
     q, k = torch.zeros(1, 1, 1, 2, device=DEV), torch.randn(1, 4, 1, 2, generator=gen(0)).to(DEV)  # A = 1/4 each
-    cfg = CompressionConfig(query_window=1, use_redundancy=False, score_decay=0.8)
+    cfg = CompressionConfig(query_window=1, use_redundancy=False, use_pooling=True, score_decay=0.8)
     g_prev = t([1.0, 0.1]).view(1, 1, 2)  # carried by the first two entries
     s, g = SCORES[backend](q, k, g_prev, 2, False, 1.0, cfg, 4)
     close(g, t([0.8, 0.25, 0.25, 0.25]).view(1, 1, 4))  # max(A, 0.8 * G_prev), A for the rest
@@ -361,7 +361,7 @@ def test_select_ties_by_hand(backend):
 # ---- GPU: bf16, real shapes ----------------------------------------------------------------------
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name,N", [("paper-default", 2304), ("paper-default", 1000), ("all-pairs-sinks", 2304)])
+@pytest.mark.parametrize("name,N", [("paper-set", 2304), ("paper-set", 1000), ("all-pairs-sinks", 2304)])
 def test_gpu_real_shapes(name, N):
     L, Q, H, G, D, bs = 4, 16, 8, 4, 128, 256
     cfg = CompressionConfig(query_window=Q, **CONFIGS[name])
