@@ -198,6 +198,12 @@ def _recent_share(run: dict) -> float | None:
     return int(m.group(1)) / run["budget_tokens"] if m and run.get("budget_tokens") else None
 
 
+def _label(run: dict) -> str:
+    """A run's setting, with its query window where that is not the default 16."""
+    q = (run.get("compression") or {}).get("query_window", 16)
+    return run["setting"] + (f" ({q} queries)" if q != 16 else "")
+
+
 def plot(results: dict, path: str) -> None:
     """Accuracy against budget per setting; with a recent-window sweep, a second panel: accuracy against the
     share of the budget kept for the most recent entries, per budget and scoring setting."""
@@ -209,28 +215,30 @@ def plot(results: dict, path: str) -> None:
     except ImportError:
         return
     runs = results["runs"]
-    ylabel = "problems with every read right (teacher-forced)" if results.get("teacher_forced") else "exact-answer accuracy"
+    # teacher-forced: the share of read digits right (every-read-right is 0 or 1 on long-range tasks)
+    y = (lambda r: r["read_accuracy"]) if results.get("teacher_forced") else (lambda r: r["accuracy"])
+    ylabel = "entry digits read right (teacher-forced)" if results.get("teacher_forced") else "exact-answer accuracy"
     swept = [r for r in runs if _recent_share(r) is not None]
     fig, axes = plt.subplots(1, 2 if swept else 1, figsize=(13 if swept else 7, 4.5), squeeze=False)
     ax = axes[0][0]
-    for name in dict.fromkeys(r["setting"] for r in runs if r["setting"] != "full KV" and r not in swept):
-        rows = sorted((r for r in runs if r["setting"] == name), key=lambda r: r["budget_fraction"])
-        ax.plot([100 * r["budget_fraction"] for r in rows], [r["accuracy"] for r in rows], "o-", label=name)
+    for name in dict.fromkeys(_label(r) for r in runs if r["setting"] != "full KV" and r not in swept):
+        rows = sorted((r for r in runs if _label(r) == name and r not in swept), key=lambda r: r["budget_fraction"])
+        ax.plot([100 * r["budget_fraction"] for r in rows], [y(r) for r in rows], "o-", label=name)
     if swept:
         groups: dict = {}
         for r in swept:
-            base = re.sub(r"\s*recent_window=\d+", "", r["setting"]) or "+global"
+            base = re.sub(r"\s*recent_window=\d+", "", _label(r)) or "+global"
             groups.setdefault((r["budget_fraction"], base), []).append(r)
         for (frac, base), rows in sorted(groups.items()):
             rows.sort(key=_recent_share)
-            axes[0][1].plot([_recent_share(r) for r in rows], [r["accuracy"] for r in rows], "o-",
+            axes[0][1].plot([_recent_share(r) for r in rows], [y(r) for r in rows], "o-",
                             label=f"{100 * frac:.0f}% budget, {base}")
         axes[0][1].set(xlabel="recent_window / budget (1 = a sliding window)", ylabel=ylabel,
                        ylim=(0, 1.02))
     for r in runs:
         if r["setting"] == "full KV":
             for a in axes[0]:
-                a.axhline(r["accuracy"], color="k", ls="--", label=f"full KV ({r['accuracy']:.3f})")
+                a.axhline(y(r), color="k", ls="--", label=f"full KV ({y(r):.3f})")
     ax.set(xlabel="budget (% of mean prompt + trace tokens)", ylabel=ylabel, ylim=(0, 1.02))
     for a in axes[0]:
         a.legend(fontsize=7)
