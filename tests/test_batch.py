@@ -21,7 +21,7 @@ ENGINE = {"block_size": 16, "num_blocks": 512, "max_model_len": 256, "max_num_se
 
 @pytest.fixture(scope="module")
 def ray_session():
-    ray.init(num_cpus=3, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    ray.init(address="local", num_cpus=3, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -129,15 +129,16 @@ def test_resume_after_interruption(ray_session, qwen3_path, tmp_path):
 
 
 def test_actor_pool_grows_with_the_backlog_and_shrinks_when_idle(ray_session, qwen3_path, tmp_path):
-    # Enough backlog to outlast actor start-up, then a long tail: the last rows generate 200 tokens each, so
-    # the other actors sit idle while they finish.
+    # Enough backlog to outlast actor start-up, then a long tail: the last rows generate 16 x 200 tokens each
+    # (two waves of the engine's 32 slots), so the other actors sit idle for seconds while they finish. (With
+    # n=8, one wave, the tail took ~1 s on an unloaded 2-core machine: the job ended before the pool shrank.)
     rows = [dict(r, max_tokens=64) for r in _rows(160, seed=3)]
-    rows[-4:] = [dict(r, max_tokens=200, n=8) for r in rows[-4:]]
+    rows[-4:] = [dict(r, max_tokens=200, n=16) for r in rows[-4:]]
     _write(tmp_path / "in.jsonl", rows)
     summary = run(str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), model=qwen3_path, engine=ENGINE,
                   min_workers=1, max_workers=3, num_cpus=1, batch_size=4, progress=False)
     assert summary["output_rows"] == 160
-    assert [len(o["choices"]) for o in _read(tmp_path / "out.jsonl") if o["id"] in {r["id"] for r in rows[-4:]}] == [8] * 4
+    assert [len(o["choices"]) for o in _read(tmp_path / "out.jsonl") if o["id"] in {r["id"] for r in rows[-4:]}] == [16] * 4
     assert summary["workers"] > 1, "the pool never grew beyond its minimum"
     assert summary["compressions"] > 0  # 200-token rows overflow the 4 x 16 budget
     sizes = [n for _, n in summary["pool_sizes"]]

@@ -107,7 +107,7 @@ def _idle_stats(app: str, replicas: int, timeout: float = 60) -> dict:
 @pytest.fixture(scope="module")
 def app(qwen3_path):
     port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"model": qwen3_path, "model_name": NAME, "engine": ENGINE,
                          "workers": {"num_replicas": 2, "num_cpus": 0},

@@ -66,7 +66,7 @@ def _route(prompt, max_tokens=2000):
 
 @pytest.fixture(scope="module")
 def app():
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     control = Control.options(name="zipserve-test-control").remote()
     handle = serve.run(StubWorker.bind(), name="router-test", route_prefix=None)
     yield handle, control

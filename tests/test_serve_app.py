@@ -42,7 +42,7 @@ def model_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(model_path):
     port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"model": model_path, "model_name": NAME, "engine": ENGINE,
                          "workers": {"num_replicas": 2, "num_cpus": 0},

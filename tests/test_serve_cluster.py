@@ -92,7 +92,7 @@ def test_serve_run_configs_serve_yaml_comes_up(qwen3_path, tmp_path):
 def test_workers_autoscale_on_page_pressure(qwen3_path):
     """min 1 / max 2 replicas, a pool of 24 pages: long requests fill the pages, the policy (fed by the
     workers' record_autoscaling_stats) asks for a second replica; when idle it goes back to one."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -112,7 +112,7 @@ def test_serve_app_and_batch_job_run_a_tensor_parallel_worker(qwen3_path, tmp_pa
     want, want_text = [list(o.token_ids) for o in outs], [o.text for o in outs]
     assert len(set(want_text)) == 3
     port = free_port()
-    ray.init(num_cpus=3, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    ray.init(address="local", num_cpus=3, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app({"model": qwen3_path, "model_name": "tiny", "engine": dict(engine, tensor_parallel_size=2),
