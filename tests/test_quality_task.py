@@ -92,6 +92,8 @@ def test_generator_is_reproducible_from_its_seed_and_validates_parameters():
         task.generate(1, 5, 5, registers=11)
     with pytest.raises(ValueError, match="steps"):
         task.generate(1, 5, 1000)
+    with pytest.raises(ValueError, match=r"steps must be in \[1, 939\]"):  # table: the prompt's K steps count too
+        task.generate(1, 950, 950, registers=60, mode="table")
     with pytest.raises(ValueError, match="mode"):
         task.generate(1, 5, 5, mode="nope")
 
