@@ -30,10 +30,15 @@ class DenseCompressedReference:
         self.kept_log = []  # per compression: [layer][head] -> list of original token positions kept
 
     # ---- scoring, written out loop by loop ---------------------------------------------------
-    def _scores(self, qs, K, G_prev, first):
-        """qs: [Q, H_q, D] window queries (last Q entries); K: [N, H_kv, D]; G_prev: [H_kv, n_prev] or None.
-        Returns S [H_kv, N], G [H_kv, N]."""
+    def _scores(self, qs, K, G_prev, first, keep):
+        """qs: [Q, H_q, D] window queries (last Q entries); K: [N, H_kv, D]; G_prev: [H_kv, n_prev] or None;
+        keep: entries this compression keeps. Returns S [H_kv, N], G [H_kv, N]."""
         c, N, Q = self.c, K.shape[0], qs.shape[0]
+        # Protected tail: the query window; or recent_window; or recent_fraction of what is kept, whichever
+        # is longest, but never crowding out the sinks.
+        recent = max(c.recent_window, math.floor(c.recent_fraction * keep))
+        recent = min(recent, keep - c.num_sink_tokens)
+        tail = max(Q, recent)
         group = self.n_heads // self.n_kv
         S = torch.empty(self.n_kv, N)
         G = torch.empty(self.n_kv, N)
@@ -76,7 +81,7 @@ class DenseCompressedReference:
                 R = torch.softmax(r / (c.redundancy_temperature * norm), 0)
                 s = c.redundancy_lambda * s - (1 - c.redundancy_lambda) * R
             s[: c.num_sink_tokens] = float("inf")
-            s[max(0, N - max(Q, c.recent_window)):] = float("inf")  # the window, or the recent window if longer
+            s[max(0, N - tail):] = float("inf")
             S[h] = s
         return S, G
 
@@ -147,7 +152,7 @@ class DenseCompressedReference:
                 log = []
                 for li in range(L):
                     qs = torch.stack(queries[li][-Q:])
-                    S, G = self._scores(qs, K[li], Gs[li], n_compressions == 0)
+                    S, G = self._scores(qs, K[li], Gs[li], n_compressions == 0, keep_n)
                     keeps = [self._keep(S[hh], keep_n) for hh in range(self.n_kv)]
                     K[li] = torch.stack([K[li][keeps[hh], hh] for hh in range(self.n_kv)], dim=1)
                     V[li] = torch.stack([V[li][keeps[hh], hh] for hh in range(self.n_kv)], dim=1)

@@ -28,6 +28,8 @@ SCORING = {
     "all-pairs-sinks": dict(use_redundancy=True, use_pooling=True, lightning_redundancy=False, num_sink_tokens=2),
     "continuous-pooling-w3": dict(use_redundancy=False, use_pooling=True, pooling_width=3, continuous_pooling=True, score_decay=0.5),
     "global-sinks-recent": dict(use_redundancy=False, use_pooling=False, num_sink_tokens=5, recent_window=6),
+    "global-sinks-recent-fraction": dict(use_redundancy=False, use_pooling=False, num_sink_tokens=3, recent_fraction=0.6),
+    "sliding-window-sinks": dict(use_redundancy=False, use_pooling=False, num_sink_tokens=2, recent_fraction=1.0),
 }
 
 MODELS = {
@@ -44,6 +46,8 @@ CASES = [  # (model, scoring, block_size, budget, window, max_num_batched_tokens
     ("qwen3-gqa2", "all-pairs-sinks", 8, 2, 4, 16),
     ("qwen3-gqa2", "continuous-pooling-w3", 4, 4, 3, 9),
     ("qwen3-gqa2", "global-sinks-recent", 4, 3, 2, 9),  # sinks longer than a page, tail longer than the window
+    ("qwen3-gqa2", "global-sinks-recent-fraction", 4, 4, 2, 9),  # tail: 0.6 x 16 -> 9 entries
+    ("llama-gqa4", "sliding-window-sinks", 4, 3, 2, 9),  # tail: all 12 kept entries less the 2 sinks
     ("llama-gqa4", "paper-set", 8, 2, 4, 10),
     ("llama-gqa4", "all-pairs-sinks", 4, 3, 2, 16),
     ("qwen2-mha", "paper-set", 8, 3, 8, 16),
@@ -98,11 +102,13 @@ def test_budget_at_least_length_equals_full_kv(qwen3_path):
 
 
 def test_per_request_budget(qwen3_path):
-    ccfg = CompressionConfig(query_window=4)
+    """A request's own budget sets its page count and, with a recent fraction, its protected tail (8 of 16
+    entries at budget 2, 16 of 32 at budget 4)."""
+    ccfg = CompressionConfig(query_window=4, recent_fraction=0.5)
     prompt = PROMPTS[3]
     ref2 = DenseCompressedReference(qwen3_path, 8, 2, ccfg).generate(prompt, 40)
     ref4 = DenseCompressedReference(qwen3_path, 8, 4, ccfg).generate(prompt, 40)
-    llm = LLM(qwen3_path, block_size=8, budget_blocks=2, compression=dict(query_window=4))
+    llm = LLM(qwen3_path, block_size=8, budget_blocks=2, compression=dict(query_window=4, recent_fraction=0.5))
     a, b = llm.generate([prompt, prompt], [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
                                            SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, budget_blocks=4)],
                         use_tqdm=False)
@@ -218,6 +224,8 @@ def test_random_workloads_keep_invariants(qwen3_path, reqs, num_blocks, chunk, a
     (dict(budget_blocks=2, compression=dict(num_sink_tokens=25, query_window=8)), ValueError, "num_sink_tokens"),
     (dict(budget_blocks=2, compression=dict(num_sink_tokens=2, recent_window=31)), ValueError, "must be <= the budget"),
     (dict(budget_blocks=2, compression=dict(recent_window=-1)), ValueError, "recent_window"),
+    (dict(budget_blocks=2, compression=dict(recent_fraction=1.5)), ValueError, "recent_fraction"),
+    (dict(budget_blocks=2, compression=dict(recent_fraction=-0.1)), ValueError, "recent_fraction"),
     (dict(budget_blocks=8, num_blocks=5), ValueError, "fewer than one request's budget"),
 ])
 def test_bad_compression_config(qwen3_path, kw, err, msg):

@@ -7,6 +7,7 @@ only after `run` has returned (on GPU: after its event).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -72,7 +73,10 @@ class Compressor:
         g_prev = None
         if self.score_cache is not None and plan.num_scored:
             g_prev = self.score_cache[layers, src].reshape(lg, -1, h_kv)[:, : plan.num_scored].transpose(1, 2)
-        scores, g = self.scores_fn(q_win, k, g_prev, plan.num_scored, plan.first, self.scale, self.cfg, bs)
+        cfg = self.cfg  # the scorers read the recent tail from recent_window: resolve the fraction for this budget
+        if cfg.recent_fraction:
+            cfg = dataclasses.replace(cfg, recent_window=cfg.recent_entries(plan.keep))
+        scores, g = self.scores_fn(q_win, k, g_prev, plan.num_scored, plan.first, self.scale, cfg, bs)
         return self.select_fn(scores, plan.keep), g, src
 
     def _compact(self, plan: CompactionPlan) -> None:

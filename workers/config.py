@@ -35,6 +35,7 @@ class CompressionConfig:
     continuous_pooling: bool = False  # pool at every compression, not only the first
     num_sink_tokens: int = 0  # always keep the first n cache entries (e.g. the prompt)
     recent_window: int = 0  # always keep the last n cache entries (H2O's recent tokens; >= query_window to matter)
+    recent_fraction: float = 0.0  # ... or the last fraction of the request's budget, if more (1 = a sliding window)
     layer_group: int = 8  # layers scored at once (bounds the scratch memory)
 
     @classmethod
@@ -55,6 +56,12 @@ class CompressionConfig:
         """Entries kept whatever their score: the sinks and the recent tail (at least the query window)."""
         return self.num_sink_tokens + max(self.query_window, self.recent_window)
 
+    def recent_entries(self, keep: int) -> int:
+        """The recent tail always kept by a compression that keeps `keep` entries: `recent_window`, or
+        `recent_fraction` of `keep` if more, leaving room for the sinks (the query window is added by the
+        scorer, which knows it)."""
+        return max(0, min(keep - self.num_sink_tokens, max(self.recent_window, int(self.recent_fraction * keep))))
+
     def validate(self, block_size: int, budget_blocks: int | None) -> None:
         """budget_blocks: the engine's pages of history per request (None: full KV, nothing to check
         against). A request whose own budget is smaller keeps the latest protected entries."""
@@ -73,7 +80,7 @@ class CompressionConfig:
                                  f"({budget_blocks} pages x {block_size} = {budget_blocks * block_size} entries)")
         if not isinstance(self.pooling_width, int) or self.pooling_width < 1 or self.pooling_width % 2 == 0:
             raise ValueError(f"pooling_width must be a positive odd integer, got {self.pooling_width!r}")
-        for name, lo, hi in (("score_decay", 0, 1), ("redundancy_threshold", -1, 1), ("redundancy_lambda", 0, 1)):
+        for name, lo, hi in (("score_decay", 0, 1), ("recent_fraction", 0, 1), ("redundancy_threshold", -1, 1), ("redundancy_lambda", 0, 1)):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not lo <= v <= hi:
                 raise ValueError(f"{name} must be in [{lo}, {hi}], got {v!r}")

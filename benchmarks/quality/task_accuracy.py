@@ -194,6 +194,9 @@ def merge(paths: list[str], out: str) -> dict:
 
 def _recent_share(run: dict) -> float | None:
     """A run's recent window as a share of its budget (from its label), or None."""
+    m = re.search(r"recent_fraction=([\d.]+)", run["setting"])
+    if m:
+        return float(m.group(1))
     m = re.search(r"recent_window=(\d+)", run["setting"])
     return int(m.group(1)) / run["budget_tokens"] if m and run.get("budget_tokens") else None
 
@@ -227,7 +230,7 @@ def plot(results: dict, path: str) -> None:
     if swept:
         groups: dict = {}
         for r in swept:
-            base = re.sub(r"\s*recent_window=\d+", "", _label(r)) or "+global"
+            base = re.sub(r"\s*recent_(window|fraction)=[\d.]+", "", _label(r)) or "+global"
             groups.setdefault((r["budget_fraction"], base), []).append(r)
         for (frac, base), rows in sorted(groups.items()):
             rows.sort(key=_recent_share)
