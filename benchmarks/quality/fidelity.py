@@ -41,11 +41,13 @@ PROMPTS = [
     "Summarise the causes of the French Revolution and their long-term effects.",
 ]
 
-SETTINGS = {  # cumulative scoring ablations (CompressionConfig keys)
-    "attention": dict(use_global_score=False, use_redundancy=False, use_pooling=False),
-    "+global": dict(use_global_score=True, use_redundancy=False, use_pooling=False),
-    "+redundancy": dict(use_global_score=True, use_redundancy=True, use_pooling=False),
-    "+pooling": dict(use_global_score=True, use_redundancy=True, use_pooling=True),
+_OFF = dict(use_redundancy=False, use_pooling=False, recent_fraction=0.0)
+SETTINGS = {  # cumulative scoring ablations (CompressionConfig keys), then + global with half the budget recent
+    "attention": dict(_OFF, use_global_score=False),
+    "+global": dict(_OFF, use_global_score=True),
+    "+redundancy": dict(_OFF, use_global_score=True, use_redundancy=True),
+    "+pooling": dict(_OFF, use_global_score=True, use_redundancy=True, use_pooling=True),
+    "+recent": dict(_OFF, use_global_score=True, recent_fraction=0.5),
 }
 
 
