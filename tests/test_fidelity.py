@@ -31,3 +31,27 @@ def test_a_small_budget_compresses_and_costs_fidelity_after_the_first_compressio
     # Before any compression both caches are identical: all the divergence is after the first one.
     before_kl = m["all"]["mean_kl"] * m["all"]["positions"] - m["after"]["mean_kl"] * m["after"]["positions"]
     assert abs(before_kl) < 1e-4
+
+
+def test_merge_joins_runs_of_one_workload_and_refuses_another(tmp_path):
+    import json
+
+    import pytest
+
+    from benchmarks.quality.fidelity import merge, recent_share
+
+    head = dict(benchmark="fidelity", model="M", device="cpu", prompts=4, length=512, block_size=16,
+                mean_prompt_tokens=50.0)
+    run = dict(budget_fraction=0.25, budget_tokens=144, all=dict(top1_agreement=0.9, mean_kl=0.03))
+    paths = []
+    for i, label in enumerate(["+global", "+global recent_window=72", "+global recent_fraction=0.75"]):
+        paths.append(str(tmp_path / f"{i}.json"))
+        with open(paths[-1], "w") as f:
+            json.dump(dict(head, runs=[dict(run, setting=label)]), f)
+    merged = merge(paths, str(tmp_path), "_m")
+    assert [recent_share(r) for r in merged["runs"]] == [None, 0.5, 0.75]
+    assert (tmp_path / "fidelity_m_512_m.json").exists()
+    with open(paths[0], "w") as f:
+        json.dump(dict(head, length=256, runs=[dict(run, setting="+global")]), f)
+    with pytest.raises(ValueError, match="different workload"):
+        merge(paths, str(tmp_path))

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 
 import torch
@@ -187,6 +188,42 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
+def join_parts(paths: list[str], keys: tuple[str, ...]) -> dict:
+    """One result from several processes' JSON files whose `keys` agree (the same workload); runs concatenated."""
+    parts = []
+    for p in paths:
+        with open(p) as f:
+            parts.append(json.load(f))
+    for p, part in zip(paths[1:], parts[1:]):
+        if any(part.get(k) != parts[0].get(k) for k in keys):
+            raise ValueError(f"{p} measured a different workload than {paths[0]}")
+    return dict(parts[0], runs=[r for part in parts for r in part["runs"]])
+
+
+def merge(paths: list[str], out: str, tag: str = "") -> dict:
+    """One table and plot from several fidelity runs of the same prompts and pages."""
+    results = join_parts(paths, ("model", "prompts", "length", "block_size", "mean_prompt_tokens", "device"))
+    stem = os.path.join(out, f"fidelity_{results['model'].lower()}_{results['length']}{tag}")
+    write(results, stem)
+    plot(results, stem + ".png")
+    return results
+
+
+def recent_share(run: dict) -> float | None:
+    """A run's protected recent tail as a share of its budget (from its label or its knobs), or None."""
+    m = re.search(r"recent_fraction=([\d.]+)", run["setting"])
+    if m:
+        return float(m.group(1))
+    m = re.search(r"recent_window=(\d+)", run["setting"])
+    if m and run.get("budget_tokens"):
+        return int(m.group(1)) / run["budget_tokens"]
+    return None
+
+
+def without_recent(label: str) -> str:
+    return re.sub(r"\s*recent_(window|fraction)=[\d.]+", "", label)
+
+
 def write(results: dict, stem: str) -> None:
     os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
     with open(stem + ".json", "w") as f:
@@ -201,15 +238,31 @@ def plot(results: dict, path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for name in dict.fromkeys(r["setting"] for r in results["runs"]):
-        rows = [r for r in results["runs"] if r["setting"] == name]
+    runs = results["runs"]
+    swept = [r for r in runs if recent_share(r) is not None]  # a recent-window sweep: its own panel
+    fig, axes = plt.subplots(1, 3 if swept else 2, figsize=(16 if swept else 11, 4))
+    a, b = axes[0], axes[1]
+    for name in dict.fromkeys(r["setting"] for r in runs if r not in swept):
+        rows = sorted((r for r in runs if r["setting"] == name), key=lambda r: r["budget_fraction"])
         x = [100 * r["budget_fraction"] for r in rows]
         a.plot(x, [r["all"]["top1_agreement"] for r in rows], "o-", label=name)
         b.plot(x, [r["all"]["mean_kl"] for r in rows], "o-", label=name)
     a.set(xlabel="budget (% of prompt + output)", ylabel="top-1 agreement with full KV")
     b.set(xlabel="budget (% of prompt + output)", ylabel="mean KL(full || compressed)", yscale="log")
-    a.legend()
+    a.legend(fontsize=7)
+    if swept:
+        groups: dict = {}
+        for r in swept:
+            groups.setdefault((r["budget_fraction"], without_recent(r["setting"])), []).append(r)
+        for (frac, base), rows in sorted(groups.items()):
+            # with no recent tail, the same setting's run at this budget is the point at 0
+            rows = [r for r in runs if r["setting"] == base and r["budget_fraction"] == frac] + rows
+            rows.sort(key=lambda r: recent_share(r) or 0.0)
+            axes[2].plot([recent_share(r) or 0.0 for r in rows], [r["all"]["mean_kl"] for r in rows], "o-",
+                         label=f"{100 * frac:.0f}% budget, {base}")
+        axes[2].set(xlabel="recent tail / budget (1 = a sliding window)", ylabel="mean KL(full || compressed)",
+                    yscale="log")
+        axes[2].legend(fontsize=7)
     fig.suptitle(f"{results['model']}: teacher-forced replay of {results['prompts']} x {results['length']} greedy "
                  f"tokens, pages of {results['block_size']} ({results['device']})")
     fig.tight_layout()
@@ -228,12 +281,16 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default="float32", help="float32 (default: the CPU and GPU figures compare) or bfloat16")
     ap.add_argument("--overrides", default=None, help='compression options over each setting, as JSON: {"recent_window": 256}')
     ap.add_argument("--tag", default="", help="suffix of the output files (parallel processes)")
+    ap.add_argument("--merge", nargs="+", default=None, help="join these JSON files (same prompts) instead of running")
     ap.add_argument("--out", default="benchmarks/results")
     return ap
 
 
 def main(argv=None):
-    return run(add_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0])).parse_args(argv))
+    args = add_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0])).parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out, args.tag)
+    return run(args)
 
 
 if __name__ == "__main__":

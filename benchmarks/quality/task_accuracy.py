@@ -20,12 +20,12 @@ import argparse
 import json
 import logging
 import os
-import re
 import time
 
 import torch
 
-from benchmarks.quality.fidelity import SETTINGS, Replay, setting_knobs, write
+from benchmarks.quality.fidelity import (SETTINGS, Replay, join_parts, recent_share, setting_knobs, without_recent,
+                                         write)
 from benchmarks.quality.task import MODES, check, encode, generate, read_offsets
 
 log = logging.getLogger("benchmarks.quality.task_accuracy")
@@ -180,25 +180,9 @@ def finish(results: dict, stem: str) -> dict:
 
 def merge(paths: list[str], out: str) -> dict:
     """One table from several processes' JSON files (same model and problems; runs concatenated)."""
-    parts = []
-    for p in paths:
-        with open(p) as f:
-            parts.append(json.load(f))
-    keys = ("model", "mode", "problems", "steps", "registers", "seed", "block_size", "dtype", "teacher_forced")
-    for p, part in zip(paths[1:], parts[1:]):
-        if any(part.get(k) != parts[0].get(k) for k in keys):
-            raise ValueError(f"{p} measured a different workload than {paths[0]}")
-    results = dict(parts[0], runs=[r for part in parts for r in part["runs"]])
+    results = join_parts(paths, ("model", "mode", "problems", "steps", "registers", "seed", "block_size", "dtype",
+                                 "teacher_forced"))
     return finish(results, os.path.join(out, f"task_accuracy_{results['model']}"))
-
-
-def _recent_share(run: dict) -> float | None:
-    """A run's recent window as a share of its budget (from its label), or None."""
-    m = re.search(r"recent_fraction=([\d.]+)", run["setting"])
-    if m:
-        return float(m.group(1))
-    m = re.search(r"recent_window=(\d+)", run["setting"])
-    return int(m.group(1)) / run["budget_tokens"] if m and run.get("budget_tokens") else None
 
 
 def _label(run: dict) -> str:
@@ -221,7 +205,7 @@ def plot(results: dict, path: str) -> None:
     # teacher-forced: the share of read digits right (every-read-right is 0 or 1 on long-range tasks)
     y = (lambda r: r["read_accuracy"]) if results.get("teacher_forced") else (lambda r: r["accuracy"])
     ylabel = "entry digits read right (teacher-forced)" if results.get("teacher_forced") else "exact-answer accuracy"
-    swept = [r for r in runs if _recent_share(r) is not None]
+    swept = [r for r in runs if recent_share(r) is not None]
     fig, axes = plt.subplots(1, 2 if swept else 1, figsize=(13 if swept else 7, 4.5), squeeze=False)
     ax = axes[0][0]
     for name in dict.fromkeys(_label(r) for r in runs if r["setting"] != "full KV" and r not in swept):
@@ -230,11 +214,11 @@ def plot(results: dict, path: str) -> None:
     if swept:
         groups: dict = {}
         for r in swept:
-            base = re.sub(r"\s*recent_(window|fraction)=[\d.]+", "", _label(r)) or "+global"
+            base = without_recent(_label(r)) or "+global"
             groups.setdefault((r["budget_fraction"], base), []).append(r)
         for (frac, base), rows in sorted(groups.items()):
-            rows.sort(key=_recent_share)
-            axes[0][1].plot([_recent_share(r) for r in rows], [y(r) for r in rows], "o-",
+            rows.sort(key=recent_share)
+            axes[0][1].plot([recent_share(r) for r in rows], [y(r) for r in rows], "o-",
                             label=f"{100 * frac:.0f}% budget, {base}")
         axes[0][1].set(xlabel="recent_window / budget (1 = a sliding window)", ylabel=ylabel,
                        ylim=(0, 1.02))
