@@ -220,7 +220,7 @@ def plot(results: dict, path: str) -> None:
             rows.sort(key=recent_share)
             axes[0][1].plot([recent_share(r) for r in rows], [y(r) for r in rows], "o-",
                             label=f"{100 * frac:.0f}% budget, {base}")
-        axes[0][1].set(xlabel="recent_window / budget (1 = a sliding window)", ylabel=ylabel,
+        axes[0][1].set(xlabel="recent tail / budget (1 = a sliding window)", ylabel=ylabel,
                        ylim=(0, 1.02))
     for r in runs:
         if r["setting"] == "full KV":
