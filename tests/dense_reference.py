@@ -36,8 +36,11 @@ class DenseCompressedReference:
         c, N, Q = self.c, K.shape[0], qs.shape[0]
         # Protected tail: the query window; or recent_window; or recent_fraction of what is kept, whichever
         # is longest, but never crowding out the sinks.
+        # Protected head: num_sink_tokens, or the prompt up to prompt_fraction of what is kept (the earliest
+        # entries are the prompt's: kept entries stay in order), never crowding out the query window.
+        sinks = max(c.num_sink_tokens, min(self.prompt_len, math.floor(c.prompt_fraction * keep), max(0, keep - Q)))
         recent = max(c.recent_window, math.floor(c.recent_fraction * keep))
-        recent = min(recent, keep - c.num_sink_tokens)
+        recent = min(recent, keep - sinks)
         tail = max(Q, recent)
         group = self.n_heads // self.n_kv
         S = torch.empty(self.n_kv, N)
@@ -80,7 +83,7 @@ class DenseCompressedReference:
                 norm = self.bs if c.lightning_redundancy else N
                 R = torch.softmax(r / (c.redundancy_temperature * norm), 0)
                 s = c.redundancy_lambda * s - (1 - c.redundancy_lambda) * R
-            s[: c.num_sink_tokens] = float("inf")
+            s[:sinks] = float("inf")
             s[max(0, N - tail):] = float("inf")
             S[h] = s
         return S, G
@@ -104,6 +107,7 @@ class DenseCompressedReference:
         queries = [[] for _ in range(L)]  # post-RoPE queries of every token, in order
         n_compressions = 0
         tokens, out = list(prompt), []
+        self.prompt_len = len(prompt)
         todo = list(prompt)
         while True:
             start = len(tokens) - len(todo)

@@ -3,6 +3,7 @@
 import os
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -30,6 +31,7 @@ SCORING = {
     "global-sinks-recent": dict(use_redundancy=False, use_pooling=False, num_sink_tokens=5, recent_window=6),
     "global-sinks-recent-fraction": dict(use_redundancy=False, use_pooling=False, num_sink_tokens=3, recent_fraction=0.6),
     "sliding-window-sinks": dict(use_redundancy=False, use_pooling=False, num_sink_tokens=2, recent_fraction=1.0),
+    "global-prompt-recent": dict(use_redundancy=False, use_pooling=False, prompt_fraction=0.5, recent_fraction=0.25),
 }
 
 MODELS = {
@@ -48,6 +50,7 @@ CASES = [  # (model, scoring, block_size, budget, window, max_num_batched_tokens
     ("qwen3-gqa2", "global-sinks-recent", 4, 3, 2, 9),  # sinks longer than a page, tail longer than the window
     ("qwen3-gqa2", "global-sinks-recent-fraction", 4, 4, 2, 9),  # tail: 0.6 x 16 -> 9 entries
     ("llama-gqa4", "sliding-window-sinks", 4, 3, 2, 9),  # tail: all 12 kept entries less the 2 sinks
+    ("qwen3-gqa2", "global-prompt-recent", 4, 4, 2, 9),  # head: a 5-token prompt whole, longer ones their first 8
     ("llama-gqa4", "paper-set", 8, 2, 4, 10),
     ("llama-gqa4", "all-pairs-sinks", 4, 3, 2, 16),
     ("qwen2-mha", "paper-set", 8, 3, 8, 16),
@@ -113,6 +116,26 @@ def test_per_request_budget(qwen3_path):
                                            SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, budget_blocks=4)],
                         use_tqdm=False)
     assert a.token_ids == ref2 and b.token_ids == ref4 and ref2 != ref4
+
+
+@pytest.mark.parametrize("prompt_fraction", [0.5, 0.0])
+def test_prompt_fraction_keeps_each_requests_prompt(qwen3_path, prompt_fraction):
+    """With prompt_fraction 0.5 every compression keeps, in every layer and KV head, the 5-token prompt whole
+    and the first 8 of the 19-token one (half of the 16 kept entries), whatever their scores; without it
+    attention scoring drops some of them (the check can fail)."""
+    ccfg = dict(query_window=4, recent_fraction=0.25, prompt_fraction=prompt_fraction)
+    llm = LLM(qwen3_path, block_size=8, budget_blocks=2, compression=ccfg)
+    llm.engine.runner.compressor.kept_log = []
+    prompts = {"short": PROMPTS[0], "long": PROMPTS[3]}
+    for rid, p in prompts.items():
+        llm.engine.add_request(rid, p, SamplingParams(temperature=0, max_tokens=48, ignore_eos=True))
+    while llm.engine.has_unfinished_requests():
+        llm.engine.step()
+    log = llm.engine.runner.compressor.kept_log
+    assert {rid for rid, *_ in log} == set(prompts)
+    head = {"short": 5, "long": 8}
+    kept_head = all(bool((idx[..., : head[rid]] == torch.arange(head[rid])).all()) for rid, _, _, idx in log)
+    assert kept_head == (prompt_fraction > 0)
 
 
 def test_long_prompt_compressed_at_end_of_chunked_prefill(qwen3_path):
@@ -226,6 +249,8 @@ def test_random_workloads_keep_invariants(qwen3_path, reqs, num_blocks, chunk, a
     (dict(budget_blocks=2, compression=dict(recent_window=-1)), ValueError, "recent_window"),
     (dict(budget_blocks=2, compression=dict(recent_fraction=1.5)), ValueError, "recent_fraction"),
     (dict(budget_blocks=2, compression=dict(recent_fraction=-0.1)), ValueError, "recent_fraction"),
+    (dict(budget_blocks=2, compression=dict(prompt_fraction=2)), ValueError, "prompt_fraction"),
+    (dict(budget_blocks=2, compression=dict(prompt_fraction="all")), ValueError, "prompt_fraction"),
     (dict(budget_blocks=8, num_blocks=5), ValueError, "fewer than one request's budget"),
 ])
 def test_bad_compression_config(qwen3_path, kw, err, msg):

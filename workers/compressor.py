@@ -73,9 +73,10 @@ class Compressor:
         g_prev = None
         if self.score_cache is not None and plan.num_scored:
             g_prev = self.score_cache[layers, src].reshape(lg, -1, h_kv)[:, : plan.num_scored].transpose(1, 2)
-        cfg = self.cfg  # the scorers read the recent tail from recent_window: resolve the fraction for this budget
-        if cfg.recent_fraction:
-            cfg = dataclasses.replace(cfg, recent_window=cfg.recent_entries(plan.keep))
+        cfg = self.cfg  # the scorers read the sinks and the tail as counts: resolve the fractions for this request
+        if cfg.recent_fraction or cfg.prompt_fraction:
+            sinks = cfg.sink_entries(plan.keep, seq.num_prompt_tokens)
+            cfg = dataclasses.replace(cfg, num_sink_tokens=sinks, recent_window=cfg.recent_entries(plan.keep, sinks))
         scores, g = self.scores_fn(q_win, k, g_prev, plan.num_scored, plan.first, self.scale, cfg, bs)
         return self.select_fn(scores, plan.keep), g, src
 

@@ -29,6 +29,8 @@ import time
 
 import torch
 
+from workers.config import CompressionConfig
+
 log = logging.getLogger("benchmarks.quality.fidelity")
 
 PROMPTS = [
@@ -42,13 +44,16 @@ PROMPTS = [
     "Summarise the causes of the French Revolution and their long-term effects.",
 ]
 
-_OFF = dict(use_redundancy=False, use_pooling=False, recent_fraction=0.0)
-SETTINGS = {  # cumulative scoring ablations (CompressionConfig keys), then + global with half the budget recent
+_OFF = dict(use_redundancy=False, use_pooling=False, recent_fraction=0.0, prompt_fraction=0.0)
+SETTINGS = {  # cumulative scoring ablations (CompressionConfig keys), + global with half the budget recent,
     "attention": dict(_OFF, use_global_score=False),
     "+global": dict(_OFF, use_global_score=True),
     "+redundancy": dict(_OFF, use_global_score=True, use_redundancy=True),
     "+pooling": dict(_OFF, use_global_score=True, use_redundancy=True, use_pooling=True),
     "+recent": dict(_OFF, use_global_score=True, recent_fraction=0.5),
+    # the shipped defaults, stated in full so results say what they were
+    "default": {k: getattr(CompressionConfig(), k) for k in ("use_global_score", "score_decay", *_OFF,
+                                                                 "num_sink_tokens", "recent_window")},
 }
 
 
@@ -210,18 +215,36 @@ def merge(paths: list[str], out: str, tag: str = "") -> dict:
 
 
 def recent_share(run: dict) -> float | None:
-    """A run's protected recent tail as a share of its budget (from its label or its knobs), or None."""
+    """A run's protected recent tail as a share of its budget (from its label, its knobs or its named
+    setting's), or None when it has none."""
     m = re.search(r"recent_fraction=([\d.]+)", run["setting"])
     if m:
         return float(m.group(1))
     m = re.search(r"recent_window=(\d+)", run["setting"])
     if m and run.get("budget_tokens"):
         return int(m.group(1)) / run["budget_tokens"]
-    return None
+    knobs = run.get("compression") or SETTINGS.get(run["setting"].split(" ")[0], {})
+    return knobs.get("recent_fraction") or None
 
 
 def without_recent(label: str) -> str:
-    return re.sub(r"\s*recent_(window|fraction)=[\d.]+", "", label)
+    """A label less its tail: the settings that are + global with a tail of their own become + global."""
+    label = re.sub(r"\s*recent_(window|fraction)=[\d.]+", "", label)
+    name, _, rest = label.partition(" ")
+    return " ".join(["+global" if name in ("+recent", "default") else name] + ([rest] if rest else []))
+
+
+def tail_sweep(runs: list[dict], label=lambda r: r["setting"]) -> dict:
+    """{(budget fraction, setting less its tail): [(tail share, run), ...] by share}: the recent-tail sweep,
+    each setting's own run with no tail as its point at 0. Only groups with a tail in them."""
+    groups: dict = {}
+    for r in runs:
+        if r["setting"] == "full KV":
+            continue
+        share = recent_share(r)
+        if share is not None or label(r) == without_recent(label(r)):
+            groups.setdefault((r["budget_fraction"], without_recent(label(r))), []).append((share or 0.0, r))
+    return {k: sorted(v, key=lambda p: p[0]) for k, v in sorted(groups.items()) if any(s for s, _ in v)}
 
 
 def write(results: dict, stem: str) -> None:
@@ -239,27 +262,24 @@ def plot(results: dict, path: str) -> None:
     except ImportError:
         return
     runs = results["runs"]
-    swept = [r for r in runs if recent_share(r) is not None]  # a recent-window sweep: its own panel
-    fig, axes = plt.subplots(1, 3 if swept else 2, figsize=(16 if swept else 11, 4))
+    sweep = tail_sweep(runs)  # a recent-tail sweep: its own panel
+    swept = [r for points in sweep.values() for _, r in points]
+    fig, axes = plt.subplots(1, 3 if sweep else 2, figsize=(16 if sweep else 11, 4))
     a, b = axes[0], axes[1]
-    for name in dict.fromkeys(r["setting"] for r in runs if r not in swept):
+    for name in dict.fromkeys(r["setting"] for r in runs):
         rows = sorted((r for r in runs if r["setting"] == name), key=lambda r: r["budget_fraction"])
+        if len(rows) < 2 and rows[0] in swept:  # a single point of the sweep: the third panel has it
+            continue
         x = [100 * r["budget_fraction"] for r in rows]
         a.plot(x, [r["all"]["top1_agreement"] for r in rows], "o-", label=name)
         b.plot(x, [r["all"]["mean_kl"] for r in rows], "o-", label=name)
     a.set(xlabel="budget (% of prompt + output)", ylabel="top-1 agreement with full KV")
     b.set(xlabel="budget (% of prompt + output)", ylabel="mean KL(full || compressed)", yscale="log")
     a.legend(fontsize=7)
-    if swept:
-        groups: dict = {}
-        for r in swept:
-            groups.setdefault((r["budget_fraction"], without_recent(r["setting"])), []).append(r)
-        for (frac, base), rows in sorted(groups.items()):
-            # with no recent tail, the same setting's run at this budget is the point at 0
-            rows = [r for r in runs if r["setting"] == base and r["budget_fraction"] == frac] + rows
-            rows.sort(key=lambda r: recent_share(r) or 0.0)
-            axes[2].plot([recent_share(r) or 0.0 for r in rows], [r["all"]["mean_kl"] for r in rows], "o-",
-                         label=f"{100 * frac:.0f}% budget, {base}")
+    for (frac, base), points in sweep.items():
+        axes[2].plot([s for s, _ in points], [r["all"]["mean_kl"] for _, r in points], "o-",
+                     label=f"{100 * frac:.0f}% budget, {base}")
+    if sweep:
         axes[2].set(xlabel="recent tail / budget (1 = a sliding window)", ylabel="mean KL(full || compressed)",
                     yscale="log")
         axes[2].legend(fontsize=7)

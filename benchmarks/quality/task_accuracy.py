@@ -24,8 +24,7 @@ import time
 
 import torch
 
-from benchmarks.quality.fidelity import (SETTINGS, Replay, join_parts, recent_share, setting_knobs, without_recent,
-                                         write)
+from benchmarks.quality.fidelity import SETTINGS, Replay, join_parts, setting_knobs, tail_sweep, write
 from benchmarks.quality.task import MODES, check, encode, generate, read_offsets
 
 log = logging.getLogger("benchmarks.quality.task_accuracy")
@@ -205,23 +204,19 @@ def plot(results: dict, path: str) -> None:
     # teacher-forced: the share of read digits right (every-read-right is 0 or 1 on long-range tasks)
     y = (lambda r: r["read_accuracy"]) if results.get("teacher_forced") else (lambda r: r["accuracy"])
     ylabel = "entry digits read right (teacher-forced)" if results.get("teacher_forced") else "exact-answer accuracy"
-    swept = [r for r in runs if recent_share(r) is not None]
-    fig, axes = plt.subplots(1, 2 if swept else 1, figsize=(13 if swept else 7, 4.5), squeeze=False)
+    sweep = tail_sweep(runs, _label)
+    swept = [r for points in sweep.values() for _, r in points]
+    fig, axes = plt.subplots(1, 2 if sweep else 1, figsize=(13 if sweep else 7, 4.5), squeeze=False)
     ax = axes[0][0]
-    for name in dict.fromkeys(_label(r) for r in runs if r["setting"] != "full KV" and r not in swept):
-        rows = sorted((r for r in runs if _label(r) == name and r not in swept), key=lambda r: r["budget_fraction"])
+    for name in dict.fromkeys(_label(r) for r in runs if r["setting"] != "full KV"):
+        rows = sorted((r for r in runs if _label(r) == name), key=lambda r: r["budget_fraction"])
+        if len(rows) < 2 and rows[0] in swept:  # a single point of the tail sweep: the second panel has it
+            continue
         ax.plot([100 * r["budget_fraction"] for r in rows], [y(r) for r in rows], "o-", label=name)
-    if swept:
-        groups: dict = {}
-        for r in swept:
-            base = without_recent(_label(r)) or "+global"
-            groups.setdefault((r["budget_fraction"], base), []).append(r)
-        for (frac, base), rows in sorted(groups.items()):
-            rows.sort(key=recent_share)
-            axes[0][1].plot([recent_share(r) for r in rows], [y(r) for r in rows], "o-",
-                            label=f"{100 * frac:.0f}% budget, {base}")
-        axes[0][1].set(xlabel="recent tail / budget (1 = a sliding window)", ylabel=ylabel,
-                       ylim=(0, 1.02))
+    for (frac, base), points in sweep.items():
+        axes[0][1].plot([s for s, _ in points], [y(r) for _, r in points], "o-", label=f"{100 * frac:.0f}% budget, {base}")
+    if sweep:
+        axes[0][1].set(xlabel="recent tail / budget (1 = a sliding window)", ylabel=ylabel, ylim=(0, 1.02))
     for r in runs:
         if r["setting"] == "full KV":
             for a in axes[0]:
