@@ -19,10 +19,11 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 class CompressionConfig:
     """Scoring knobs of Compressed PagedAttention. Defaults: the paper's math configuration, less redundancy
     and pooling, plus three quarters of each request's budget kept for its most recent entries. Measured in
-    benchmarks/quality: on the real model (SmolLM2 fidelity, 4 x 2,048 tokens) a recent tail of 50-75% cuts KL
-    3x at a 12% budget and 5x at 25% against none (75% and 50% within 10% of each other); on the trained tasks
-    (H200) 75% beats 50% at every budget (lookup at 25%: 0.96 vs 0.91 of full KV). The paper's full set is
-    `use_redundancy=True, use_pooling=True, recent_fraction=0`."""
+    benchmarks/quality: on the real model (SmolLM2 fidelity, 4 x 2,048 tokens) that tail cuts KL 3.2x / 6.9x
+    at 12% / 25% budgets against none (half the budget: 2.9x / 5.6x); on the trained tasks (H200) 75% beats
+    half at every budget (lookup at 25%: 0.96 vs 0.91 of full KV). Keeping the prompt (prompt_fraction)
+    helps the lookup task but leaves no entry to the scores at small budgets, doubling SmolLM2's KL at 12%,
+    so it is off. The paper's full set is `use_redundancy=True, use_pooling=True, recent_fraction=0`."""
 
     query_window: int = 16  # post-RoPE queries of the last Q cache entries score the cache
     use_global_score: bool = True
