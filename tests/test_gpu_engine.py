@@ -95,3 +95,24 @@ def test_async_scheduling_equals_synchronous_on_the_gpu(gpu_model, budget):
         assert llm.stats()["free_pages"] == llm.stats()["total_pages"]
     assert results[True] == results[False]
     assert [r for _, r in results[True]].count("stop") == 3
+
+
+@pytest.mark.parametrize("ccfg", [
+    dict(query_window=2, use_redundancy=False, use_pooling=False, prompt_fraction=0.5, recent_fraction=0.25),
+    dict(query_window=2),  # the defaults: + global, 75% of the budget recent
+    dict(query_window=4, prompt_fraction=0.25),
+], ids=["prompt-half", "defaults", "defaults-prompt-quarter"])
+def test_triton_engine_equals_dense_reference(tmp_path, ccfg):
+    """The Triton engine (fp32) keeps exactly what the dense reference policy keeps, with per-request sinks
+    (prompt_fraction: the 5-token prompt whole, longer ones capped) and the recent tail resolved per budget."""
+    from tests.dense_reference import DenseCompressedReference
+    from tests.test_compression import PROMPTS as CPU_PROMPTS
+    from workers.config import CompressionConfig
+
+    path = build_model_folder(str(tmp_path / "m"), "qwen3", heads=4, kv_heads=2)
+    expected = [DenseCompressedReference(path, 4, 4, CompressionConfig(**ccfg)).generate(p, 40) for p in CPU_PROMPTS]
+    llm = LLM(path, device="cuda", backend="triton", dtype="float32", block_size=4, budget_blocks=4, compression=ccfg,
+              num_blocks=64, max_num_batched_tokens=9)
+    outs = llm.generate(CPU_PROMPTS, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False)
+    assert [o.token_ids for o in outs] == expected
+    assert llm.stats()["compressions"] > 0
