@@ -45,7 +45,7 @@ PROMPTS = [
 ]
 
 _OFF = dict(use_redundancy=False, use_pooling=False, recent_fraction=0.0, prompt_fraction=0.0)
-SETTINGS = {  # cumulative scoring ablations (CompressionConfig keys), + global with half the budget recent,
+SETTINGS = {  # cumulative scoring ablations (CompressionConfig keys), + global with half the budget recent, defaults
     "attention": dict(_OFF, use_global_score=False),
     "+global": dict(_OFF, use_global_score=True),
     "+redundancy": dict(_OFF, use_global_score=True, use_redundancy=True),
