@@ -29,9 +29,9 @@ def _prompts(n: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(3, 300) for _ in range(rng.randint(8, 60))] for _ in range(n)]
 
 
-def _expected(path, prompts) -> list[str]:
+def _expected(path, prompts, max_tokens: int = MAX_TOKENS) -> list[str]:
     llm = LLM(path, **ENGINE)
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True), use_tqdm=False)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
     return [o.text for o in outs]
 
 
@@ -60,14 +60,15 @@ async def _stream(c: httpx.AsyncClient, url: str, prompt, max_tokens=MAX_TOKENS,
         return 200, text, error, done
 
 
-def _streams_with_disruption(url: str, prompts, after_chunks: int, disrupt, max_connections: int = 100):
+def _streams_with_disruption(url: str, prompts, after_chunks: int, disrupt, max_connections: int = 100,
+                             max_tokens: int = MAX_TOKENS):
     """Stream every prompt; once `after_chunks` chunks have arrived in all, run `disrupt()` (in a thread)
     and let the streams finish. Returns (results of _stream, what disrupt returned)."""
     progress = [0]
 
     async def run():
         async with httpx.AsyncClient(timeout=180, limits=httpx.Limits(max_connections=max_connections)) as c:
-            tasks = [asyncio.create_task(_stream(c, url, p, progress=progress)) for p in prompts]
+            tasks = [asyncio.create_task(_stream(c, url, p, max_tokens, progress=progress)) for p in prompts]
             while progress[0] < after_chunks:
                 await asyncio.sleep(0.05)
             done = await asyncio.to_thread(disrupt)

@@ -158,8 +158,11 @@ def test_node_removed_under_load_loses_no_stream(qwen3_path):
                              "workers": {"num_replicas": 2, "num_cpus": 1},
                              "ingress": {"resources": {"head": 0.01}}}), name="zipserve", route_prefix="/")
         prompts = _prompts(40, seed=5)
-        want = _expected(qwen3_path, prompts)
-        results, _ = _streams_with_disruption(url, prompts, 150, lambda: cluster.remove_node(workers[0]))
+        # Streams of 160 tokens: long enough that the node is gone while its replica still streams (with 64,
+        # a fast machine could finish them all before remove_node took effect, and nothing migrated).
+        want = _expected(qwen3_path, prompts, max_tokens=160)
+        results, _ = _streams_with_disruption(url, prompts, 150, lambda: cluster.remove_node(workers[0]),
+                                              max_tokens=160)
         bad = _all_complete(results)
         assert not bad, bad[:3]
         assert [r[1] for r in results] == want
