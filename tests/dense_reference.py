@@ -34,11 +34,11 @@ class DenseCompressedReference:
         """qs: [Q, H_q, D] window queries (last Q entries); K: [N, H_kv, D]; G_prev: [H_kv, n_prev] or None;
         keep: entries this compression keeps. Returns S [H_kv, N], G [H_kv, N]."""
         c, N, Q = self.c, K.shape[0], qs.shape[0]
-        # Protected tail: the query window; or recent_window; or recent_fraction of what is kept, whichever
-        # is longest, but never crowding out the sinks.
         # Protected head: num_sink_tokens, or the prompt up to prompt_fraction of what is kept (the earliest
         # entries are the prompt's: kept entries stay in order), never crowding out the query window.
         sinks = max(c.num_sink_tokens, min(self.prompt_len, math.floor(c.prompt_fraction * keep), max(0, keep - Q)))
+        # Protected tail: the query window; or recent_window; or recent_fraction of what is kept, whichever
+        # is longest, but never crowding out the sinks.
         recent = max(c.recent_window, math.floor(c.recent_fraction * keep))
         recent = min(recent, keep - sinks)
         tail = max(Q, recent)

@@ -209,8 +209,8 @@ def test_compressor_backends_agree():
     kv = torch.randn(2, L, NB, bs, H, D, generator=gen(1)).to(DEV)
     qw = torch.randn(L, 2, Q, H * G, D, generator=gen(2)).to(DEV)
     sc = torch.rand(L, NB, bs, H, generator=gen(3)).to(DEV)
-    plan = SimpleNamespace(seq=SimpleNamespace(window_slot=1, num_prompt_tokens=6), src_table=[5, 2, 9, 0, 7], dest_table=[9, 5, 11],
-                           kv_len=n, keep=keep, num_scored=10, first=False)
+    plan = SimpleNamespace(seq=SimpleNamespace(window_slot=1, num_prompt_tokens=6), src_table=[5, 2, 9, 0, 7],
+                           dest_table=[9, 5, 11], kv_len=n, keep=keep, num_scored=10, first=False)
     results = {}
     for backend in ("torch", "triton"):
         c = Compressor(cfg, kv.clone(), qw, sc.clone(), bs, D**-0.5, backend=backend)

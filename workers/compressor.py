@@ -7,7 +7,6 @@ only after `run` has returned (on GPU: after its event).
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import torch
@@ -61,7 +60,7 @@ class Compressor:
         """Indices (cache order) of the entries kept per (layer, KV head): [layers, H_kv, keep]."""
         return self._score_and_select(plan, layers)[0]
 
-    def _score_and_select(self, plan: CompactionPlan, layers: slice):
+    def _score_and_select(self, plan: CompactionPlan, layers: slice, cfg: CompressionConfig | None = None):
         seq, bs, Q = plan.seq, self.block_size, self.cfg.query_window
         n = plan.kv_len
         src = _index(plan.src_table[: -(-n // bs)], self.kv_cache.device)
@@ -73,10 +72,7 @@ class Compressor:
         g_prev = None
         if self.score_cache is not None and plan.num_scored:
             g_prev = self.score_cache[layers, src].reshape(lg, -1, h_kv)[:, : plan.num_scored].transpose(1, 2)
-        cfg = self.cfg  # the scorers read the sinks and the tail as counts: resolve the fractions for this request
-        if cfg.recent_fraction or cfg.prompt_fraction:
-            sinks = cfg.sink_entries(plan.keep, seq.num_prompt_tokens)
-            cfg = dataclasses.replace(cfg, num_sink_tokens=sinks, recent_window=cfg.recent_entries(plan.keep, sinks))
+        cfg = cfg or self.cfg.for_compression(plan.keep, seq.num_prompt_tokens)
         scores, g = self.scores_fn(q_win, k, g_prev, plan.num_scored, plan.first, self.scale, cfg, bs)
         return self.select_fn(scores, plan.keep), g, src
 
@@ -85,10 +81,11 @@ class Compressor:
         num_layers, h_kv = self.kv_cache.shape[1], self.kv_cache.shape[-2]
         n, keep = plan.kv_len, plan.keep
         dest = _index(plan.dest_table[: keep // bs], self.kv_cache.device)
+        cfg = self.cfg.for_compression(keep, plan.seq.num_prompt_tokens)  # once per plan, not per layer group
         for l0 in range(0, num_layers, self.cfg.layer_group):
             layers = slice(l0, min(num_layers, l0 + self.cfg.layer_group))
             lg = layers.stop - layers.start
-            idx, g, src = self._score_and_select(plan, layers)
+            idx, g, src = self._score_and_select(plan, layers, cfg)
             if self.kept_log is not None:
                 self.kept_log.append((plan.seq.request_id, plan.num_scored, layers.start, idx.cpu()))
             for kv in (0, 1):

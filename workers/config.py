@@ -67,12 +67,19 @@ class CompressionConfig:
         prompt = min(prompt_tokens, int(self.prompt_fraction * keep), max(0, keep - self.query_window))
         return max(self.num_sink_tokens, prompt)
 
-    def recent_entries(self, keep: int, sinks: int | None = None) -> int:
+    def recent_entries(self, keep: int, sinks: int) -> int:
         """The recent tail always kept by a compression that keeps `keep` entries: `recent_window`, or
-        `recent_fraction` of `keep` if more, leaving room for the sinks (`num_sink_tokens` unless given; the
-        query window is added by the scorer, which knows it)."""
-        sinks = self.num_sink_tokens if sinks is None else sinks
+        `recent_fraction` of `keep` if more, leaving room for `sinks` (the query window is added by the
+        scorer, which knows it)."""
         return max(0, min(keep - sinks, max(self.recent_window, int(self.recent_fraction * keep))))
+
+    def for_compression(self, keep: int, prompt_tokens: int) -> "CompressionConfig":
+        """These knobs with the fractions resolved to counts for one compression (the scorers read the sinks
+        and the tail as `num_sink_tokens` and `recent_window`)."""
+        if not (self.recent_fraction or self.prompt_fraction):
+            return self
+        sinks = self.sink_entries(keep, prompt_tokens)
+        return dataclasses.replace(self, num_sink_tokens=sinks, recent_window=self.recent_entries(keep, sinks))
 
     def validate(self, block_size: int, budget_blocks: int | None) -> None:
         """budget_blocks: the engine's pages of history per request (None: full KV, nothing to check
