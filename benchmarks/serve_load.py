@@ -4,9 +4,9 @@
     python -m benchmarks.serve_load --config configs/serve.yaml --model FOLDER --engine '{"load_format": "dummy"}'
 
 With --config the app is started in this process first (Ray + Serve on this machine, one worker per GPU
-as the config says) and its worker's engine stats are recorded after the run. Each request is a chat
-completion with `stream: true`, `ignore_eos` and usage in the last chunk; per request it records the time
-to first token, the gaps between content chunks, the finish reason and the usage. The run also checks the
+as the config says) and its worker's engine stats are recorded after the run. The load is
+benchmarks.loadgen's (streamed chat completions with `ignore_eos`, usage in every chunk; TTFT, per-token
+ITL, TPOT, E2E, goodput); benchmarks.serve_compare runs it against vLLM's server side by side. The run also checks the
 API around the load: /v1/models names the model, /health answers, a malformed request gets a 400 and
 the server goes on serving. Writes JSON and a PNG (streams open and tokens/s over time) to --out-dir.
 """
@@ -17,55 +17,9 @@ import argparse
 import json
 import logging
 import os
-import random
-import threading
 import time
 
 log = logging.getLogger("benchmarks.serve_load")
-
-WORDS = ("the state moves to a new value when each step adds the previous two then we check the parity of "
-         "every term and write the result before the next line begins").split()
-
-
-def _prompt(rng: random.Random, words: int) -> str:
-    return "Reason step by step. " + " ".join(rng.choice(WORDS) for _ in range(words))
-
-
-def stream_chat(url: str, model: str, content: str, max_tokens: int, timeout: float = 900,
-                deadline: float = float("inf")) -> dict:
-    """One streamed chat completion; returns its timings and what the server said."""
-    import requests
-
-    body = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
-            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True, "temperature": 0.6,
-            "top_p": 0.95}
-    t0 = time.perf_counter()
-    rec = {"start": t0, "status": None, "chunks": [], "finish_reason": None, "usage": None, "done": False, "text": ""}
-    with requests.post(f"{url}/v1/chat/completions", json=body, stream=True, timeout=timeout) as r:
-        rec["status"] = r.status_code
-        if r.status_code != 200:
-            rec["error"] = r.text[:500]
-            return rec
-        for line in r.iter_lines(decode_unicode=True):
-            if time.perf_counter() > deadline:
-                rec["error"] = "abandoned at the run's deadline"
-                break
-            if not line or not line.startswith("data: "):
-                continue
-            if line == "data: [DONE]":
-                rec["done"] = True
-                break
-            event = json.loads(line[6:])
-            if event.get("usage"):
-                rec["usage"] = event["usage"]
-            for ch in event.get("choices", []):
-                if ch.get("delta", {}).get("content"):
-                    rec["chunks"].append(time.perf_counter())
-                    rec["text"] += ch["delta"]["content"]
-                if ch.get("finish_reason"):
-                    rec["finish_reason"] = ch["finish_reason"]
-    return rec
-
 
 def api_checks(url: str, model: str) -> dict:
     import requests
@@ -81,68 +35,12 @@ def api_checks(url: str, model: str) -> dict:
             "max_tokens_too_large_error": too_many.json().get("error", {}).get("message")}
 
 
-def _pct(xs: list[float]) -> dict:
-    xs = sorted(xs)
-    if not xs:
-        return {}
-    return {f"p{p}": xs[min(len(xs) - 1, int(p / 100 * len(xs)))] for p in (50, 90, 99)} | {"mean": sum(xs) / len(xs)}
-
-
-def run_load(url: str, model: str, n: int, concurrency: int, max_tokens: int, prompt_words: tuple[int, int],
-             seed: int = 0, max_seconds: float = float("inf")) -> dict:
-    rng = random.Random(seed)
-    prompts = [_prompt(rng, rng.randint(*prompt_words)) for _ in range(n)]
-    records: list[dict | None] = [None] * n
-    next_i = iter(range(n))
-    lock = threading.Lock()
-    t0 = time.perf_counter()
-
-    def client():
-        while True:
-            with lock:
-                i = next(next_i, None)
-            if i is None:
-                return
-            try:
-                records[i] = stream_chat(url, model, prompts[i], max_tokens, deadline=t0 + max_seconds)
-            except Exception as e:  # a client-side failure is a failed request, recorded as such
-                records[i] = {"status": None, "error": repr(e), "chunks": [], "done": False, "start": time.perf_counter()}
-
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(min(concurrency, n))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    ok = [r for r in records if r["status"] == 200 and r["done"] and r["finish_reason"] == "length"]
-    tokens = sum(r["usage"]["completion_tokens"] for r in ok if r.get("usage"))
-    ttft = [r["chunks"][0] - r["start"] for r in ok if r["chunks"]]
-    itl = [1000 * (b - a) for r in ok for a, b in zip(r["chunks"], r["chunks"][1:])]
-    events = sorted([(r["start"] - t0, 1) for r in ok] + [(r["chunks"][-1] - t0, -1) for r in ok if r["chunks"]])
-    open_streams, timeline = 0, []
-    for t, d in events:
-        open_streams += d
-        timeline.append((round(t, 3), open_streams))
-    chunk_times = sorted(c - t0 for r in ok for c in r["chunks"])
-    return {
-        "requests": n, "concurrency": concurrency, "max_tokens": max_tokens, "completed": len(ok),
-        "failed": [{k: r.get(k) for k in ("status", "error", "finish_reason", "done")} for r in records if r not in ok],
-        "all_usage_exact": all(r.get("usage", {}).get("completion_tokens") == max_tokens for r in ok),
-        "wall_s": wall, "completion_tokens": tokens, "tokens_per_s": tokens / wall,
-        "content_chunks_all": sum(len(r["chunks"]) for r in records),  # finished streams or not
-        "abandoned": sum(r.get("error") == "abandoned at the run's deadline" for r in records),
-        "ttft_s": _pct(ttft), "inter_chunk_ms": _pct(itl), "streams_open": timeline,
-        "chunk_times": chunk_times[:: max(1, len(chunk_times) // 4000)],  # a sample, for the plot
-        "tokens_per_plotted_chunk": tokens / max(1, len(chunk_times[:: max(1, len(chunk_times) // 4000)])),
-        "sample_text": ok[0]["text"][:300] if ok else None,
-    }
-
-
 def direct_baseline(a: argparse.Namespace, engine: dict, prompt_words: tuple[int, int]) -> dict:
     """The same prompts and sampling through the engine in this process (no Ray, no HTTP): what the
     serving path costs, as a ratio."""
     from cluster.app import resolve_config
     from cluster.cli import load_app_args
+    from benchmarks import loadgen
     from workers import LLM, SamplingParams
 
     args = load_app_args(a.config)
@@ -150,8 +48,7 @@ def direct_baseline(a: argparse.Namespace, engine: dict, prompt_words: tuple[int
         args["model"] = a.model
     cfg = resolve_config(dict(args, engine=dict(args.get("engine") or {}, **engine)))
     llm = LLM(cfg["model"], config_file=cfg.get("engine_config"), **cfg["engine"])
-    rng = random.Random(0)
-    texts = [_prompt(rng, rng.randint(*prompt_words)) for _ in range(a.requests)]
+    texts = loadgen.make_prompts(a.requests, prompt_words)
     tok = llm.tokenizer
     prompts = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
                for t in texts]
@@ -195,19 +92,13 @@ def plot(result: dict, path: str) -> None:
     except ImportError:  # the GPU image may lack matplotlib: redraw later with --plot
         log.warning("no matplotlib: %s not drawn (redraw with --plot)", path)
         return
-
+    tl = result["timeline"]
     fig, (a, b) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    ts = [t for t, _ in result["streams_open"]]
-    a.step(ts, [n for _, n in result["streams_open"]], where="post")
+    a.step([t for t, _, _ in tl], [n for _, _, n in tl], where="post")
     a.set_ylabel("streams open")
-    a.set_title(f"zipserve HTTP streamed chat on {result.get('device', '?')}: {result['completed']}/"
+    a.set_title(f"zipserve HTTP streamed chat on {result.get('device', '?')}: {result['requests_complete']}/"
                 f"{result['requests']} x {result['max_tokens']} tokens, {result['tokens_per_s']:.0f} tok/s")
-    ct = result["chunk_times"]
-    if ct:
-        width = max(0.5, ct[-1] / 60)
-        bins = [i * width for i in range(int(ct[-1] / width) + 2)]
-        counts, _ = __import__("numpy").histogram(ct, bins=bins)
-        b.plot(bins[:-1], counts * result["tokens_per_plotted_chunk"] / width)
+    b.plot([t for t, _, _ in tl], [v for _, v, _ in tl])
     b.set_ylabel("tokens/s (streamed)")
     b.set_xlabel("seconds")
     fig.tight_layout()
@@ -230,7 +121,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--prompt-words", default="50,300")
     p.add_argument("--direct-baseline", action="store_true",
                    help="after the HTTP run, run the same requests through LLM.generate in-process (launch mode)")
-    p.add_argument("--max-seconds", type=float, default=float("inf"), help="abandon streams still open after this")
+    p.add_argument("--max-seconds", type=float, default=3600.0, help="abandon streams still open after this")
+    p.add_argument("--processes", type=int, default=4, help="load generator processes")
     p.add_argument("--out-dir", default="benchmarks/results")
     p.add_argument("--tag", default=None, help="result file suffix (default: the card's name or 'cpu')")
     p.add_argument("--plot", default=None, help="only redraw the PNG of this result JSON")
@@ -253,10 +145,14 @@ def run(a: argparse.Namespace) -> int:
     import requests
 
     model = requests.get(f"{url}/v1/models", timeout=60).json()["data"][0]["id"]
-    warm = stream_chat(url, model, "warm up", 32)  # first request pays compile / graph capture
-    log.info("warm-up request: status %s, finish %s", warm["status"], warm["finish_reason"])
+    from benchmarks import loadgen
+    from benchmarks.serve_compare import _warm
+
+    _warm(url, "server")  # the first request pays compilation / graph capture
     lo, hi = map(int, a.prompt_words.split(","))
-    result = run_load(url, model, a.requests, a.concurrency, a.max_tokens, (lo, hi), max_seconds=a.max_seconds)
+    result = loadgen.run(url, model, loadgen.make_prompts(a.requests, (lo, hi)), a.concurrency, a.max_tokens,
+                         max_s=a.max_seconds, processes=a.processes)
+    result["requests"] = a.requests
     result["api_checks"] = api_checks(url, model)
     device = "cpu"
     try:
@@ -289,12 +185,12 @@ def run(a: argparse.Namespace) -> int:
     with open(stem + ".json", "w") as f:
         json.dump(result, f, indent=1)
     plot(result, stem + ".png")
-    log.info("%d/%d streams complete, %.0f tok/s, TTFT p50 %.2f s p99 %.2f s, inter-chunk p50 %.1f ms p99 %.1f ms; "
-             "api checks %s -> %s.json/png", result["completed"], a.requests, result["tokens_per_s"],
+    itl = result["itl_ms_per_token"]
+    log.info("%d/%d streams complete, %.0f tok/s, TTFT p50 %.2f s p99 %.2f s, ITL p50 %.1f ms p99 %.1f ms per token; "
+             "api checks %s -> %s.json/png", result["requests_complete"], a.requests, result["tokens_per_s"],
              result["ttft_s"].get("p50", float("nan")), result["ttft_s"].get("p99", float("nan")),
-             result["inter_chunk_ms"].get("p50", float("nan")), result["inter_chunk_ms"].get("p99", float("nan")),
-             result["api_checks"], stem)
-    return 0 if result["completed"] == a.requests else 1
+             itl.get("p50", float("nan")), itl.get("p99", float("nan")), result["api_checks"], stem)
+    return 0 if result["requests_complete"] == a.requests else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,10 @@ Keys (unknown keys are refused):
   workers          num_replicas | autoscaling {min_replicas, max_replicas, target_pressure,
                    queue_per_replica, upscale_delay_s, downscale_delay_s, ...}; num_gpus, num_cpus,
                    max_ongoing_requests, max_queued_requests, stall_timeout_s,
-                   stream_interval_s (tokens of a stream are sent at most this often; default 0.05),
+                   stream_events_per_s (the ingress's per-request events a second a worker aims at:
+                   its multiplexed stream flushes every open streams / this, default 4000),
+                   max_stream_interval_s (the flush interval's cap, default 0.2),
+                   stream_interval_s (direct handle streams: sent at most this often; default 0.05),
                    engine_process (the step loop in its own process; default true)
   routing          prefill_tokens_per_s, mean_service_s, balance_s, stats_period_s
   ingress          num_replicas, max_concurrent_requests, retry_after_s, num_cpus, resources (custom Ray
@@ -32,7 +35,8 @@ log = logging.getLogger("zipserve.app")
 
 _KEYS = {"model", "model_name", "engine_config", "engine", "workers", "routing", "ingress"}
 _WORKER_KEYS = {"num_replicas", "autoscaling", "num_gpus", "num_cpus", "max_ongoing_requests",
-                "max_queued_requests", "stall_timeout_s", "stream_interval_s", "engine_process"}
+                "max_queued_requests", "stall_timeout_s", "stream_interval_s", "engine_process",
+                "stream_events_per_s", "max_stream_interval_s"}
 _ROUTING_KEYS = {"prefill_tokens_per_s", "mean_service_s", "balance_s", "stats_period_s"}
 _INGRESS_KEYS = {"num_replicas", "max_concurrent_requests", "retry_after_s", "num_cpus", "resources", "request_timeout_s",
                  "max_migrations", "max_prompt_tokens", "max_tokens_limit"}
@@ -86,7 +90,7 @@ def build_app(args: dict | None = None):
     """Application builder: `serve run cluster.app:build_app` or an import_path in configs/serve.yaml."""
     from cluster.ingress import OpenAIIngress
     from scheduler.router import CapacityAffinityRouter
-    from workers.serve_worker import EngineWorker
+    from cluster.worker import EngineWorker
 
     cfg = resolve_config(args)
     w, r, ing = cfg["workers"], cfg["routing"], cfg["ingress"]
@@ -115,9 +119,9 @@ def build_app(args: dict | None = None):
         options["autoscaling_config"] = auto
     else:
         options["num_replicas"] = w.get("num_replicas", 1)
-    worker = serve.deployment(EngineWorker).options(**options).bind(engine_config, w.get("stall_timeout_s", 120.0),
-                                                                 w.get("stream_interval_s", 0.05),
-                                                                 w.get("engine_process", True))
+    worker = serve.deployment(EngineWorker).options(**options).bind(
+        engine_config, w.get("stall_timeout_s", 120.0), w.get("stream_interval_s", 0.05), w.get("engine_process", True),
+        w.get("stream_events_per_s", 4000.0), w.get("max_stream_interval_s", 0.2))
     ingress = serve.deployment(OpenAIIngress).options(
         name="OpenAIIngress", num_replicas=ing.get("num_replicas", 1),
         ray_actor_options={"num_cpus": ing.get("num_cpus", 0), "resources": dict(ing.get("resources") or {})},

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,6 +26,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.util import metrics
 
 from cluster import openai_api as oa
+from cluster.channel import Subscriptions, WorkerLostError
 from scheduler import state_board
 from scheduler.policy import RouteRequest
 from scheduler.router import route_request_to_dict
@@ -101,9 +103,15 @@ class IngressMetrics:
                                           "samples moved to another worker after theirs died")
 
 
+def _actor_died(e: BaseException) -> bool:
+    """The worker replica's actor is gone (also when its multiplexed stream reported it first)."""
+    return isinstance(e, (RayActorError, ActorUnavailableError)) or (
+        isinstance(e, WorkerLostError) and isinstance(e.__cause__, (RayActorError, ActorUnavailableError)))
+
+
 def _worker_lost(e: BaseException) -> bool:
-    """The worker replica died or its engine loop is dead: the request can move elsewhere."""
-    if isinstance(e, (RayActorError, ActorUnavailableError)):
+    """The worker replica died, its engine loop is dead, or its stream broke: the request can move elsewhere."""
+    if _actor_died(e) or isinstance(e, WorkerLostError):
         return True
     return "EngineDeadError" in type(e).__name__ or "EngineDeadError" in type(getattr(e, "cause", None)).__name__
 
@@ -131,6 +139,10 @@ class OpenAIIngress:
         self.migrated = 0
         self._info: dict | None = None
         self.metrics = IngressMetrics()
+        # One multiplexed stream from each worker replica this ingress uses (cluster/channel.py).
+        self.ingress_id = uuid.uuid4().hex
+        self.subscriptions = Subscriptions(
+            lambda replica: self.worker.options(stream=True).subscribe.remote(self.ingress_id, route={"replica": replica}))
         log.info("ingress serving %r (%s), at most %d concurrent requests", self.model_name, model_path, self.limit)
 
     # ---- endpoints -----------------------------------------------------------------------
@@ -191,8 +203,9 @@ class OpenAIIngress:
             calls.append((request, route, {j: i * body.n + j for j in range(body.n)}))
         self._admit(len(prompts))
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._sse(endpoint, rid, calls, body.n, include_usage, len(prompts)),
+            opts = body.stream_options
+            return StreamingResponse(self._sse(endpoint, rid, calls, body.n, bool(opts and opts.include_usage),
+                                               len(prompts), bool(opts and opts.continuous_usage_stats)),
                                      media_type="text/event-stream")
         try:
             return await self._collect(endpoint, rid, calls, body.n)
@@ -246,15 +259,23 @@ class OpenAIIngress:
 
     async def _run_call(self, request: dict, route: dict, index_map: dict, out: asyncio.Queue, live: list,
                         attempt: int) -> None:
-        """Stream one worker call into `out`. If its worker dies (actor lost, engine loop dead), every
-        sample not yet finished is resubmitted with the prompt plus the tokens already sent (the new
-        worker prefills them and continues the text exactly), up to max_migrations times."""
+        """Stream one worker call into `out`. Its tokens come over the multiplexed stream of the worker that
+        admits it (cluster/channel.py); the call itself carries the request's lifetime. If its worker dies
+        (actor lost, engine loop dead, its stream broken), every sample not yet finished is resubmitted with
+        the prompt plus the tokens already sent (the new worker prefills them and continues the text
+        exactly), up to max_migrations times."""
         sent = {ci: [] for ci in index_map.values()}
         finished: set[int] = set()
-        gen = self.worker.options(stream=True).generate.remote(request, route=route)
+        rid = request["request_id"]
+        chunks = self.subscriptions.register(rid)
+        gen = self.worker.options(stream=True).generate.remote(dict(request, channel=self.ingress_id), route=route)
         live.append(gen)
+        watcher = asyncio.create_task(self._watch_call(gen, rid, chunks))
         try:
-            async for chunk in gen:
+            while len(finished) < len(index_map):
+                chunk = await chunks.get()
+                if isinstance(chunk, BaseException):
+                    raise chunk
                 if "worker_state" in chunk:  # capacity after an admission or a finish: for this process's router
                     ws = chunk.pop("worker_state")
                     state_board.post(ws.pop("replica"), ws)
@@ -267,9 +288,13 @@ class OpenAIIngress:
         except Exception as e:
             if not _worker_lost(e) or attempt >= self.max_migrations:
                 raise
-            if attempt >= 1 and not isinstance(e, (RayActorError, ActorUnavailableError)):
+            if attempt >= 1 and not _actor_died(e):
                 raise  # a second engine died under this request: it may be what kills them, stop here
             error = e
+        finally:
+            watcher.cancel()
+            self.subscriptions.release(rid)
+        gen.cancel()  # the old call, if its worker still runs it (a broken stream), frees its pages
         attempt += 1
         todo = [ci for ci in index_map.values() if ci not in finished]
         self.metrics.migrations.inc(len(todo))
@@ -290,6 +315,17 @@ class OpenAIIngress:
                  "request_id": f"{request['request_id']}-m{attempt}-{ci}", "resume_token_ids": resume},
                 route, {0: ci}, out, live, attempt))
         await asyncio.gather(*moved)
+
+    async def _watch_call(self, gen, rid: str, chunks: asyncio.Queue) -> None:
+        """A request's own call: its one item (at admission) names the worker whose stream carries the
+        tokens; its error (worker lost, request refused, backpressure) reaches the request's queue."""
+        try:
+            async for item in gen:
+                self.subscriptions.attach(rid, item["replica"])
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # noqa: BLE001 -- handed to the request
+            chunks.put_nowait(e)
 
     async def _collect(self, endpoint: str, rid: str, calls, n: int):
         t0 = time.monotonic()
@@ -314,12 +350,14 @@ class OpenAIIngress:
         build = oa.chat_response if endpoint == "chat" else oa.completion_response
         return build(rid, self.model_name, choices, use)
 
-    async def _sse(self, endpoint: str, rid: str, calls, n: int, include_usage: bool, k: int):
+    async def _sse(self, endpoint: str, rid: str, calls, n: int, include_usage: bool, k: int,
+                   continuous_usage: bool = False):
         t0 = time.monotonic()
         first = True
         started: set[int] = set()
         completion, prompt_tokens, cached = {}, {}, {}
         status = "200"
+        chunk_of = oa.chat_chunk if endpoint == "chat" else oa.completion_chunk
         try:
             async for idx, c in self._events(calls, n):
                 if first:
@@ -329,19 +367,22 @@ class OpenAIIngress:
                 completion[idx] = c["completion_tokens"]
                 prompt_tokens[idx // n], cached[idx // n] = c["prompt_tokens"], c["cached_tokens"]
                 reason = oa.finish_reason(c["finish_reason"])
+                use = (oa.usage(sum(prompt_tokens.values()), sum(completion.values()), sum(cached.values()))
+                       if continuous_usage else None)
                 if endpoint == "chat":
                     if idx not in started:
                         started.add(idx)
-                        yield _sse_event(oa.chat_chunk(rid, self.model_name, idx, {"role": "assistant", "content": ""}, None))
+                        opening = use and dict(use, completion_tokens=0, total_tokens=use["prompt_tokens"])
+                        yield _sse_event(oa.chat_chunk(rid, self.model_name, idx, {"role": "assistant", "content": ""},
+                                                       None, opening))
                     delta = {"content": c["text"]} if c["text"] else {}
                     if delta or reason:
-                        yield _sse_event(oa.chat_chunk(rid, self.model_name, idx, delta, reason))
+                        yield _sse_event(oa.chat_chunk(rid, self.model_name, idx, delta, reason, use))
                 elif c["text"] or reason:
-                    yield _sse_event(oa.completion_chunk(rid, self.model_name, idx, c["text"], reason))
+                    yield _sse_event(oa.completion_chunk(rid, self.model_name, idx, c["text"], reason, use))
             if include_usage:
                 use = oa.usage(sum(prompt_tokens.values()), sum(completion.values()), sum(cached.values()))
-                chunk = oa.chat_chunk if endpoint == "chat" else oa.completion_chunk
-                yield _sse_event(chunk(rid, self.model_name, -1, {} if endpoint == "chat" else "", None, use))
+                yield _sse_event(chunk_of(rid, self.model_name, -1, {} if endpoint == "chat" else "", None, use))
             yield "data: [DONE]\n\n"
         except asyncio.CancelledError:
             status = "cancelled"

@@ -13,7 +13,9 @@ of which would otherwise see the same state and herd onto the same replica).
 
 A request carries its routing facts as a `RouteRequest` (or the dict form `route_request_to_dict`
 makes) in the keyword argument `route`, or as the first positional argument. Requests without
-routing facts (health checks, admin calls) go to the replica with the fewest in-flight requests.
+routing facts (health checks, admin calls) go to the replica with the fewest in-flight requests. A call
+pinned to one replica (`route={"replica": unique id}`: an ingress's multiplexed stream from that worker,
+cluster/channel.py) goes there or, while that replica is not among the candidates, nowhere.
 """
 
 from __future__ import annotations
@@ -71,6 +73,10 @@ class CapacityAffinityRouter(FIFOMixin, RequestRouter):
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        pinned = self._pinned(pending_request)
+        if pinned is not None:
+            match = [r for r in candidate_replicas if r.replica_id.unique_id == pinned]
+            return [match] if match else []
         req = self._route_of(pending_request)
         by_id = {str(r.replica_id): r for r in candidate_replicas}
         states = []
@@ -111,6 +117,8 @@ class CapacityAffinityRouter(FIFOMixin, RequestRouter):
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
         self.chosen.pop(pending_request.metadata.internal_request_id, None)
+        if self._pinned(pending_request) is not None:
+            return  # a multiplexed stream, not a request: it takes no capacity
         req = self._route_of(pending_request)
         pages = 0
         if req is not None:
@@ -126,6 +134,11 @@ class CapacityAffinityRouter(FIFOMixin, RequestRouter):
         self.sent.pop(replica_id, None)
         state_board.forget(replica_id.unique_id)
         super().on_replica_actor_died(replica_id)
+
+    @staticmethod
+    def _pinned(pending_request: PendingRequest | None) -> str | None:
+        route = pending_request.kwargs.get("route") if pending_request is not None else None
+        return route.get("replica") if isinstance(route, dict) else None
 
     @staticmethod
     def _route_of(pending_request: PendingRequest | None) -> RouteRequest | None:

@@ -12,7 +12,12 @@ per-request asyncio queues, so a slow or cancelled client never blocks a step, a
 request's pages at the next step boundary. Each event loop gets one callback per step carrying all of
 that step's outputs, and a caller that falls behind gets the outputs waiting for it merged into one
 (tokens and text concatenated), so messages per second stay bounded by steps per second. Every few
-milliseconds of stepping, and while idle, the loop publishes a snapshot (stats and routing state).
+milliseconds of stepping, and while idle, the loop publishes a snapshot (stats and routing state; the
+cached-page hashes, thousands on a large pool, at most every `hashes_period_s`).
+
+In its own process the loop never waits on its parent: a sender thread there pickles and sends what the
+loop emits, everything that piled up since its last send as one message, so a parent that falls behind
+(a busy event loop) gets fewer, larger messages instead of stalling the steps.
 
 `n` > 1 samples of one prompt share its pages: the first sample is admitted alone and the others only
 once its prompt is in the cache (after its first token), so they hit the prefix cache for every full
@@ -51,13 +56,19 @@ class StepLoop:
     ("outputs", outputs, snapshot or None), ("idle", snapshot), ("reject", request_id, message)."""
 
     def __init__(self, engine: LLMEngine, next_command: Callable, emit: Callable, idle_wait_s: float,
-                 snapshot_period_s: float):
+                 snapshot_period_s: float, hashes_period_s: float = 0.1):
         self.engine, self.next_command, self.emit = engine, next_command, emit
-        self.idle_wait_s, self.snapshot_period_s = idle_wait_s, snapshot_period_s
+        self.idle_wait_s, self.snapshot_period_s, self.hashes_period_s = idle_wait_s, snapshot_period_s, hashes_period_s
+        self._hashes_at = float("-inf")
 
     def snapshot(self) -> dict:
-        eng = self.engine
-        return {"stats": eng.stats(), "routing": eng.routing_state(), "time": time.time()}
+        """Stats and routing state; the page hashes only when hashes_period_s has passed (a snapshot
+        without "cached" in its routing state keeps the previous list: see merge_snapshot)."""
+        eng, now = self.engine, time.monotonic()
+        with_hashes = now - self._hashes_at >= self.hashes_period_s
+        if with_hashes:
+            self._hashes_at = now
+        return {"stats": eng.stats(), "routing": eng.routing_state(with_hashes), "time": time.time()}
 
     def run(self) -> None:
         eng, last_snapshot = self.engine, 0.0
@@ -242,14 +253,15 @@ class AsyncEngine:
         try:
             while True:
                 kind, *payload = self._conn.recv()
-                if kind == "outputs":
-                    self._on_result("outputs", [self._rebuild(o) for o in payload[0]], payload[1])
-                elif kind == "died":
-                    log.error("engine process failed:\n%s", payload[1])
-                    self._fail(RuntimeError(payload[0]))
-                    return
-                else:
-                    self._on_result(kind, *payload)
+                for kind, *payload in (payload[0] if kind == "batch" else [(kind, *payload)]):
+                    if kind == "outputs":
+                        self._on_result("outputs", [self._rebuild(o) for o in payload[0]], payload[1])
+                    elif kind == "died":
+                        log.error("engine process failed:\n%s", payload[1])
+                        self._fail(RuntimeError(payload[0]))
+                        return
+                    else:
+                        self._on_result(kind, *payload)
         except (EOFError, OSError):
             self._process.join(5)
             self._fail(RuntimeError(f"the engine process exited (code {self._process.exitcode})"))
@@ -273,10 +285,10 @@ class AsyncEngine:
         if kind == "outputs":
             outputs, snap = payload
             if snap is not None:  # before the outputs: whoever sees a request finish sees its stats
-                self.snapshot = snap
+                self.snapshot = merge_snapshot(self.snapshot, snap)
             self._deliver_all(outputs)
         elif kind == "idle":
-            self.snapshot = payload[0]
+            self.snapshot = merge_snapshot(self.snapshot, payload[0])
         elif kind == "reject":
             self._deliver(payload[0], ValueError(payload[1]))
 
@@ -327,25 +339,72 @@ def _engine_process_main(config: EngineConfig, conn, idle_wait_s: float, snapsho
         except EOFError:
             return ("stop",)  # the parent is gone
 
+    sender = _PipeSender(conn)
+
     def emit(kind: str, *payload) -> None:
         if kind == "outputs":
             outputs, snap = payload
             payload = ([_compact(o) for o in outputs], snap)
-        conn.send((kind, *payload))
+        sender.put((kind, *payload))
 
     loop = StepLoop(engine, next_command, emit, idle_wait_s, snapshot_period_s)
     conn.send(("ready", engine.facts(), loop.snapshot()))
     try:
         loop.run()
-    except (BrokenPipeError, EOFError):
+    except (BrokenPipeError, EOFError, ConnectionError):
         return  # the parent is gone
     except BaseException as e:  # noqa: BLE001 -- every waiting request must hear of it
-        try:
-            conn.send(("died", f"{type(e).__name__}: {e}", traceback.format_exc()))
-        except OSError:
-            pass
+        sender.put(("died", f"{type(e).__name__}: {e}", traceback.format_exc()))
     finally:
+        sender.close()
         _close(engine)
+
+
+class _PipeSender:
+    """Sends the engine process's messages from a thread, so the step loop never blocks on the pipe:
+    whatever piled up while the parent was slow goes as one ("batch", [messages]) message. After the pipe
+    breaks, put() raises (the loop then ends: its parent is gone)."""
+
+    def __init__(self, conn):
+        self.conn, self.error = conn, None
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="zipserve-engine-sender", daemon=True)
+        self.thread.start()
+
+    def put(self, message: tuple) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(message)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            batch = [self.queue.get()]
+            while True:
+                try:
+                    batch.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            last = batch[-1] is None
+            batch = [m for m in batch if m is not None]
+            try:
+                if batch:
+                    self.conn.send(("batch", batch))
+            except (OSError, ValueError) as e:
+                self.error = BrokenPipeError(f"the engine's parent is gone: {e!r}")
+                return
+            if last:
+                return
+
+
+def merge_snapshot(old: dict | None, new: dict) -> dict:
+    """`new`, with the previous page hashes when it carries none (StepLoop.snapshot sends them less often)."""
+    if "cached" not in new["routing"] and old is not None and "cached" in old["routing"]:
+        new = dict(new, routing=dict(new["routing"], cached=old["routing"]["cached"]))
+    return new
 
 
 def _close(engine) -> None:

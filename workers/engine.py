@@ -403,16 +403,19 @@ class LLMEngine:
             "max_model_len": self.max_model_len,
         }
 
-    def routing_state(self) -> dict:
+    def routing_state(self, with_hashes: bool = True) -> dict:
         """What the router needs (scheduler/router.py reads it from `record_routing_stats`): capacity,
-        queue, and the hashes of every page this worker holds intact (prompt and generated pages)."""
+        queue, and (with_hashes) the hashes of every page this worker holds intact (prompt and generated
+        pages); thousands of them on a large pool, so a server refreshes them less often than capacity."""
         bm, sched = self.block_manager, self.scheduler
-        return {
+        state = {
             "block_size": bm.block_size, "total_pages": bm.num_blocks, "free_pages": max(0, sched.available_pages()),
             "max_slots": sched.max_num_seqs, "running": len(sched.running), "waiting": len(sched.waiting),
-            "budget_blocks": self.config.budget_blocks, "cached": [h.hex() for h in bm.hash_to_block],
-            "healthy": True, "timestamp": time.time(),
+            "budget_blocks": self.config.budget_blocks, "healthy": True, "timestamp": time.time(),
         }
+        if with_hashes:
+            state["cached"] = [h.hex() for h in bm.hash_to_block]
+        return state
 
     def _compression_stats(self) -> dict:
         B = self.config.budget_blocks

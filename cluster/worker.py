@@ -1,9 +1,10 @@
 """The GPU worker as a Ray Serve deployment: one replica = one actor = one engine (one GPU, or CPU).
 
 The ingress calls `generate` through a streaming handle; the router (scheduler/router.py) reads the
-`route` keyword to pick the replica. The replica streams one small dict per new token batch and aborts
-the request when the caller goes away (Serve cancels the generator), which frees its pages at the next
-step. State for the router comes from `record_routing_stats`, for the autoscaler from
+`route` keyword to pick the replica. The tokens go back over the ingress's multiplexed stream
+(`subscribe`, cluster/channel.py), one message per flush for all of its requests; the request's own call
+carries its lifetime and aborts the request when the caller goes away (Serve cancels the generator), which
+frees its pages at the next step. State for the router comes from `record_routing_stats`, for the autoscaler from
 `record_autoscaling_stats`; `check_health` fails when the engine loop died or stopped making progress.
 """
 
@@ -17,10 +18,11 @@ import uuid
 
 from ray import serve
 
+from cluster.channel import WorkerChannel
 from scheduler.state_board import capacity_of
 from workers.async_engine import AsyncEngine
 from workers.config import EngineConfig
-from workers.metrics import WorkerMetrics
+from cluster.worker_metrics import WorkerMetrics
 from workers.sampling_params import SamplingParams
 
 log = logging.getLogger("zipserve.worker")
@@ -40,7 +42,8 @@ class EngineWorker:
     and autoscaling from the app config)."""
 
     def __init__(self, engine_config: dict, stall_timeout_s: float = 120.0, stream_interval_s: float = 0.05,
-                 engine_process: bool = True):
+                 engine_process: bool = True, stream_events_per_s: float = 4000.0, max_stream_interval_s: float = 0.2,
+                 orphan_timeout_s: float = 60.0, subscription_idle_s: float = 5.0):
         cfg = dict(engine_config)
         model = cfg.pop("model")
         config_file = cfg.pop("config_file", None)
@@ -50,7 +53,11 @@ class EngineWorker:
         # share the GIL with it and slow every step (see workers/async_engine.py).
         self.engine = AsyncEngine(self.config, separate_process=engine_process)
         self.stall_timeout_s = stall_timeout_s
-        self.stream_interval_s = stream_interval_s
+        self.stream_interval_s = stream_interval_s  # direct streams (handle callers without a channel)
+        # Multiplexed streams (cluster/channel.py): flush interval = open streams / events_per_s, capped.
+        self.stream_events_per_s, self.max_stream_interval_s = stream_events_per_s, max_stream_interval_s
+        self.orphan_timeout_s, self.subscription_idle_s = orphan_timeout_s, subscription_idle_s
+        self.channels: dict[str, WorkerChannel] = {}
         ctx = serve.get_replica_context()
         self.replica = ctx.replica_id.unique_id if ctx is not None else "local"
         self.metrics = WorkerMetrics(self.replica)
@@ -67,18 +74,26 @@ class EngineWorker:
 
     async def generate(self, request: dict, route: dict | None = None):
         """request: {"prompt_token_ids", "params" (SamplingParams fields), "n", "request_id",
-        "resume_token_ids" (output already streamed by a worker that died)}. Yields
-        {"index", "token_ids", "text", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens"}
-        per sample and step; the last one per sample has a finish_reason."""
+        "resume_token_ids" (output already streamed by a worker that died), "channel" (optional)}.
+
+        Without a channel, yields {"rid", "index", "token_ids", "text", "finish_reason", "prompt_tokens",
+        "completion_tokens", "cached_tokens", "stop_reason"} per sample and step (merged per
+        stream_interval_s); the first and last carry "worker_state". With a channel (an ingress replica's
+        id, cluster/channel.py), those chunks go to that ingress's multiplexed stream instead, and this
+        call yields one item, {"replica"}, at admission, and ends when every sample has finished."""
         params = SamplingParams(**request.get("params", {}))
         rid = request.get("request_id") or uuid.uuid4().hex
         n = int(request.get("n", 1))
+        channel = self._channel(request["channel"]) if request.get("channel") else None
         t0 = time.monotonic()
         first = last = None
         status = "aborted"
+        if channel is not None:
+            channel.open_streams += 1
         try:
             async for i, out in self.engine.generate(rid, request["prompt_token_ids"], params, n,
-                                                     request.get("resume_token_ids"), self.stream_interval_s):
+                                                     request.get("resume_token_ids"),
+                                                     0.0 if channel is not None else self.stream_interval_s):
                 if out.finish_reason == "error":
                     raise RuntimeError(f"request {out.request_id} failed in the engine: {out.stop_reason}")
                 now = time.monotonic()
@@ -90,14 +105,21 @@ class EngineWorker:
                     self.metrics.itl.observe((now - last) / len(out.new_token_ids))
                 last = now
                 self.metrics.tokens.inc(len(out.new_token_ids))
-                chunk = {"index": i, "token_ids": list(out.new_token_ids), "text": out.new_text,
+                chunk = {"rid": rid, "index": i, "token_ids": list(out.new_token_ids), "text": out.new_text,
                          "finish_reason": out.finish_reason, "prompt_tokens": out.num_prompt_tokens,
                          "completion_tokens": len(out.token_ids), "cached_tokens": out.num_cached_tokens,
                          "stop_reason": out.stop_reason if out.finished else None}
                 if admitted or out.finished:  # admitted or finished: capacity jumped (scheduler/state_board.py)
                     chunk["worker_state"] = {"replica": self.replica,
                                              **capacity_of(self.engine.snapshot["routing"])}
-                yield chunk
+                if channel is None:
+                    yield chunk
+                    continue
+                if channel.orphaned_for() > self.orphan_timeout_s:
+                    raise RuntimeError(f"no ingress has read this request's stream for {self.orphan_timeout_s:.0f} s")
+                channel.put(chunk)
+                if admitted:
+                    yield {"replica": self.replica}
             status = "ok"
         except asyncio.CancelledError:
             status = "cancelled"
@@ -109,7 +131,22 @@ class EngineWorker:
             status = "error"
             raise
         finally:
+            if channel is not None:
+                channel.open_streams -= 1
             self.metrics.requests.inc(tags={"status": status})
+
+    async def subscribe(self, ingress_id: str, route: dict | None = None):
+        """The multiplexed stream of one ingress replica's chunks (cluster/channel.py); `route` pins the
+        call to this replica (scheduler/router.py)."""
+        async for batch in self._channel(ingress_id).serve(self.stream_events_per_s, self.max_stream_interval_s,
+                                                           self.subscription_idle_s):
+            yield batch
+
+    def _channel(self, ingress_id: str) -> WorkerChannel:
+        ch = self.channels.get(ingress_id)
+        if ch is None:
+            ch = self.channels[ingress_id] = WorkerChannel()
+        return ch
 
     def record_routing_stats(self) -> dict:
         snap = self.engine.snapshot
