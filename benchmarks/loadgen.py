@@ -35,10 +35,10 @@ def make_prompts(n: int, words: tuple[int, int], seed: int = 0) -> list[str]:
             for _ in range(n)]
 
 
-def chat_body(model: str, content: str, max_tokens: int) -> dict:
+def chat_body(model: str, content: str, max_tokens: int, continuous_usage: bool = True) -> dict:
+    options = {"include_usage": True} | ({"continuous_usage_stats": True} if continuous_usage else {})
     return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
-            "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True},
-            "ignore_eos": True, "temperature": 0.6, "top_p": 0.95}
+            "stream": True, "stream_options": options, "ignore_eos": True, "temperature": 0.6, "top_p": 0.95}
 
 
 async def stream_one(session, url: str, body: dict, stop_at: float) -> dict:
@@ -98,7 +98,8 @@ async def _read_stream(session, url: str, body: dict, rec: dict) -> None:
 
 
 async def _drive(url: str, model: str, prompts: list[str], slots: int, max_tokens: int, mode: str,
-                 t_start: float, stop_at: float, ramp_s: float, first_index: int, stride: int) -> list[dict]:
+                 t_start: float, stop_at: float, ramp_s: float, first_index: int, stride: int,
+                 continuous_usage: bool) -> list[dict]:
     import aiohttp
 
     records: list[dict] = []
@@ -112,7 +113,8 @@ async def _drive(url: str, model: str, prompts: list[str], slots: int, max_token
                 i = next(counter)
                 if mode == "requests" and i >= len(prompts):
                     return
-                rec = await stream_one(session, url, chat_body(model, prompts[i % len(prompts)], max_tokens), stop_at)
+                body = chat_body(model, prompts[i % len(prompts)], max_tokens, continuous_usage)
+                rec = await stream_one(session, url, body, stop_at)
                 rec["index"] = i
                 records.append(rec)
                 if rec["status"] == 429:
@@ -133,9 +135,12 @@ def _process_main(args: tuple, out) -> None:
 
 def run(url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int, mode: str = "requests",
         warmup_s: float = 0.0, window_s: float = float("inf"), processes: int = 4, ramp_s: float = 0.0,
-        max_s: float = 3600.0, slo_ttft_s: float = 2.0, slo_tpot_ms: float = 100.0) -> dict:
+        max_s: float = 3600.0, slo_ttft_s: float = 2.0, slo_tpot_ms: float = 100.0,
+        continuous_usage: bool = True) -> dict:
     """Drive the load and summarise it. mode "requests": len(prompts) requests (capped at max_s);
-    "window": `concurrency` streams kept busy for warmup_s + window_s, counted over the window."""
+    "window": `concurrency` streams kept busy for warmup_s + window_s, counted over the window.
+    continuous_usage False: for servers without continuous_usage_stats (each content event is one token,
+    the final usage settles the count; per-token latencies are then per event)."""
     if mode not in ("requests", "window"):
         raise ValueError(f"mode must be 'requests' or 'window', not {mode!r}")
     processes = max(1, min(processes, concurrency))
@@ -147,7 +152,8 @@ def run(url: str, model: str, prompts: list[str], concurrency: int, max_tokens: 
         slots = concurrency // processes + (p < concurrency % processes)
         recv, send = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=_process_main, daemon=True, args=(
-            (url, model, prompts, slots, max_tokens, mode, t_start, stop_at, ramp_s, p, processes), send))
+            (url, model, prompts, slots, max_tokens, mode, t_start, stop_at, ramp_s, p, processes,
+             continuous_usage), send))
         proc.start()
         send.close()
         procs.append(proc)

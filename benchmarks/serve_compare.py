@@ -12,6 +12,8 @@ finishes, tokens counted over the window: the same span for every system, for ru
 Systems:
   zipserve        the Ray Serve app (configs/serve-gpu.yaml: compressed KV), one GPU worker
   zipserve-full   the same app with full KV (budget_blocks null)
+  NAME@default    either of those on Ray Serve's default path (proxy hop, actor calls) instead of its
+                  throughput-optimized mode (direct ingress, gRPC; cluster/app.py throughput_env)
   zipserve-direct the compressed engine in this process (no Ray, no HTTP): the same points, same windows,
                   requests added and stepped directly (what the serving path costs, as a ratio)
   vllm            `vllm.entrypoints.openai.api_server` (--vllm-site: where the vLLM bundle is unpacked)
@@ -88,7 +90,7 @@ def run_points(url: str, model: str, points: list[dict], processes: int, prompt_
     return out
 
 
-def run_zipserve(a, model_dir: str, points: list[dict], full_kv: bool) -> dict:
+def run_zipserve(a, model_dir: str, points: list[dict], full_kv: bool, throughput_optimized: bool) -> dict:
     import ray
     from ray import serve
 
@@ -96,7 +98,7 @@ def run_zipserve(a, model_dir: str, points: list[dict], full_kv: bool) -> dict:
 
     engine = {"load_format": "dummy"} | ({"budget_blocks": None} if full_kv else {})
     t = time.monotonic()
-    url = launch(a.config, model_dir, engine, a.port, replicas=1)
+    url = launch(a.config, model_dir, engine, a.port, replicas=1, throughput_optimized=throughput_optimized)
     _wait_http(url, 900)
     started = time.monotonic() - t
     _warm(url, "zipserve")
@@ -104,8 +106,11 @@ def run_zipserve(a, model_dir: str, points: list[dict], full_kv: bool) -> dict:
     res = {"start_s": started, "points": run_points(url, model, points, a.processes, a.prompt_words, a.slo)}
     res["worker_stats"] = serve.get_deployment_handle("EngineWorker", app_name="zipserve").stats.remote().result()
     res["env"] = {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE")}
+    res["url"] = url
     serve.shutdown()
     ray.shutdown()
+    for k in res["env"]:
+        os.environ.pop(k)
     return res
 
 
@@ -251,11 +256,10 @@ def merge(paths: list[str], out: str) -> dict:
         merged["parts"].append({k: part.get(k) for k in ("tag", "command", "commit", "device", "date")})
         for k in ("shape", "device", "prompt_words", "slo"):
             merged.setdefault(k, part.get(k))
-        for key in ("headroom",):
-            if part.get(key):
-                merged[key] = part[key]
-        for name, res in part["systems"].items():
-            merged["systems"][name] = res
+        if part.get("headroom"):
+            merged["headroom"] = part["headroom"]
+        merged["systems"].update(part["systems"])
+        merged.setdefault("failed_systems", {}).update(part.get("failed_systems") or {})
     _ratios(merged)
     with open(out, "w") as f:
         json.dump(merged, f, indent=1)
@@ -382,20 +386,39 @@ def main(argv: list[str] | None = None) -> int:
 
             model_dir = config_folder(a.shape, tokenizer_from=a.tokenizer_from)
         log.info("=== %s ===", system)
-        if system in ("zipserve", "zipserve-full"):
-            res["systems"][system] = run_zipserve(a, model_dir, points, full_kv=system == "zipserve-full")
-        elif system == "zipserve-direct":
-            res["systems"][system] = run_direct(a, model_dir, points)
-        elif system == "vllm":
-            res["systems"][system] = run_vllm(a, model_dir, points)
-        else:
-            raise ValueError(f"unknown system {system!r}")
+        base, _, ray_mode = system.partition("@")
+        try:
+            if base in ("zipserve", "zipserve-full"):
+                res["systems"][system] = run_zipserve(a, model_dir, points, full_kv=base == "zipserve-full",
+                                                      throughput_optimized=ray_mode != "default")
+            elif system == "zipserve-direct":
+                res["systems"][system] = run_direct(a, model_dir, points)
+            elif system == "vllm":
+                res["systems"][system] = run_vllm(a, model_dir, points)
+            else:
+                raise ValueError(f"unknown system {system!r}")
+        except Exception as e:  # noqa: BLE001 -- one system failing must not cost the others' figures
+            log.exception("system %s failed", system)
+            res.setdefault("failed_systems", {})[system] = repr(e)
+            _shutdown_ray()
         _save(res, stem)
     _ratios(res)
     _save(res, stem)
     plot(res, stem + ".png")
     print(json.dumps(res.get("ratios"), indent=1))
     return 0
+
+
+def _shutdown_ray() -> None:
+    try:
+        import ray
+        from ray import serve
+
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
+    except Exception:  # noqa: BLE001 -- best effort before the next system
+        log.exception("ray shutdown failed")
 
 
 def _save(res: dict, stem: str) -> None:

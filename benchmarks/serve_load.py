@@ -61,12 +61,14 @@ def direct_baseline(a: argparse.Namespace, engine: dict, prompt_words: tuple[int
     return {"wall_s": wall, "completion_tokens": tokens, "tokens_per_s": tokens / wall, "stats": llm.engine.stats()}
 
 
-def launch(config: str | None, model: str | None, engine: dict, port: int, replicas: int | None = None) -> str:
-    """Start Ray + Serve here with the app from `config` (cluster.app.build_app) and wait until ready."""
+def launch(config: str | None, model: str | None, engine: dict, port: int, replicas: int | None = None,
+           throughput_optimized: bool = True) -> str:
+    """Start Ray + Serve here with the app from `config` (cluster.app.build_app) and wait until ready; returns
+    the URL to load (the ingress replica's own port in throughput-optimized mode)."""
     import ray
     from ray import serve
 
-    from cluster.app import build_app
+    from cluster.app import build_app, ingress_urls, throughput_env
     from cluster.cli import load_app_args, set_fixed_replicas
 
     args = load_app_args(config)
@@ -75,12 +77,15 @@ def launch(config: str | None, model: str | None, engine: dict, port: int, repli
     if model:
         args["model"] = model
     args["engine"] = dict(args.get("engine") or {}, **engine)
+    if throughput_optimized:
+        os.environ.update(throughput_env(port, (args.get("ingress") or {}).get("num_replicas", 1)))
     ray.init(include_dashboard=False, ignore_reinit_error=True, log_to_driver=True)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     t = time.perf_counter()
     serve.run(build_app(args), name="zipserve", route_prefix="/", blocking=False)
     log.info("app ready in %.1f s", time.perf_counter() - t)
-    return f"http://127.0.0.1:{port}"
+    urls = ingress_urls(host="127.0.0.1") if throughput_optimized else []
+    return urls[0] if urls else f"http://127.0.0.1:{port}"
 
 
 def plot(result: dict, path: str) -> None:
@@ -115,6 +120,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--engine", default="{}", help="JSON EngineConfig overrides for the launched app")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--replicas", type=int, default=None, help="fixed worker count (replaces autoscaling)")
+    p.add_argument("--throughput-optimized", action=argparse.BooleanOptionalAction, default=True,
+                   help="Ray Serve's throughput mode, loading the ingress replica's own port (cluster/app.py)")
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=1024)
@@ -141,7 +148,7 @@ def run(a: argparse.Namespace) -> int:
 
         a.model = config_folder(a.shape, tokenizer_from=a.tokenizer_from)
         engine["load_format"] = "dummy"
-    url = a.url or launch(a.config, a.model, engine, a.port, a.replicas)
+    url = a.url or launch(a.config, a.model, engine, a.port, a.replicas, a.throughput_optimized)
     import requests
 
     model = requests.get(f"{url}/v1/models", timeout=60).json()["data"][0]["id"]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 from ray import serve
 from ray.serve.config import AutoscalingConfig, RequestRouterConfig
@@ -74,6 +75,42 @@ def resolve_config(args: dict | None) -> dict:
            else EngineConfig.from_kwargs(args["model"], **eng))
     args["block_size"] = cfg.block_size
     return args
+
+
+DIRECT_PORT_SPARE = 4  # ports a restarted ingress replica can take while its old one is quarantined
+
+
+def throughput_env(http_port: int, ingress_replicas: int = 1) -> dict[str, str]:
+    """Environment for Ray Serve's throughput-optimized mode (Ray >= 2.55): gRPC between deployments and
+    direct ingress, where each ingress replica serves HTTP itself (the first on a node at http_port + 1,
+    see `ingress_urls`), skipping the proxy's extra hop per streamed chunk; the proxy keeps answering on
+    http_port. Every Ray process reads these when it starts: put them in the environment of `ray.init` /
+    `ray start` (cluster/cli.py does, for `zipserve serve --throughput-optimized`)."""
+    end = http_port + 1 + max(1, int(ingress_replicas)) + DIRECT_PORT_SPARE  # exclusive
+    return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(http_port + 1),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(end),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(http_port + 1001),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(end + 1000)}
+
+
+def ingress_urls(app_name: str = "zipserve", host: str | None = None, timeout_s: float = 60.0) -> list[str]:
+    """The HTTP addresses that serve `app_name`: its ingress replicas' own ports under direct ingress, else
+    the proxies'. Read from Serve's controller (its target groups; a private call, no public API has them).
+    host: the address Serve binds (http_options.host); a loopback one replaces the node's IP."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    controller = _get_global_client()._controller
+    deadline = time.monotonic() + timeout_s
+    while True:
+        groups = ray.get(controller.get_target_groups.remote(app_name))
+        local = host if host and host not in ("0.0.0.0", "::") else None
+        urls = [f"http://{local or t.ip}:{t.port}" for g in groups if str(g.protocol).endswith("HTTP")
+                for t in g.targets]
+        if urls or time.monotonic() > deadline:
+            return urls
+        time.sleep(0.5)
 
 
 def gpus_per_engine(num_gpus: float, engine: dict) -> float:

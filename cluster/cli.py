@@ -68,7 +68,7 @@ def _serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from cluster.app import build_app
+    from cluster.app import build_app, ingress_urls, throughput_env
 
     app_args = load_app_args(args.config)
     if args.model:
@@ -76,11 +76,23 @@ def _serve(args: argparse.Namespace) -> int:
     if args.replicas is not None:
         set_fixed_replicas(app_args, args.replicas)
     app = build_app(app_args)  # validates the whole config before Ray starts
+    joining = bool(os.environ.get("RAY_ADDRESS"))
+    if args.throughput_optimized and not joining:
+        # Read by every Ray process at its start: set before this starts Ray (cluster/app.py).
+        os.environ.update(throughput_env(args.port, (app_args.get("ingress") or {}).get("num_replicas", 1)))
+    elif args.throughput_optimized:
+        logging.getLogger("zipserve").warning(
+            "joining the Ray cluster at RAY_ADDRESS: throughput-optimized Serve is on only if that cluster was "
+            "started with its environment (see configs/cluster.yaml)")
     ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, ignore_reinit_error=True)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(app, name="zipserve", route_prefix="/", blocking=False)
     url = f"http://{args.host}:{args.port}"
     print(f"zipserve: serving at {url}  (try: curl {url}/v1/models; Ctrl-C stops)", flush=True)
+    direct = [u for u in ingress_urls(host=args.host) if u != url]
+    if direct:
+        print(f"zipserve: direct ingress (the ingress replica itself, no proxy hop: faster streaming): "
+              f"{', '.join(direct)}", flush=True)
     try:
         while True:
             time.sleep(3600)
@@ -172,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--replicas", type=int, default=None, help="worker replicas (overrides the config)")
+    s.add_argument("--throughput-optimized", action=argparse.BooleanOptionalAction, default=True,
+                   help="Ray Serve's throughput mode: gRPC between deployments, the ingress replica serving HTTP "
+                        "itself on PORT+1 (the proxy stays on PORT); default on")
     s.set_defaults(func=_serve)
 
     bt = sub.add_parser("batch", help="batch inference: JSONL requests in, JSONL completions out (resumable)")

@@ -16,7 +16,7 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
 from cluster.app import build_app  # noqa: E402
-from tests.tiny_models import free_port as _free_port  # noqa: E402
+from tests.tiny_models import app_url, local_serve  # noqa: E402
 from workers import LLM, SamplingParams  # noqa: E402
 
 ENGINE = {"block_size": 16, "num_blocks": 2048, "max_model_len": 256, "max_num_seqs": 128}
@@ -107,22 +107,20 @@ def _idle_stats(app: str, replicas: int, timeout: float = 60) -> dict:
 
 @pytest.fixture(scope="module")
 def app(qwen3_path):
-    port = _free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"model": qwen3_path, "model_name": NAME, "engine": ENGINE,
-                         "workers": {"num_replicas": 2, "num_cpus": 0},
-                         "ingress": {"max_concurrent_requests": 128, "request_timeout_s": 120}}),
-              name="zipserve", route_prefix="/")
-    yield f"http://127.0.0.1:{port}", qwen3_path
-    serve.shutdown()
-    ray.shutdown()
+    """(main app's URL: its ingress replica's own port, model folder, Serve's proxy for the other apps), in
+    throughput-optimized mode as `zipserve serve` runs it."""
+    with local_serve(throughput_optimized=True) as port:
+        serve.run(build_app({"model": qwen3_path, "model_name": NAME, "engine": ENGINE,
+                             "workers": {"num_replicas": 2, "num_cpus": 0},
+                             "ingress": {"max_concurrent_requests": 128, "request_timeout_s": 120}}),
+                  name="zipserve", route_prefix="/")
+        yield app_url(port), qwen3_path, f"http://127.0.0.1:{port}"
 
 
 def test_killed_replica_loses_no_stream(app):
     """Kill one of two worker replicas while 100 streams are in flight: all 100 complete, each equal to
     the healthy greedy output (no gap, no repeat)."""
-    url, path = app
+    url, path, _ = app
     prompts = _prompts(100, seed=1)
     want = _expected(path, prompts)
 
@@ -149,7 +147,7 @@ def test_killed_replica_loses_no_stream(app):
 
 def test_abort_storm_leaks_nothing(app):
     """1,000 streams cancelled at random points: no leaked pages, no stuck slots."""
-    url, _ = app
+    url, _, _ = app
     prompts = _prompts(1000, seed=2)
     rng = random.Random(3)
     sem = asyncio.Semaphore(100)
@@ -171,7 +169,7 @@ def test_abort_storm_leaks_nothing(app):
 
 @pytest.fixture(scope="module")
 def over(app, qwen3_path):
-    url, _ = app
+    _, _, url = app
     serve.run(build_app({"model": qwen3_path, "model_name": NAME, "engine": ENGINE,
                          "workers": {"num_replicas": 1, "num_cpus": 0},
                          "ingress": {"max_concurrent_requests": 8, "request_timeout_s": 20, "retry_after_s": 1}}),
@@ -219,7 +217,7 @@ def test_fuzzed_bodies_never_5xx(app):
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    url, path = app
+    url, path, _ = app
     scalar = st.one_of(st.none(), st.booleans(), st.integers(-10, 10**6), st.floats(allow_nan=True),
                        st.text(max_size=20))
     value = st.recursive(scalar, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
@@ -269,7 +267,7 @@ def test_fuzzed_bodies_never_5xx(app):
 
 
 def test_body_size_limit(app):
-    url, _ = app
+    url, _, _ = app
     r = httpx.post(url + "/v1/completions", content=b'{"model": "tiny", "prompt": "' + b"x" * (5 << 20) + b'"}',
                    headers={"content-type": "application/json"}, timeout=60)
     assert r.status_code == 413 and "body over" in r.json()["error"]["message"]
@@ -279,7 +277,7 @@ def test_scale_down_drains_without_losing_streams(app, qwen3_path):
     """Scaling the workers from 2 to 1 while 40 streams run: every stream completes equal to the healthy
     output (finishing on the draining replica, or moved after the drain deadline), and the scale-down
     happens."""
-    base, _ = app
+    _, _, base = app
     url = base + "/drain"
 
     def deploy(replicas):

@@ -17,7 +17,7 @@ from ray import serve  # noqa: E402
 
 from cluster.app import build_app  # noqa: E402
 from tests.tiny_models import build_model_folder  # noqa: E402
-from tests.tiny_models import free_port as _free_port  # noqa: E402
+from tests.tiny_models import app_url, local_serve  # noqa: E402
 from workers import LLM, SamplingParams  # noqa: E402
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -40,21 +40,31 @@ def model_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(model_path):
-    port = _free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+def serve_port():
+    """Serve as `zipserve serve` runs it: throughput-optimized (direct ingress, gRPC between deployments)."""
+    with local_serve(throughput_optimized=True) as port:
+        yield port
+
+
+@pytest.fixture(scope="module")
+def server(model_path, serve_port):
+    """The main app's URL: its ingress replica's own port. The second app, with a tiny admission limit (the
+    overload test), is reached through Serve's proxy at /small, so both HTTP paths are exercised."""
     serve.run(build_app({"model": model_path, "model_name": NAME, "engine": ENGINE,
                          "workers": {"num_replicas": 2, "num_cpus": 0},
                          "ingress": {"max_concurrent_requests": 64}}), name="zipserve", route_prefix="/")
-    # A second app with a tiny admission limit, for the overload test.
     serve.run(build_app({"model": model_path, "model_name": NAME, "engine": ENGINE,
                          "workers": {"num_replicas": 1, "num_cpus": 0},
                          "ingress": {"max_concurrent_requests": 3, "retry_after_s": 2}}),
               name="small", route_prefix="/small")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    url = app_url(serve_port)
+    assert url != f"http://127.0.0.1:{serve_port}", "direct ingress is off: the app answers only through the proxy"
+    return url
+
+
+@pytest.fixture(scope="module")
+def proxy(serve_port, server):
+    return f"http://127.0.0.1:{serve_port}"
 
 
 @pytest.fixture(scope="module")
@@ -188,14 +198,14 @@ def test_unknown_model_is_404_and_server_keeps_serving(server, client, oracle):
     assert got.choices[0].text == want.text
 
 
-def test_overload_is_refused_with_429_before_work(server, oracle):
+def test_overload_is_refused_with_429_before_work(proxy, oracle):
     """12 concurrent streams against an ingress that admits 3: the rest get 429 + Retry-After with no
     token; every admitted stream completes with the right text."""
     want = oracle(PROMPTS[2], 60, ignore_eos=True).text
     body = {"model": NAME, "prompt": PROMPTS[2], "max_tokens": 60, "temperature": 0, "stream": True, "ignore_eos": True}
 
     async def one(c: httpx.AsyncClient):
-        async with c.stream("POST", server + "/small/v1/completions", json=body) as r:
+        async with c.stream("POST", proxy + "/small/v1/completions", json=body) as r:
             if r.status_code != 200:
                 return r.status_code, r.headers.get("retry-after"), (await r.aread()).decode()
             text = ""

@@ -6,6 +6,7 @@ are transformers' own classes with random weights, so transformers is an indepen
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -110,7 +111,7 @@ def free_port() -> int:
         ephemeral_low = 32768
     rng = random.Random()
     for _ in range(200):
-        port = rng.randrange(20000, max(ephemeral_low, 20001))
+        port = rng.randrange(20000, max(ephemeral_low - 1100, 20001))  # + the direct-ingress ports above it
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
@@ -118,3 +119,41 @@ def free_port() -> int:
                 continue
             return port
     raise RuntimeError("no free TCP port found in 20000-%d" % ephemeral_low)
+
+
+@contextlib.contextmanager
+def local_serve(throughput_optimized: bool = True):
+    """Ray (a local cluster, 2 CPUs) and Serve on a free port, yielding the port; throughput_optimized:
+    Ray Serve's throughput mode as `zipserve serve` runs it (cluster/app.py throughput_env), its environment
+    set before Ray starts (every Ray process reads it then) and restored after shutdown."""
+    import ray
+    from ray import serve
+
+    from cluster.app import throughput_env
+
+    port = free_port()
+    env = throughput_env(port) if throughput_optimized else {}
+    # No load balancer drains the ingress here: do not hold each shutdown for its 30 s draining period.
+    env = env | {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0.5"} if env else env
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield port
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def app_url(port: int, app: str = "zipserve") -> str:
+    """Where to send an app's requests: its ingress replica's own port under direct ingress, else the proxy."""
+    from cluster.app import ingress_urls
+
+    urls = ingress_urls(app, host="127.0.0.1")
+    return urls[0] if urls else f"http://127.0.0.1:{port}"
