@@ -258,7 +258,14 @@ def merge(paths: list[str], out: str) -> dict:
             merged.setdefault(k, part.get(k))
         if part.get("headroom"):
             merged["headroom"] = part["headroom"]
-        merged["systems"].update(part["systems"])
+        for name, r in part["systems"].items():  # a later part's point replaces an earlier one of the same name
+            into = merged["systems"].setdefault(name, {"points": {}, "point_part": {}, "replaced_points": {}})
+            into.update({k: v for k, v in r.items() if k != "points"})
+            for pt in r["points"]:  # kept, not dropped: an earlier run of the same point (e.g. a cold start)
+                if pt in into["points"]:
+                    into["replaced_points"][f"{pt} ({into['point_part'][pt]})"] = into["points"][pt]
+            into["points"].update(r["points"])
+            into["point_part"].update({pt: part.get("tag") for pt in r["points"]})
         merged.setdefault("failed_systems", {}).update(part.get("failed_systems") or {})
     _ratios(merged)
     with open(out, "w") as f:
@@ -298,20 +305,21 @@ def plot(res: dict, path: str) -> None:
                     key=lambda p: (int(p.split(":")[0]), int(p.split(":")[1])))
     fig, axes = plt.subplots(2, 2, figsize=(13, 8))
     width = 0.8 / max(1, len(sy))
+    colors = {name: f"C{i}" for i, name in enumerate(sorted(sy))}  # one colour per system in every panel
     for k, (name, s) in enumerate(sorted(sy.items())):
         xs = [i + k * width for i, p in enumerate(points) if p in s["points"]]
         ys = [s["points"][p]["tokens_per_s"] for p in points if p in s["points"]]
-        axes[0][0].bar(xs, ys, width, label=name)
+        axes[0][0].bar(xs, ys, width, label=name, color=colors[name])
         for ax, key in ((axes[0][1], "ttft_s"), (axes[1][0], "itl_ms_per_token")):
             pts = [(i + k * width, s["points"][p][key]["p50"]) for i, p in enumerate(points)
                    if p in s["points"] and s["points"][p].get(key, {}).get("p50") is not None]
             if pts:
-                ax.bar([x for x, _ in pts], [y for _, y in pts], width, label=name)
-        long = max((p for p in s["points"] if s["points"][p].get("timeline")), default=None,
-                   key=lambda p: int(p.split(":")[0]))
+                ax.bar([x for x, _ in pts], [y for _, y in pts], width, label=name, color=colors[name])
+        longest = max(int(p.split(":")[0]) for p in points)
+        long = next((p for p in s["points"] if int(p.split(":")[0]) == longest and s["points"][p].get("timeline")), None)
         if long:
             tl = s["points"][long]["timeline"]
-            axes[1][1].plot([t for t, _, _ in tl], [v for _, v, _ in tl], label=f"{name} {long}")
+            axes[1][1].plot([t for t, _, _ in tl], [v for _, v, _ in tl], label=f"{name} {long}", color=colors[name])
     for ax, title in ((axes[0][0], "output tokens/s"), (axes[0][1], "TTFT p50 (s)"),
                       (axes[1][0], "inter-token latency p50 (ms per token)")):
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(points))])
@@ -427,11 +435,14 @@ def _save(res: dict, stem: str) -> None:
 
 
 def _commit() -> str:
+    """ZIPSERVE_COMMIT when set (a copied tree's .git may hold another commit than the code), else git's HEAD."""
+    if os.environ.get("ZIPSERVE_COMMIT"):
+        return os.environ["ZIPSERVE_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         head = ""
-    return head or os.environ.get("ZIPSERVE_COMMIT", "unknown")
+    return head or "unknown"
 
 
 if __name__ == "__main__":

@@ -108,3 +108,18 @@ def test_fixed_replicas_replace_the_configs_autoscaling(qwen3_path):
     app = build_app(dict(args, model=qwen3_path, engine=dict(args["engine"], backend="torch")))
     worker = app._bound_deployment.init_args[0]._bound_deployment  # the ingress's first argument: the workers
     assert worker.num_replicas == 3 and worker._deployment_config.autoscaling_config is None
+
+
+@pytest.mark.parametrize("name", ["cluster.yaml", "cluster-aws.yaml"])
+def test_cluster_configs_start_ray_in_throughput_optimized_serve(name):
+    """Every node's `ray start` carries the environment `zipserve serve` sets for port 8000 (cluster/app.py
+    throughput_env): Ray processes read it only when they start."""
+    from cluster.app import throughput_env
+
+    with open(os.path.join(ROOT, "configs", name)) as f:
+        cfg = yaml.safe_load(f)
+    want = throughput_env(8000)
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(c for c in cfg[key] if "ray start" in c)
+        env = dict(w.split("=", 1) for w in start.split("ray start")[0].split())
+        assert env == want, (key, env)
