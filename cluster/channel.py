@@ -67,6 +67,12 @@ class WorkerChannel:
         self.items.append(chunk)
         self.ready.set()
 
+    def drop(self, rid: str) -> None:
+        """Forget the untaken chunks of a request that ended without its reader (cancelled, failed)."""
+        self.items = [c for c in self.items if c["rid"] != rid]
+        if not self.items:
+            self.ready.clear()
+
     def take(self) -> list[dict]:
         items, self.items = self.items, []
         self.ready.clear()

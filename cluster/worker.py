@@ -133,6 +133,8 @@ class EngineWorker:
         finally:
             if channel is not None:
                 channel.open_streams -= 1
+                if status != "ok":  # nobody will read this request's untaken chunks: they must not orphan the channel
+                    channel.drop(rid)
             self.metrics.requests.inc(tags={"status": status})
 
     async def subscribe(self, ingress_id: str, route: dict | None = None):

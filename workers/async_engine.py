@@ -396,6 +396,9 @@ class _PipeSender:
             except (OSError, ValueError) as e:
                 self.error = BrokenPipeError(f"the engine's parent is gone: {e!r}")
                 return
+            except Exception as e:  # noqa: BLE001 -- e.g. an unpicklable output: the loop must stop, not hang
+                self.error = RuntimeError(f"the engine could not send its outputs: {e!r}")
+                return
             if last:
                 return
 
