@@ -230,8 +230,8 @@ def summarize(records: list[dict], t_start: float, max_tokens: int, window: tupl
     for r in records:
         statuses[str(r["status"])] = statuses.get(str(r["status"]), 0) + 1
     complete = [r for r in ok if r["finish_reason"] == "length" and r["completion_tokens"] == max_tokens]
-    cut = [r for r in records if r["status"] == 200 and r not in complete
-           and r["error"] != CLOSED_AT_END]
+    done_ids = {id(r) for r in complete}  # by identity: comparing records compares all their events
+    cut = [r for r in records if r["status"] == 200 and id(r) not in done_ids and r["error"] != CLOSED_AT_END]
     curve = _tokens_per_second_curve(records, t_start, hi)
     return {
         "tokens": tokens, "span_s": span, "tokens_per_s": tokens / span,
