@@ -31,6 +31,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 log = logging.getLogger("benchmarks.serve_compare")
@@ -97,13 +98,26 @@ def run_zipserve(a, model_dir: str, points: list[dict], full_kv: bool, throughpu
     from benchmarks.serve_load import launch
 
     engine = {"load_format": "dummy"} | ({"budget_blocks": None} if full_kv else {})
+    workers = {}
+    if a.replicas > 1:  # replicas share this machine's GPU: each a fraction of it and a fixed KV pool
+        import torch
+
+        if torch.cuda.is_available():
+            workers["num_gpus"] = 1 / a.replicas
+        engine["kv_cache_memory_gb"] = a.kv_gb
     t = time.monotonic()
-    url = launch(a.config, model_dir, engine, a.port, replicas=1, throughput_optimized=throughput_optimized)
+    url = launch(a.config, model_dir, engine, a.port, replicas=a.replicas, throughput_optimized=throughput_optimized,
+                 workers=workers)
     _wait_http(url, 900)
     started = time.monotonic() - t
     _warm(url, "zipserve")
     model = _model_name(url)
-    res = {"start_s": started, "points": run_points(url, model, points, a.processes, a.prompt_words, a.slo)}
+    killer = _Killer(a.kill_after_s) if a.kill_after_s is not None else None
+    res = {"start_s": started, "replicas": a.replicas,
+           "points": run_points(url, model, points, a.processes, a.prompt_words, a.slo)}
+    if killer is not None:
+        res["killed"] = killer.result()
+        res["killed"]["migrated_samples"] = _get_json(url + "/health").get("migrated_samples")
     res["worker_stats"] = serve.get_deployment_handle("EngineWorker", app_name="zipserve").stats.remote().result()
     res["env"] = {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE")}
     res["url"] = url
@@ -112,6 +126,49 @@ def run_zipserve(a, model_dir: str, points: list[dict], full_kv: bool, throughpu
     for k in res["env"]:
         os.environ.pop(k)
     return res
+
+
+class _Killer:
+    """Kills a worker replica that holds requests `after_s` seconds from now (the load is running by then),
+    as a crash would: no drain, no restart of that actor (Serve starts a replacement)."""
+
+    def __init__(self, after_s: float):
+        self.info: dict = {"after_s": after_s}
+        self.thread = threading.Thread(target=self._run, args=(after_s,), name="kill-worker", daemon=True)
+        self.thread.start()
+
+    def _run(self, after_s: float) -> None:
+        import ray
+
+        time.sleep(after_s)  # a benchmark's schedule, not a test's wait
+        try:
+            from ray import serve
+
+            names = [x["name"] for x in ray.util.list_named_actors(all_namespaces=True)
+                     if x["namespace"] == "serve" and "zipserve#EngineWorker" in x["name"]]
+            stats = serve.get_deployment_handle("EngineWorker", app_name="zipserve").stats.remote().result(timeout_s=30)
+            asked = next((n for n in names if n.endswith(stats["replica"])), names[0])
+            busy = stats["running"] + stats["waiting"] > 0
+            victim = asked if busy or len(names) == 1 else next(n for n in names if n != asked)
+            self.info.update(victim=victim, replicas=names, asked=asked, asked_running=stats["running"],
+                             asked_waiting=stats["waiting"])
+            ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+            self.info["killed_at"] = time.time()
+            log.info("killed worker replica %s", victim)
+        except Exception as e:  # noqa: BLE001 -- recorded: the figure says the kill did not happen
+            log.exception("could not kill a worker replica")
+            self.info["error"] = repr(e)
+
+    def result(self) -> dict:
+        self.thread.join(60)
+        return self.info
+
+
+def _get_json(url: str) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.loads(r.read())
 
 
 def run_direct(a, model_dir: str, points: list[dict]) -> dict:
@@ -353,6 +410,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vllm-max-num-seqs", type=int, default=256)
     p.add_argument("--vllm-bench", default=None, help="a point for `vllm bench serve` (requests mode)")
     p.add_argument("--vllm-bench-timeout-s", type=float, default=300)
+    p.add_argument("--replicas", type=int, default=1, help="zipserve worker replicas sharing the GPU")
+    p.add_argument("--kv-gb", type=float, default=40.0, help="KV pool per replica when --replicas > 1")
+    p.add_argument("--kill-after-s", type=float, default=None,
+                   help="kill the busiest worker replica this long after the load starts (zipserve systems)")
     p.add_argument("--out-dir", default="benchmarks/results")
     p.add_argument("--tag", default="part")
     p.add_argument("--merge", nargs="+", default=None, help="part JSON files to join (with --out)")

@@ -62,7 +62,7 @@ def direct_baseline(a: argparse.Namespace, engine: dict, prompt_words: tuple[int
 
 
 def launch(config: str | None, model: str | None, engine: dict, port: int, replicas: int | None = None,
-           throughput_optimized: bool = True) -> str:
+           throughput_optimized: bool = True, workers: dict | None = None) -> str:
     """Start Ray + Serve here with the app from `config` (cluster.app.build_app) and wait until ready; returns
     the URL to load (the ingress replica's own port in throughput-optimized mode)."""
     import ray
@@ -77,6 +77,7 @@ def launch(config: str | None, model: str | None, engine: dict, port: int, repli
     if model:
         args["model"] = model
     args["engine"] = dict(args.get("engine") or {}, **engine)
+    args["workers"] = dict(args.get("workers") or {}, **(workers or {}))
     if throughput_optimized:
         os.environ.update(throughput_env(port, (args.get("ingress") or {}).get("num_replicas", 1)))
     ray.init(include_dashboard=False, ignore_reinit_error=True, log_to_driver=True)
