@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     rows = []
     for ctx in (int(c) for c in a.contexts.split(",")):
         case = make_case(a.batch, ctx, a.block_size, h_kv, g, d, dev)
-        floor_ms = 2 * a.batch * ctx * h_kv * d * 2 / (bw / 2) * 1e3  # K and V read once; copy bw counts r+w
+        floor_ms = 2 * a.batch * ctx * h_kv * d * 2 / bw * 1e3  # K and V bf16, read once, at copy bandwidth
         hint = a.max_model_len if a.hint == "max_model_len" else ctx
         for n, w, s, p in grid:
             try:
