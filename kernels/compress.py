@@ -26,7 +26,18 @@ try:
 except ImportError:  # no Triton (e.g. macOS): the references still work
     triton = tl = None
 
-_jit = triton.jit if triton is not None else (lambda fn: fn)
+_LENGTHS = ("N", "keep", "num_prev", "num_sink", "tail")  # request-dependent int arguments
+
+
+def _jit(fn):
+    """triton.jit, except that a request's lengths are not specialized on (Triton compiles a variant per
+    value class: 1, multiples of 16, the rest): one compile serves every request, none while requests wait."""
+    if triton is None:
+        return fn
+    names = fn.__code__.co_varnames[: fn.__code__.co_argcount]
+    return triton.jit(fn, do_not_specialize=[n for n in _LENGTHS if n in names])
+
+
 _REDUNDANCY_ROW_TILE = 1024  # rows of the similarity matrix per tile (bounds scratch to tile x N)
 
 

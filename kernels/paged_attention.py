@@ -149,7 +149,7 @@ def _attend(acc, m_i, l_i, q, qk_scale, k_ptr, v_ptr, bt_row, j0, hi, last_key, 
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_reqs", "part", "n_parts", "unit", "s_bt"])  # batch-dependent ints: one compile
 def _paged_attention_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, qsl_ptr, kvl_ptr, out_ptr, m_ptr, l_ptr, acc_ptr,
         qk_scale, num_reqs, part, n_parts, unit,
@@ -235,7 +235,7 @@ def _paged_attention_kernel(
                  o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["part", "n_parts", "unit"])
 def _reduce_kernel(out_ptr, m_ptr, l_ptr, acc_ptr, qsl_ptr, kvl_ptr, part, n_parts, unit, s_ot, s_oh,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
     """Merge the partitions of one (decode request, query head): rescale each by exp2(m_p - max)."""

@@ -116,3 +116,28 @@ def test_triton_engine_equals_dense_reference(tmp_path, ccfg):
     outs = llm.generate(CPU_PROMPTS, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False)
     assert [o.token_ids for o in outs] == expected
     assert llm.stats()["compressions"] > 0
+
+
+def test_no_attention_kernel_compiles_after_the_engine_has_started(tmp_path, monkeypatch, gpu_model):
+    """A kernel compiled while requests wait is added to their time to first token: after the engine's
+    start-up warm-up, bursts of different sizes and prompt lengths (ragged prefill, mixed prefill + decode,
+    split-K and single-partition decode, CUDA-graph and eager steps) compile no new Triton kernel."""
+    import glob
+    import random
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))  # read at each compile
+    compiled = lambda: sorted(p for p in glob.glob(str(tmp_path / "triton" / "*" / "*.json"))
+                              if not p.split("/")[-1].startswith("__grp__"))
+    for budget in (None, 16):  # 16 pages of 64: tile sizes fixed, as in the served configs (budget x page >= 1024)
+        llm = LLM(gpu_model, device="cuda", backend="triton", block_size=64, budget_blocks=budget,
+                  max_num_batched_tokens=512, max_num_seqs=64, compression=dict(query_window=16), kv_cache_memory_gb=2)
+        after_start = compiled()
+        rng = random.Random(budget or 0)
+        for n in (1, 7, 33, 64, 5):
+            prompts = [[rng.randrange(3, 300) for _ in range(rng.randrange(5, 1500))] for _ in range(n)]
+            llm.generate(prompts, SamplingParams(temperature=0, max_tokens=rng.randrange(20, 300), ignore_eos=True),
+                         use_tqdm=False)
+        if budget is not None:
+            assert llm.stats()["compressions"] > 0
+        new = sorted(set(compiled()) - set(after_start))
+        assert not new, f"budget {budget}: compiled after start: {[p.split('/')[-1] for p in new]}"

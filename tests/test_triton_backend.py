@@ -18,3 +18,21 @@ def test_triton_backend_matches_torch_backend(qwen3_path, budget):
            [o.token_ids for o in ref.generate(PROMPTS, params, use_tqdm=False)]
     if budget is not None:
         assert tri.stats()["compressions"] == ref.stats()["compressions"] > 0
+
+
+def test_device_index_slices_keep_their_values_and_start_on_an_aligned_boundary():
+    """Triton specializes a kernel on each pointer argument's 16-byte alignment: index slices that start
+    where the previous array ended would make a batch's lengths pick the kernel variant (a compile while
+    requests wait). Every slice starts on a 16-element boundary and holds its own values."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from workers.model_runner import ModelRunner
+
+    arrays = [[1, 2, 3], [4], [], [5, 6, 7, 8, 9] * 7, [10, 11]]
+    for dtype in (torch.int32, torch.int64):
+        out = ModelRunner._upload(SimpleNamespace(device=torch.device("cpu")), arrays, dtype)
+        assert [t.tolist() for t in out] == arrays and all(t.dtype == dtype for t in out)
+        base = out[0].data_ptr()
+        assert all((t.data_ptr() - base) % (16 * t.element_size()) == 0 for t in out)

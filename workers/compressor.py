@@ -56,6 +56,21 @@ class Compressor:
             self.total_seconds += time.perf_counter() - t0
             self.num_compressions += 1
 
+    @torch.inference_mode()
+    def warm_up(self, budget_blocks: int, window_slot: int, num_prompt_tokens: int) -> None:
+        """Compile the compression kernels before the first request (a compile at a request's first page
+        boundary stalls every running request): a first compression and a later one (with global scores),
+        of budget + 1 pages into budget pages. The kernels do not specialize on lengths, so these serve all.
+        Writes only free pages (page i for i <= budget) and the spare window slot; counts nothing."""
+        from types import SimpleNamespace
+
+        bs, keep = self.block_size, budget_blocks * self.block_size
+        seq = SimpleNamespace(request_id=None, window_slot=window_slot, num_prompt_tokens=num_prompt_tokens)
+        src = list(range(budget_blocks + 1))
+        for first in (True, False):
+            self._compact(CompactionPlan(seq, src, src[:budget_blocks] + [src[-1]], [], keep + bs, keep, 0,
+                                         0 if first else keep, first))
+
     def kept_indices(self, plan: CompactionPlan, layers: slice) -> torch.Tensor:
         """Indices (cache order) of the entries kept per (layer, KV head): [layers, H_kv, keep]."""
         return self._score_and_select(plan, layers)[0]

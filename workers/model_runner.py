@@ -7,6 +7,7 @@ tables), runs one forward pass, and computes logits only for the rows that sampl
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -22,6 +23,7 @@ from workers.scheduler import ScheduledChunk
 log = logging.getLogger(__name__)
 
 _CPU_DEFAULT_KV_BYTES = 4 << 30
+_ALIGN = 16  # elements: device index slices start on this boundary (see _upload)
 
 
 class ModelRunner:
@@ -59,6 +61,10 @@ class ModelRunner:
             sizes = sorted({b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256) if b < top} | {top})
             self.graphs = DecodeGraphs(self.model, self.kv_cache, self.compressor.q_window if self.compressor else None,
                                        sizes, max_model_len, self.block_size)
+        if dev.type == "cuda" and cfg.resolved_backend == "triton":
+            t = time.perf_counter()
+            self._warm_up()
+            log.info("attention kernels for eager steps compiled in %.1f s", time.perf_counter() - t)
         log.info("KV cache: %d pages of %d tokens (%.2f GiB, %s %s)%s", self.num_blocks, self.block_size,
                  self.num_blocks * self.bytes_per_block / 2**30, dev, self.dtype,
                  f"; compression: budget {cfg.budget_blocks} pages, window buffers {self.window_bytes / 2**20:.1f} MiB, "
@@ -189,16 +195,45 @@ class ModelRunner:
         return fill
 
     def _upload(self, arrays: list[list[int]], dtype) -> list[torch.Tensor]:
-        """Concatenate host int lists, copy them to the device at once, return the device slices."""
-        flat = torch.tensor([x for a in arrays for x in a], dtype=dtype)
+        """Concatenate host int lists, copy them to the device at once, return the device slices. Each slice
+        starts on a 16-element boundary: Triton specializes kernels on pointer alignment, so slices whose
+        alignment followed the batch's lengths would compile new kernel variants while requests wait."""
+        flat, starts = [], []
+        for a in arrays:
+            starts.append(len(flat))
+            flat.extend(a)
+            flat.extend([0] * (-len(flat) % _ALIGN))
+        flat = torch.tensor(flat, dtype=dtype)
         if self.device.type == "cuda":
             flat = flat.pin_memory().to(self.device, non_blocking=True)  # the pinned block is reused only
             # after this copy has completed (PyTorch's host allocator records the stream)
-        out, i = [], 0
-        for a in arrays:
-            out.append(flat[i : i + len(a)])
-            i += len(a)
-        return out
+        return [flat[i : i + len(a)] for i, a in zip(starts, arrays)]
+
+    @torch.inference_mode()
+    def _warm_up(self) -> None:
+        """Compile the attention variants eager steps need before the first request arrives (a kernel
+        compiled while requests wait is added to their time to first token): a ragged prefill, and mixed
+        batches of one prefill chunk beside a few decode rows (split-K launch) and beside max_num_seqs decode
+        rows (one partition each). No K/V is written (slot -1); the outputs are dropped."""
+        bs, top = self.block_size, self.max_model_len
+        few = [(1, min(top, 3 * bs - 5))] * 2
+        many = [(1, min(top, bs - 3))] * max(1, self.cfg.max_num_seqs - 1)
+        for rows in ([(min(top, 37),) * 2, (min(top, 3 * bs + 11),) * 2], few + [(min(top, 45),) * 2],
+                     many + [(min(top, 19),) * 2]):
+            ids, pos, qsl, kv_lens, tables = [], [], [0], [], []
+            for q_len, kv_len in rows:
+                ids.extend([0] * q_len)
+                pos.extend(range(kv_len - q_len, kv_len))
+                qsl.append(qsl[-1] + q_len)
+                kv_lens.append(kv_len)
+                tables.append([0] * -(-kv_len // bs))
+            win = [] if self.compressor is None else [qsl[-1] - 1]
+            spare = [] if self.compressor is None else [self.compressor.q_window.shape[1] - 1]
+            self._eager_forward(ids, pos, [-1] * len(ids), tables, qsl, kv_lens, win, spare, [0] * len(win),
+                                [qsl[-1] - 1])
+        if self.compressor is not None:
+            self.compressor.warm_up(self.cfg.budget_blocks, self.compressor.q_window.shape[1] - 1, 37)
+        torch.cuda.synchronize(self.device)
 
     def _eager_forward(self, ids, pos, slots, tables, qsl, kv_lens, win_rows, win_slots, win_pos, sample_rows, fill=None):
         width = max(len(t) for t in tables)
