@@ -26,7 +26,9 @@ try:
 except ImportError:  # no Triton (e.g. macOS): the references still work
     triton = tl = None
 
-_LENGTHS = ("N", "keep", "num_prev", "num_sink", "tail")  # request-dependent int arguments
+# Request-dependent int arguments: lengths, and the strides of a tensor sized by them (the placeholder
+# score tensor of a first compression has strides H * N, N).
+_LENGTHS = ("N", "keep", "num_prev", "num_sink", "tail", "sg_l", "sg_h", "sg_n")
 
 
 def _jit(fn):
