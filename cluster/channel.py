@@ -34,7 +34,7 @@ def flush_interval(open_streams: int, events_per_s: float, max_interval_s: float
 
 
 def merge_chunks(chunks: list[dict]) -> list[dict]:
-    """Chunks of one flush, one per (request, sample): tokens and text concatenated in order, the other
+    """Chunks of one flush, one per (request, sample): tokens, text and logprobs concatenated in order, the other
     fields from the latest, a worker_state kept from the latest that has one."""
     merged: dict[tuple, dict] = {}
     for c in chunks:
@@ -45,6 +45,8 @@ def merge_chunks(chunks: list[dict]) -> list[dict]:
             continue
         state = c.get("worker_state") or prev.get("worker_state")
         merged[key] = dict(c, token_ids=prev["token_ids"] + c["token_ids"], text=prev["text"] + c["text"])
+        if "logprobs" in c:
+            merged[key]["logprobs"] = prev["logprobs"] + c["logprobs"]
         if state is not None:
             merged[key]["worker_state"] = state
     return list(merged.values())

@@ -31,7 +31,7 @@ from scheduler import state_board
 from scheduler.policy import RouteRequest
 from scheduler.router import route_request_to_dict
 from workers.block_manager import page_hashes
-from workers.tokenizer import load_tokenizer
+from workers.tokenizer import load_tokenizer, token_piece
 
 log = logging.getLogger("zipserve.ingress")
 
@@ -43,12 +43,13 @@ async def _validation_error(request: Request, exc: RequestValidationError):
     errs = exc.errors()
     first = errs[0] if errs else {}
     loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-    msg = first.get("msg", "invalid request")
+    loc = (first.get("ctx") or {}).get("param") or loc  # a model-level check names its param (oa.refuse)
+    msg = first.get("msg", "invalid request").removeprefix("Value error, ")
     if first.get("type") == "json_invalid":
         msg = f"request body is not valid JSON: {first.get('ctx', {}).get('error', msg)}"
     elif first.get("type") == "extra_forbidden":
         msg = f"unknown field {loc!r}"
-    elif loc:
+    elif loc and first.get("type") != "refused":
         msg = f"{loc}: {msg}"
     return JSONResponse(oa.APIError(400, msg, param=loc or None).body(), status_code=400)
 
@@ -116,6 +117,30 @@ def _worker_lost(e: BaseException) -> bool:
     return "EngineDeadError" in type(e).__name__ or "EngineDeadError" in type(getattr(e, "cause", None)).__name__
 
 
+class _Format:
+    """One request's output shaping beyond the text: echoed prompts and logprobs in the endpoint's shape.
+    Completions' text offsets run on across a choice's chunks (from the end of an echoed prompt)."""
+
+    def __init__(self, endpoint: str, num_logprobs: int | None, piece, echo: list[str] | None, n: int):
+        self.endpoint, self.num_logprobs, self.piece, self.echo, self.n = endpoint, num_logprobs, piece, echo, n
+        self.offsets: dict[int, int] = {}
+
+    def prefix(self, choice: int) -> str:
+        return self.echo[choice // self.n] if self.echo else ""
+
+    def logprobs(self, choice: int, token_ids: list[int], logprobs: list[dict]) -> dict | None:
+        if self.num_logprobs is None:
+            return None
+        if not token_ids:
+            return None
+        if self.endpoint == "chat":
+            return oa.chat_logprobs(token_ids, logprobs, self.num_logprobs, self.piece)
+        out = oa.completion_logprobs(token_ids, logprobs, self.num_logprobs, self.piece,
+                                     self.offsets.get(choice, len(self.prefix(choice))))
+        self.offsets[choice] = out["text_offset"][-1] + len(out["tokens"][-1])
+        return out
+
+
 def _sse_event(obj: dict) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
@@ -128,6 +153,7 @@ class OpenAIIngress:
         self.worker = worker
         self.model_name = model_name or os.path.basename(os.path.normpath(model_path))
         self.tokenizer = load_tokenizer(model_path)
+        self.piece = token_piece(self.tokenizer) if self.tokenizer is not None else (lambda t: (f"token_id:{t}", b""))
         self.block_size = block_size
         self.limit = max_concurrent_requests
         self.retry_after_s = retry_after_s
@@ -160,8 +186,11 @@ class OpenAIIngress:
     async def completions(self, body: oa.CompletionRequest):
         self._check_model(body.model)
         info = await self._model_info()
-        prompts = [self._encode(p, info) for p in body.prompts()]
-        return await self._serve("completions", body, prompts, info, body.max_tokens)
+        add_special = body.add_special_tokens is not False
+        prompts = [self._encode(p, info, add_special) for p in body.prompts()]
+        echo = [p if isinstance(p, str) else self.tokenizer.decode(p) if self.tokenizer is not None else ""
+                for p in body.prompts()] if body.echo else None
+        return await self._serve("completions", body, prompts, info, body.max_tokens, echo)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: oa.ChatCompletionRequest):
@@ -169,12 +198,16 @@ class OpenAIIngress:
         info = await self._model_info()
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise oa.APIError(400, f"model {self.model_name!r} has no chat template; use /v1/completions")
-        text = self.tokenizer.apply_chat_template(body.chat(), add_generation_prompt=True, tokenize=False)
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        try:
+            text = self.tokenizer.apply_chat_template(body.chat(), **body.template_kwargs())
+        except Exception as e:  # a template's own raise_exception, or a bad custom template
+            raise oa.APIError(400, f"the chat template failed: {e}", param="messages") from e
+        ids = self.tokenizer.encode(text, add_special_tokens=bool(body.add_special_tokens))
         return await self._serve("chat", body, [self._encode(ids, info)], info, body.requested_max_tokens)
 
     # ---- the request path ----------------------------------------------------------------
-    async def _serve(self, endpoint: str, body, prompts: list[list[int]], info: dict, max_tokens: int | None):
+    async def _serve(self, endpoint: str, body, prompts: list[list[int]], info: dict, max_tokens: int | None,
+                     echo: list[str] | None = None):
         limit = info["max_model_len"]
         longest = max(map(len, prompts))
         if max_tokens is None:
@@ -195,6 +228,7 @@ class OpenAIIngress:
                               headers={"Retry-After": str(self.retry_after_s)})
         params = body.sampling_params(max_tokens)
         rid = oa.new_id("chatcmpl" if endpoint == "chat" else "cmpl")
+        fmt = _Format(endpoint, params["logprobs"], self.piece, echo, body.n)
         calls = []
         for i, ids in enumerate(prompts):
             route = route_request_to_dict(RouteRequest(len(ids), tuple(page_hashes(ids, self.block_size)), max_tokens,
@@ -205,10 +239,10 @@ class OpenAIIngress:
         if body.stream:
             opts = body.stream_options
             return StreamingResponse(self._sse(endpoint, rid, calls, body.n, bool(opts and opts.include_usage),
-                                               len(prompts), bool(opts and opts.continuous_usage_stats)),
+                                               len(prompts), bool(opts and opts.continuous_usage_stats), fmt),
                                      media_type="text/event-stream")
         try:
-            return await self._collect(endpoint, rid, calls, body.n)
+            return await self._collect(endpoint, rid, calls, body.n, fmt)
         finally:
             self._release(len(prompts))
 
@@ -327,15 +361,17 @@ class OpenAIIngress:
         except BaseException as e:  # noqa: BLE001 -- handed to the request
             chunks.put_nowait(e)
 
-    async def _collect(self, endpoint: str, rid: str, calls, n: int):
+    async def _collect(self, endpoint: str, rid: str, calls, n: int, fmt: "_Format"):
         t0 = time.monotonic()
-        texts, reasons, completion, prompt_tokens, cached = {}, {}, {}, {}, {}
+        texts, reasons, completion, prompt_tokens, cached, tokens, lps = {}, {}, {}, {}, {}, {}, {}
         try:
             async for idx, c in self._events(calls, n):
                 if not texts:  # the request's first token
                     self.metrics.ttft.observe(time.monotonic() - t0, tags={"endpoint": endpoint})
                 texts.setdefault(idx, "")
                 texts[idx] += c["text"]
+                tokens.setdefault(idx, []).extend(c["token_ids"])
+                lps.setdefault(idx, []).extend(c.get("logprobs") or [])
                 self.metrics.tokens.inc(len(c["token_ids"]))
                 completion[idx] = c["completion_tokens"]
                 prompt_tokens[idx // n], cached[idx // n] = c["prompt_tokens"], c["cached_tokens"]
@@ -343,15 +379,15 @@ class OpenAIIngress:
                     reasons[idx] = oa.finish_reason(c["finish_reason"])
         except Exception as e:
             raise self._worker_error(endpoint, e) from e
-        choices = [{"index": i, "text": texts.get(i, ""), "finish_reason": reasons.get(i, "stop")}
-                   for i in range(len(calls) * n)]
+        choices = [{"index": i, "text": fmt.prefix(i) + texts.get(i, ""), "finish_reason": reasons.get(i, "stop"),
+                    "logprobs": fmt.logprobs(i, tokens.get(i, []), lps.get(i, []))} for i in range(len(calls) * n)]
         use = oa.usage(sum(prompt_tokens.values()), sum(completion.values()), sum(cached.values()))
         self.metrics.requests.inc(tags={"endpoint": endpoint, "status": "200"})
         build = oa.chat_response if endpoint == "chat" else oa.completion_response
         return build(rid, self.model_name, choices, use)
 
     async def _sse(self, endpoint: str, rid: str, calls, n: int, include_usage: bool, k: int,
-                   continuous_usage: bool = False):
+                   continuous_usage: bool, fmt: "_Format"):
         t0 = time.monotonic()
         first = True
         started: set[int] = set()
@@ -369,6 +405,7 @@ class OpenAIIngress:
                 reason = oa.finish_reason(c["finish_reason"])
                 use = (oa.usage(sum(prompt_tokens.values()), sum(completion.values()), sum(cached.values()))
                        if continuous_usage else None)
+                lp = fmt.logprobs(idx, c["token_ids"], c.get("logprobs") or [])
                 if endpoint == "chat":
                     if idx not in started:
                         started.add(idx)
@@ -376,10 +413,15 @@ class OpenAIIngress:
                         yield _sse_event(oa.chat_chunk(rid, self.model_name, idx, {"role": "assistant", "content": ""},
                                                        None, opening))
                     delta = {"content": c["text"]} if c["text"] else {}
-                    if delta or reason:
-                        yield _sse_event(oa.chat_chunk(rid, self.model_name, idx, delta, reason, use))
-                elif c["text"] or reason:
-                    yield _sse_event(oa.completion_chunk(rid, self.model_name, idx, c["text"], reason, use))
+                    if delta or reason or lp:
+                        yield _sse_event(oa.chat_chunk(rid, self.model_name, idx, delta, reason, use, lp))
+                else:
+                    text = c["text"]
+                    if idx not in started:
+                        started.add(idx)
+                        text = fmt.prefix(idx) + text
+                    if text or reason or lp:
+                        yield _sse_event(oa.completion_chunk(rid, self.model_name, idx, text, reason, use, lp))
             if include_usage:
                 use = oa.usage(sum(prompt_tokens.values()), sum(completion.values()), sum(cached.values()))
                 yield _sse_event(chunk_of(rid, self.model_name, -1, {} if endpoint == "chat" else "", None, use))
@@ -411,11 +453,11 @@ class OpenAIIngress:
             raise oa.APIError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
                               param="model", code="model_not_found")
 
-    def _encode(self, prompt, info: dict) -> list[int]:
+    def _encode(self, prompt, info: dict, add_special_tokens: bool = True) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise oa.APIError(400, "this model has no tokenizer; send prompt token ids")
-            ids = self.tokenizer.encode(prompt)
+            ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
         else:
             ids = list(prompt)
             if any(not 0 <= t < info["vocab_size"] for t in ids):

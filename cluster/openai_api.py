@@ -1,10 +1,11 @@
 """OpenAI-compatible request schemas and response shapes (pure: no Ray, no HTTP server).
 
 Requests are validated with pydantic, unknown fields rejected (a misspelled option must not be silently
-ignored). OpenAI options this server does not implement (penalties, logit_bias, logprobs, tools, ...)
-are refused with a clear message instead of being dropped. zipserve's own fields: `top_k`, `min_p`,
-`ignore_eos`, `stop_token_ids`, `include_stop_str_in_output`, `kv_budget_blocks` (a per-request KV budget
-in pages, for engines started with compression).
+ignored). OpenAI fields with no effect on a self-hosted server (`store`, `metadata`, `service_tier`,
+`prediction`, ...) and vLLM's neutral extras are accepted. Options not implemented yet (penalties,
+logit_bias, tools, structured output, echo with logprobs) are refused naming the param. zipserve's own
+fields: `top_k`, `min_p`, `ignore_eos`, `stop_token_ids`, `include_stop_str_in_output`, `kv_budget_blocks`
+(a per-request KV budget in pages, for engines started with compression).
 """
 
 from __future__ import annotations
@@ -14,8 +15,15 @@ import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_N = 16
+MAX_TOP_LOGPROBS = 20  # chat (OpenAI's limit); completions take at most 5
+
+
+def refuse(param: str, message: str):
+    """A validation error that names its param (the HTTP layer puts it in the error's `param`)."""
+    return PydanticCustomError("refused", message, {"param": param})
 
 
 class APIError(Exception):
@@ -35,6 +43,7 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM's: usage so far in every chunk (load generators count tokens by it)
+    include_obfuscation: bool | None = None  # OpenAI pads chunks against length side channels; none added here
 
 
 class _Common(BaseModel):
@@ -49,9 +58,24 @@ class _Common(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     user: str | None = None  # accepted for compatibility; identifies the caller only
+    # OpenAI fields with nothing to do on a self-hosted server: accepted, no effect.
+    store: bool | None = None  # nothing is stored
+    metadata: dict[str, str] | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None  # the prefix cache needs no key
+    # vLLM's extras with their default meaning here.
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    add_special_tokens: bool | None = None  # completions: True (BOS where the tokenizer adds one); chat: False
+    priority: int = 0
+    request_id: str | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int = Field(0, ge=0)
+    bad_words: list[str] | None = None
     # Not implemented: accepted only at their neutral value, else refused with a clear message.
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
     # zipserve extensions
     top_k: int = Field(0, ge=-1)
@@ -66,18 +90,28 @@ class _Common(BaseModel):
     def _stops(cls, v):
         stops = [v] if isinstance(v, str) else list(v or [])
         if len(stops) > 8 or any(not s for s in stops):
-            raise ValueError("stop must be up to 8 non-empty strings")
+            raise refuse("stop", "stop must be up to 8 non-empty strings")
         return stops
 
     @model_validator(mode="after")
     def _unsupported(self):
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) not in (None, 0, 0.0):
-                raise ValueError(f"{name} is not supported by this server")
+                raise refuse(name, f"{name} is not supported by this server yet")
+        if self.repetition_penalty not in (None, 1, 1.0):
+            raise refuse("repetition_penalty", "repetition_penalty is not supported by this server yet")
         if self.logit_bias:
-            raise ValueError("logit_bias is not supported by this server")
+            raise refuse("logit_bias", "logit_bias is not supported by this server yet")
+        if self.min_tokens:
+            raise refuse("min_tokens", "min_tokens is not supported by this server yet")
+        if self.bad_words:
+            raise refuse("bad_words", "bad_words is not supported by this server yet")
+        if not self.skip_special_tokens:
+            raise refuse("skip_special_tokens", "skip_special_tokens: false is not supported by this server yet")
+        if self.priority:
+            raise refuse("priority", "priority scheduling is not supported by this server (use 0)")
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed with stream: true")
+            raise refuse("stream_options", "stream_options is only allowed with stream: true")
         return self
 
     def sampling_params(self, max_tokens: int) -> dict:
@@ -86,30 +120,35 @@ class _Common(BaseModel):
                 "seed": self.seed, "max_tokens": max_tokens, "ignore_eos": self.ignore_eos, "stop": self.stop,
                 "stop_token_ids": self.stop_token_ids or [],
                 "include_stop_str_in_output": self.include_stop_str_in_output,
-                "budget_blocks": self.kv_budget_blocks}
+                "budget_blocks": self.kv_budget_blocks, "logprobs": self.num_logprobs()}
+
+    def num_logprobs(self) -> int | None:
+        """Top logprobs per generated token for the engine (None: none asked for)."""
+        raise NotImplementedError
 
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)
     best_of: int | None = None
     suffix: str | None = None
 
     @model_validator(mode="after")
     def _completion_only(self):
-        if self.echo:
-            raise ValueError("echo is not supported by this server")
-        if self.logprobs is not None:
-            raise ValueError("logprobs are not supported by this server yet")
+        if self.echo and self.logprobs is not None:
+            raise refuse("echo", "echo with logprobs (prompt logprobs) is not supported by this server yet")
         if self.best_of not in (None, 1, self.n):
-            raise ValueError("best_of is not supported by this server (use n)")
+            raise refuse("best_of", "best_of is not supported by this server (use n)")
         if self.suffix:
-            raise ValueError("suffix is not supported by this server")
+            raise refuse("suffix", "suffix is not supported by this server")
         if isinstance(self.prompt, list) and not self.prompt:
-            raise ValueError("prompt must not be empty")
+            raise refuse("prompt", "prompt must not be empty")
         return self
+
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: a string or a list of token ids."""
@@ -142,20 +181,58 @@ class ChatCompletionRequest(_Common):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     response_format: dict | None = None
+    # OpenAI fields with no effect here (text only; a predicted output only speeds up a server that uses it).
+    modalities: list[Literal["text"]] | None = None
+    prediction: dict | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None  # to the chat template
+    verbosity: Literal["low", "medium", "high"] | None = None
+    prompt_cache_retention: str | None = None
+    # OpenAI features this server does not have: named, refused unless absent.
+    audio: dict | None = None
+    web_search_options: dict | None = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    # vLLM's chat extras.
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
     @model_validator(mode="after")
     def _chat_only(self):
-        if self.logprobs or self.top_logprobs:
-            raise ValueError("logprobs are not supported by this server yet")
+        for name in ("audio", "web_search_options", "functions", "function_call"):
+            if getattr(self, name) is not None:
+                raise refuse(name, f"{name} is not supported by this server")
+        if self.top_logprobs and not self.logprobs:
+            raise refuse("top_logprobs", "top_logprobs needs logprobs: true")
         if self.tools or self.tool_choice not in (None, "none"):
-            raise ValueError("tools are not supported by this server")
+            raise refuse("tools" if self.tools else "tool_choice", "tools are not supported by this server yet")
         if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise ValueError("response_format other than text is not supported by this server")
+            raise refuse("response_format", "response_format other than text is not supported by this server yet")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise refuse("continue_final_message", "continue_final_message needs add_generation_prompt: false")
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise refuse("continue_final_message", "continue_final_message needs a final assistant message")
         return self
+
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def template_kwargs(self) -> dict:
+        """Keyword arguments for the tokenizer's apply_chat_template (without the messages)."""
+        kw = dict(self.chat_template_kwargs or {})
+        if self.reasoning_effort is not None:
+            kw.setdefault("reasoning_effort", self.reasoning_effort)
+        kw.update(add_generation_prompt=self.add_generation_prompt, continue_final_message=self.continue_final_message,
+                  tokenize=False)
+        if self.chat_template is not None:
+            kw["chat_template"] = self.chat_template
+        return kw
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -182,12 +259,13 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
 
 def completion_response(rid: str, model: str, choices: list[dict], use: dict) -> dict:
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": c["index"], "text": c["text"], "finish_reason": c["finish_reason"], "logprobs": None}
-                        for c in choices], "usage": use}
+            "choices": [{"index": c["index"], "text": c["text"], "finish_reason": c["finish_reason"],
+                         "logprobs": c.get("logprobs")} for c in choices], "usage": use}
 
 
-def completion_chunk(rid: str, model: str, index: int, text: str, reason: str | None, use: dict | None = None) -> dict:
-    choices = [] if index < 0 else [{"index": index, "text": text, "finish_reason": reason, "logprobs": None}]
+def completion_chunk(rid: str, model: str, index: int, text: str, reason: str | None, use: dict | None = None,
+                     logprobs: dict | None = None) -> dict:
+    choices = [] if index < 0 else [{"index": index, "text": text, "finish_reason": reason, "logprobs": logprobs}]
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model, "choices": choices,
             "usage": use}
 
@@ -195,10 +273,47 @@ def completion_chunk(rid: str, model: str, index: int, text: str, reason: str | 
 def chat_response(rid: str, model: str, choices: list[dict], use: dict) -> dict:
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": c["index"], "message": {"role": "assistant", "content": c["text"]},
-                         "finish_reason": c["finish_reason"], "logprobs": None} for c in choices], "usage": use}
+                         "finish_reason": c["finish_reason"], "logprobs": c.get("logprobs")} for c in choices],
+            "usage": use}
 
 
-def chat_chunk(rid: str, model: str, index: int, delta: dict, reason: str | None, use: dict | None = None) -> dict:
-    choices = [] if index < 0 else [{"index": index, "delta": delta, "finish_reason": reason, "logprobs": None}]
+def chat_chunk(rid: str, model: str, index: int, delta: dict, reason: str | None, use: dict | None = None,
+               logprobs: dict | None = None) -> dict:
+    choices = [] if index < 0 else [{"index": index, "delta": delta, "finish_reason": reason, "logprobs": logprobs}]
     return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
             "choices": choices, "usage": use}
+
+
+# ---- logprobs --------------------------------------------------------------------------------------
+# `piece(token_id) -> (text, utf-8 bytes)` comes from the tokenizer (workers/tokenizer.py token_piece);
+# logprobs per token are {token_id: logprob} with the sampled token first (the engine's shape), of the
+# model's raw distribution, before temperature and truncation (vLLM's default, `raw_logprobs`).
+
+def _top(lp: dict[int, float], n: int) -> list[tuple[int, float]]:
+    return sorted(lp.items(), key=lambda kv: -kv[1])[:n]
+
+
+def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, float]], n: int, piece) -> dict:
+    content = []
+    for tok, lp in zip(token_ids, logprobs):
+        text, raw = piece(tok)
+        top = [{"token": t, "logprob": v, "bytes": list(b)}
+               for (t, b), v in ((piece(i), v) for i, v in _top(lp, n))]
+        content.append({"token": text, "logprob": lp[tok], "bytes": list(raw), "top_logprobs": top})
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, float]], n: int, piece, offset: int) -> dict:
+    """The legacy shape; top_logprobs holds the sampled token and the n most likely (as vLLM's)."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for tok, lp in zip(token_ids, logprobs):
+        text = piece(tok)[0]
+        out["tokens"].append(text)
+        out["token_logprobs"].append(lp[tok])
+        top = {text: lp[tok]}  # tokens of one text share a key: the sampled one, then the most likely, keep it
+        for i, v in _top(lp, n):
+            top.setdefault(piece(i)[0], v)
+        out["top_logprobs"].append(top)
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out

@@ -109,6 +109,9 @@ class EngineWorker:
                          "finish_reason": out.finish_reason, "prompt_tokens": out.num_prompt_tokens,
                          "completion_tokens": len(out.token_ids), "cached_tokens": out.num_cached_tokens,
                          "stop_reason": out.stop_reason if out.finished else None}
+                if out.logprobs is not None:  # {token: logprob}, sampled first, per new token
+                    k = len(out.new_token_ids)
+                    chunk["logprobs"] = list(out.logprobs[len(out.logprobs) - k:]) if k else []
                 if admitted or out.finished:  # admitted or finished: capacity jumped (scheduler/state_board.py)
                     chunk["worker_state"] = {"replica": self.replica,
                                              **capacity_of(self.engine.snapshot["routing"])}

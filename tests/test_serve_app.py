@@ -337,3 +337,115 @@ def test_many_streams_over_the_multiplexed_channel_are_exact_ordered_and_none_st
     # Two replicas of 16 slots: all 24 decode together (even split 16 / 8), so every stream's first token
     # comes before any stream's last one.
     assert max(r[3] for r in results) < min(r[4] for r in results)
+
+
+# ---- API parity: logprobs, echo, neutral fields, vLLM extras, errors naming their param ---------------
+
+def _teacher_forced_logprobs(model_path, prompt_ids, output_ids):
+    """The oracle: transformers' log-softmax over the model's logits at each generated position (fp32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt_ids + output_ids])).logits[0].float()
+    return logits.log_softmax(-1)[len(prompt_ids) - 1 : -1]
+
+
+def test_chat_logprobs_equal_transformers_streamed_and_not(client, oracle, model_path):
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    ids = _chat_prompt(oracle, messages)
+    kw = dict(model=NAME, messages=messages, max_tokens=12, temperature=0, logprobs=True, top_logprobs=3,
+              extra_body={"ignore_eos": True})
+    got = client.chat.completions.create(**kw)
+    content = got.choices[0].logprobs.content
+    assert len(content) == 12  # the bytes are exact: together they are the text, even where a token splits a character
+    assert b"".join(bytes(c.bytes) for c in content).decode("utf-8", errors="replace") == got.choices[0].message.content
+    out_ids = oracle(ids, 12, ignore_eos=True).token_ids
+    ref = _teacher_forced_logprobs(model_path, ids, list(out_ids))
+    for pos, (c, tok) in enumerate(zip(content, out_ids)):
+        assert bytes(c.bytes).decode("utf-8", errors="replace") == c.token
+        assert abs(c.logprob - ref[pos, tok].item()) < 1e-4
+        vals, top_ids = ref[pos].topk(3)
+        assert [t.logprob for t in c.top_logprobs] == sorted((t.logprob for t in c.top_logprobs), reverse=True)
+        assert [bytes(t.bytes).decode("utf-8", errors="replace") for t in c.top_logprobs] == \
+               [oracle.tokenizer.decode([i]) for i in top_ids.tolist()]
+        assert all(abs(t.logprob - v) < 1e-4 for t, v in zip(c.top_logprobs, vals.tolist()))
+    streamed = []
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        if chunk.choices and chunk.choices[0].logprobs:
+            streamed.extend(chunk.choices[0].logprobs.content)
+    assert [(c.token, c.logprob, [t.token for t in c.top_logprobs]) for c in streamed] == \
+           [(c.token, c.logprob, [t.token for t in c.top_logprobs]) for c in content]
+
+
+def test_completion_logprobs_and_echo(client, oracle, model_path):
+    want = oracle(PROMPTS[2], 10, ignore_eos=True)
+    got = client.completions.create(model=NAME, prompt=PROMPTS[2], max_tokens=10, temperature=0, logprobs=2,
+                                    extra_body={"ignore_eos": True})
+    lp = got.choices[0].logprobs
+    assert "".join(lp.tokens) == got.choices[0].text == want.text
+    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(lp.tokens))]
+    ref = _teacher_forced_logprobs(model_path, list(want.prompt_token_ids), list(want.token_ids))
+    for pos, (tok, text, value, top) in enumerate(zip(want.token_ids, lp.tokens, lp.token_logprobs, lp.top_logprobs)):
+        assert abs(value - ref[pos, tok].item()) < 1e-4 and top[text] == value and 1 <= len(top) <= 3  # same-text tokens share a key
+    streamed = client.completions.create(model=NAME, prompt=PROMPTS[2], max_tokens=10, temperature=0, logprobs=2,
+                                         stream=True, extra_body={"ignore_eos": True})
+    tokens, offsets = [], []
+    for chunk in streamed:
+        if chunk.choices and chunk.choices[0].logprobs:
+            tokens += chunk.choices[0].logprobs.tokens
+            offsets += chunk.choices[0].logprobs.text_offset
+    assert tokens == lp.tokens and offsets == lp.text_offset
+    echoed = client.completions.create(model=NAME, prompt=PROMPTS[2], max_tokens=10, temperature=0, echo=True,
+                                       extra_body={"ignore_eos": True})
+    assert echoed.choices[0].text == PROMPTS[2] + want.text
+
+
+def test_neutral_openai_fields_and_vllm_extras_change_nothing(client, oracle):
+    messages = [{"role": "user", "content": PROMPTS[1]}]
+    base = dict(model=NAME, messages=messages, max_tokens=16, temperature=0)
+    plain = client.chat.completions.create(**base, extra_body={"ignore_eos": True}).choices[0].message.content
+    got = client.chat.completions.create(
+        **base, store=False, service_tier="auto", metadata={"team": "eval"}, parallel_tool_calls=False,
+        prediction={"type": "content", "content": "x"}, modalities=["text"], reasoning_effort="low",
+        safety_identifier="u1", prompt_cache_key="k", user="someone", stream=True,
+        stream_options={"include_usage": True, "include_obfuscation": False},
+        extra_body={"ignore_eos": True, "skip_special_tokens": True, "spaces_between_special_tokens": True,
+                    "chat_template_kwargs": {"enable_thinking": False}, "add_generation_prompt": True,
+                    "repetition_penalty": 1.0, "min_tokens": 0, "priority": 0})
+    assert "".join(c.choices[0].delta.content or "" for c in got if c.choices) == plain
+
+
+def test_continue_final_message_continues_the_assistant_text(client, oracle):
+    messages = [{"role": "user", "content": "Tell me a story."}, {"role": "assistant", "content": "Once upon"}]
+    text = oracle.tokenizer.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True,
+                                                tokenize=False)
+    assert text.endswith("Once upon")
+    want = oracle(oracle.tokenizer.encode(text, add_special_tokens=False), 12, ignore_eos=True)
+    got = client.chat.completions.create(model=NAME, messages=messages, max_tokens=12, temperature=0,
+                                         extra_body={"ignore_eos": True, "add_generation_prompt": False,
+                                                     "continue_final_message": True})
+    assert got.choices[0].message.content == want.text
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 6}, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
+    ("/v1/completions", {"prompt": "x", "repetition_penalty": 1.2}, "repetition_penalty"),
+    ("/v1/chat/completions", {"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+    ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"audio": {"voice": "alloy"}}, "audio"),
+    ("/v1/chat/completions", {"continue_final_message": True}, "continue_final_message"),
+    ("/v1/chat/completions", {"service_tier": "fastest"}, "service_tier"),
+], ids=lambda v: v if isinstance(v, str) and not v.startswith("/") else None)
+def test_refusals_name_their_param_in_openai_format(server, path, body, param):
+    body = {"model": NAME, **({"messages": [{"role": "user", "content": "x"}]} if "chat" in path else {}), **body}
+    r = httpx.post(server + path, json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["type"] == "invalid_request_error", err
+    assert not err["message"].startswith("Value error") and param in err["message"], err

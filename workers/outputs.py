@@ -22,8 +22,10 @@ class SpanView(Sequence):
         return self._end - self._start
 
     def __getitem__(self, i):
-        if isinstance(i, slice):
-            return self._tokens[self._start : self._end][i]
+        if isinstance(i, slice):  # copies only the items asked for (a request's newest tokens, say)
+            r = range(self._start, self._end)[i]
+            return self._tokens[r.start : r.stop : r.step] if r.step > 0 or r.stop >= 0 else \
+                [self._tokens[j] for j in r]
         n = len(self)
         if not -n <= i < n:
             raise IndexError("token index out of range")
