@@ -2,8 +2,8 @@
 
 Requests are validated with pydantic, unknown fields rejected (a misspelled option must not be silently
 ignored). OpenAI fields with no effect on a self-hosted server (`store`, `metadata`, `service_tier`,
-`prediction`, ...) and vLLM's neutral extras are accepted. Options not implemented yet (penalties,
-logit_bias, tools, structured output, echo with logprobs) are refused naming the param. zipserve's own
+`prediction`, ...) and vLLM's neutral extras are accepted. Options not implemented yet (tools, structured
+output, echo with logprobs, bad_words) are refused naming the param. zipserve's own
 fields: `top_k`, `min_p`, `ignore_eos`, `stop_token_ids`, `include_stop_str_in_output`, `kv_budget_blocks`
 (a per-request KV budget in pages, for engines started with compression).
 """
@@ -70,13 +70,12 @@ class _Common(BaseModel):
     add_special_tokens: bool | None = None  # completions: True (BOS where the tokenizer adds one); chat: False
     priority: int = 0
     request_id: str | None = None
-    repetition_penalty: float | None = None
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
     min_tokens: int = Field(0, ge=0)
-    bad_words: list[str] | None = None
-    # Not implemented: accepted only at their neutral value, else refused with a clear message.
+    bad_words: list[str] | None = None  # not implemented: refused unless empty
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
     # zipserve extensions
     top_k: int = Field(0, ge=-1)
     min_p: float = Field(0.0, ge=0, le=1)
@@ -95,15 +94,9 @@ class _Common(BaseModel):
 
     @model_validator(mode="after")
     def _unsupported(self):
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0, 0.0):
-                raise refuse(name, f"{name} is not supported by this server yet")
-        if self.repetition_penalty not in (None, 1, 1.0):
-            raise refuse("repetition_penalty", "repetition_penalty is not supported by this server yet")
-        if self.logit_bias:
-            raise refuse("logit_bias", "logit_bias is not supported by this server yet")
-        if self.min_tokens:
-            raise refuse("min_tokens", "min_tokens is not supported by this server yet")
+        for tok, v in (self.logit_bias or {}).items():
+            if not tok.isdigit() or not -100 <= v <= 100:
+                raise refuse("logit_bias", "logit_bias must map token ids to values in [-100, 100]")
         if self.bad_words:
             raise refuse("bad_words", "bad_words is not supported by this server yet")
         if not self.skip_special_tokens:
@@ -120,7 +113,10 @@ class _Common(BaseModel):
                 "seed": self.seed, "max_tokens": max_tokens, "ignore_eos": self.ignore_eos, "stop": self.stop,
                 "stop_token_ids": self.stop_token_ids or [],
                 "include_stop_str_in_output": self.include_stop_str_in_output,
-                "budget_blocks": self.kv_budget_blocks, "logprobs": self.num_logprobs()}
+                "budget_blocks": self.kv_budget_blocks, "logprobs": self.num_logprobs(),
+                "presence_penalty": self.presence_penalty or 0.0, "frequency_penalty": self.frequency_penalty or 0.0,
+                "repetition_penalty": self.repetition_penalty or 1.0, "min_tokens": self.min_tokens,
+                "logit_bias": {int(t): v for t, v in (self.logit_bias or {}).items()}}
 
     def num_logprobs(self) -> int | None:
         """Top logprobs per generated token for the engine (None: none asked for)."""

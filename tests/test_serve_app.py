@@ -171,7 +171,7 @@ BAD = [
     ("/v1/completions", {"model": "tiny", "prompt": "x", "temperature": -1}, "temperature"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "bogus_field": 1}, "unknown field"),
     ("/v1/completions", {"model": "tiny", "prompt": [999999], "max_tokens": 4}, "token ids"),
-    ("/v1/completions", {"model": "tiny", "prompt": "x", "presence_penalty": 0.5}, "not supported"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "presence_penalty": 5}, "presence_penalty"),
     ("/v1/completions", {"model": "tiny"}, "prompt"),
     ("/v1/chat/completions", {"model": "tiny", "messages": []}, "messages"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}, "role"),
@@ -430,10 +430,13 @@ def test_continue_final_message_continues_the_assistant_text(client, oracle):
 
 
 @pytest.mark.parametrize("path, body, param", [
-    ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"12": 200}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"dog": 1}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "bad_words": ["dog"]}, "bad_words"),
     ("/v1/completions", {"prompt": "x", "logprobs": 6}, "logprobs"),
     ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
-    ("/v1/completions", {"prompt": "x", "repetition_penalty": 1.2}, "repetition_penalty"),
+    ("/v1/completions", {"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
     ("/v1/chat/completions", {"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
     ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
@@ -449,3 +452,18 @@ def test_refusals_name_their_param_in_openai_format(server, path, body, param):
     err = r.json()["error"]
     assert err["param"] == param and err["type"] == "invalid_request_error", err
     assert not err["message"].startswith("Value error") and param in err["message"], err
+
+
+def test_penalties_and_logit_bias_over_http_equal_the_engine(client, oracle):
+    """The engine's penalties are checked against transformers in test_penalties.py; here the API's fields
+    reach it unchanged (OpenAI's string token ids in logit_bias included)."""
+    kw = dict(ignore_eos=True, frequency_penalty=0.8, presence_penalty=0.4, repetition_penalty=1.3)
+    want = oracle(PROMPTS[2], 20, **kw)
+    got = client.completions.create(model=NAME, prompt=PROMPTS[2], max_tokens=20, temperature=0,
+                                    frequency_penalty=0.8, presence_penalty=0.4,
+                                    extra_body={"ignore_eos": True, "repetition_penalty": 1.3})
+    assert got.choices[0].text == want.text and want.text != oracle(PROMPTS[2], 20, ignore_eos=True).text
+    forced = oracle(PROMPTS[0], 5, ignore_eos=True, logit_bias={42: 100.0})
+    got = client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=5, temperature=0,
+                                    logit_bias={"42": 100}, extra_body={"ignore_eos": True})
+    assert got.choices[0].text == forced.text and list(forced.token_ids) == [42] * 5

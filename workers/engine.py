@@ -30,6 +30,7 @@ from workers.model_runner import ModelRunner
 from workers.models import read_model_args
 from workers.outputs import RequestOutput, SpanView
 from workers.parallel import TPGroup
+from workers.penalties import PenaltyState
 from workers.sampler import SamplingError, sample, sample_on_device, top_logprobs
 from workers.sampling_params import SamplingParams
 from workers.scheduler import Scheduler
@@ -86,6 +87,7 @@ class LLMEngine:
         if not self.eos_token_ids and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids = {self.tokenizer.eos_token_id}
         self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.penalties = PenaltyState(self.runner.device, self.eos_token_ids)
         # Quality evaluation (benchmarks/quality): called with the sampling requests and their logits rows each
         # step; if it returns tokens, those are appended instead of sampled ones (teacher forcing).
         self.step_observer: Callable[[list[Sequence], torch.Tensor], list[int] | None] | None = None
@@ -154,6 +156,7 @@ class LLMEngine:
 
     def _retire(self, seq: Sequence) -> None:
         """Free a request's pages now, or when its compaction lands (which reads them)."""
+        self.penalties.release(seq.request_id)
         if not seq.is_finished and not seq.compressing:
             self.scheduler.finish(seq)
 
@@ -217,7 +220,8 @@ class LLMEngine:
     def _sample_async(self, samplers: list[Sequence], logits: torch.Tensor) -> PendingStep:
         """Sample on the device and start the copy back; the requests count the tokens as pending."""
         tokens, bad, _ = sample_on_device(logits, [s.params for s in samplers], [s.generator for s in samplers],
-                                          self.generator)
+                                          self.generator, self._adjust(samplers))
+        self.penalties.record(samplers, tokens)
         flat = tokens if bad is None else torch.cat([tokens, bad.long()])
         ready = None
         if flat.device.type == "cuda":
@@ -270,7 +274,7 @@ class LLMEngine:
             return outputs
         try:
             tokens, logprobs = sample(logits, [s.params for s in samplers], [s.generator for s in samplers],
-                                      self.generator)
+                                      self.generator, self._adjust(samplers))
         except SamplingError as e:  # fail those requests alone; the others sample again
             for row in e.rows:
                 outputs.append(self._fail(samplers[row], str(e)))
@@ -278,13 +282,20 @@ class LLMEngine:
             samplers = [samplers[r] for r in keep]
             logits = logits[keep]
             tokens, logprobs = sample(logits, [s.params for s in samplers], [s.generator for s in samplers],
-                                      self.generator) if samplers else ([], None)
+                                      self.generator, self._adjust(samplers)) if samplers else ([], None)
+        self.penalties.record(samplers, tokens)
         for row, (seq, tok) in enumerate(zip(samplers, tokens)):
             seq.decoding = True
             if seq.params.logprobs is not None:
                 seq.logprobs.append(top_logprobs(logprobs[row], tok, seq.params.logprobs))
             outputs.append(self._append_token(seq, tok))
         return outputs
+
+    def _adjust(self, samplers: list[Sequence]):
+        """The logits change for this batch's penalties and biases, or None (no request uses any)."""
+        if not PenaltyState.active(samplers):
+            return None
+        return lambda logits: self.penalties.apply(logits, samplers)
 
     def _fail(self, seq: Sequence, why: str) -> RequestOutput:
         log.error("request %s: %s; it is ended with finish_reason 'error'", seq.request_id, why)
@@ -462,6 +473,8 @@ def check_request(ids: list[int], params: SamplingParams, facts: dict) -> None:
     if len(ids) >= max_len:
         raise ValueError(f"prompt has {len(ids)} tokens; this model accepts prompts of at most "
                          f"{max_len - 1} tokens (max_model_len {max_len})")
+    if any(t >= vocab for t in params.logit_bias):
+        raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
     if params.budget_blocks is not None and facts["engine_budget_blocks"] is None:
         raise ValueError("this engine runs full KV (budget_blocks=None); per-request budget_blocks needs an "
                          "engine started with a budget")

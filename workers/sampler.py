@@ -18,7 +18,7 @@ from workers.sampling_params import SamplingParams
 def truncate_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Apply temperature, top-k, top-p and min-p to rows of fp32 logits; masked entries get -inf."""
     device = logits.device
-    temp = _to_device([p.temperature for p in params], torch.float32, device).unsqueeze(1)
+    temp = to_device([p.temperature for p in params], torch.float32, device).unsqueeze(1)
     logits = logits / temp
     top_k = [p.top_k for p in params]
     top_p = [p.top_p for p in params]
@@ -26,16 +26,16 @@ def truncate_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch
     if any(k > 0 for k in top_k) or any(p < 1 for p in top_p):
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         rank = torch.arange(logits.shape[-1], device=device).unsqueeze(0)
-        k = _to_device([k if k > 0 else logits.shape[-1] for k in top_k], torch.long, device).unsqueeze(1)
+        k = to_device([k if k > 0 else logits.shape[-1] for k in top_k], torch.long, device).unsqueeze(1)
         drop = rank >= k
         probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
         before = probs.cumsum(-1) - probs  # mass strictly before each token
-        drop |= before >= _to_device(top_p, torch.float32, device).unsqueeze(1)
+        drop |= before >= to_device(top_p, torch.float32, device).unsqueeze(1)
         drop[:, 0] = False  # the most likely token always survives
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
     if any(m > 0 for m in min_p):
         probs = logits.softmax(-1)
-        floor = _to_device(min_p, torch.float32, device).unsqueeze(1) * probs.max(-1, keepdim=True).values
+        floor = to_device(min_p, torch.float32, device).unsqueeze(1) * probs.max(-1, keepdim=True).values
         logits = logits.masked_fill(probs < floor, float("-inf"))
     return logits
 
@@ -49,17 +49,20 @@ class SamplingError(RuntimeError):
 
 
 def sample_on_device(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-                     default_generator: torch.Generator | None = None
+                     default_generator: torch.Generator | None = None, adjust=None
                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(tokens [rows] int64, bad rows [rows] bool or None when all greedy, raw log-softmax or None), all
-    on the logits' device and queued without waiting for it: the caller decides when to copy them back."""
+    on the logits' device and queued without waiting for it: the caller decides when to copy them back.
+    `adjust` (penalties, biases: workers/penalties.py) changes the fp32 logits after the raw logprobs."""
     logits = logits.float()
     logprobs = logits.log_softmax(-1) if any(p.logprobs is not None for p in params) else None
+    if adjust is not None:
+        logits = adjust(logits)
     tokens = logits.argmax(-1)
     rand = [i for i, p in enumerate(params) if not p.greedy]
     if not rand:
         return tokens, None, logprobs
-    idx = _to_device(rand, torch.long, logits.device)
+    idx = to_device(rand, torch.long, logits.device)
     probs = truncate_logits(logits[idx], [params[i] for i in rand]).softmax(-1)
     bad = torch.zeros(len(params), dtype=torch.bool, device=logits.device)
     bad[idx] = ~(torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0))
@@ -73,17 +76,17 @@ def sample_on_device(logits: torch.Tensor, params: list[SamplingParams], generat
     if unseeded:  # the rest in one draw from the engine's stream
         u[unseeded] = torch.rand(len(unseeded), generator=default_generator)
     cdf = probs.cumsum(-1)
-    target = _to_device(u, torch.float32, logits.device).unsqueeze(1) * cdf[:, -1:]
+    target = to_device(u, torch.float32, logits.device).unsqueeze(1) * cdf[:, -1:]
     # The first token whose cumulative mass exceeds the target (a zero-probability token never does).
     tokens[idx] = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=logits.shape[-1] - 1)
     return tokens, bad, logprobs
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-           default_generator: torch.Generator | None = None) -> tuple[list[int], torch.Tensor]:
+           default_generator: torch.Generator | None = None, adjust=None) -> tuple[list[int], torch.Tensor]:
     """Return the sampled token per row and the raw log-softmax (fp32) for logprobs (None when no
     request asked for logprobs: a full-vocabulary pass saved on the decode path)."""
-    tokens, bad, logprobs = sample_on_device(logits, params, generators, default_generator)
+    tokens, bad, logprobs = sample_on_device(logits, params, generators, default_generator, adjust)
     if bad is None:
         return tokens.tolist(), logprobs
     out = torch.cat([tokens, bad.long()]).tolist()  # one copy to the host for tokens and checks
@@ -97,7 +100,7 @@ def check_rows(bad: list[int]) -> None:
         raise SamplingError([r for r, b in enumerate(bad) if b])
 
 
-def _to_device(values, dtype, device: torch.device) -> torch.Tensor:
+def to_device(values, dtype, device: torch.device) -> torch.Tensor:
     """A small host list/tensor on `device` without waiting for the device's queued work (pinned copy)."""
     t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
     if device.type != "cuda":

@@ -21,6 +21,11 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # top-n logprobs per generated token (0 = only the sampled token's)
+    presence_penalty: float = 0.0  # OpenAI: minus this once for every token already generated
+    frequency_penalty: float = 0.0  # OpenAI: minus this times the token's count in the output so far
+    repetition_penalty: float = 1.0  # vLLM / transformers: over prompt and output, logit / p if > 0 else * p
+    logit_bias: dict[int, float] = field(default_factory=dict)  # added to the logits, each in [-100, 100]
+    min_tokens: int = 0  # EOS and stop_token_ids held back until this many tokens are out
     budget_blocks: int | None = None  # per-request KV budget in pages (None = the engine's)
 
     def __post_init__(self):
@@ -41,6 +46,16 @@ class SamplingParams:
         _check(self.budget_blocks is None or (_is_int(self.budget_blocks) and self.budget_blocks >= 1),
                "budget_blocks must be None or a positive integer", self.budget_blocks)
         _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20), "logprobs must be None or in [0, 20]", self.logprobs)
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            _check(_is_number(v) and -2 <= v <= 2, f"{name} must be in [-2, 2]", v)
+        _check(_is_number(self.repetition_penalty) and 0 < self.repetition_penalty <= 10,
+               "repetition_penalty must be in (0, 10]", self.repetition_penalty)
+        self.logit_bias = dict(self.logit_bias or {})
+        _check(all(_is_int(t) and t >= 0 and _is_number(v) and -100 <= v <= 100 for t, v in self.logit_bias.items()),
+               "logit_bias must map token ids to values in [-100, 100]", self.logit_bias)
+        _check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
+               "min_tokens must be an integer in [0, max_tokens]", self.min_tokens)
 
     @property
     def greedy(self) -> bool:
