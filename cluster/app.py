@@ -20,7 +20,8 @@ Keys (unknown keys are refused):
   ingress          num_replicas, max_concurrent_requests, retry_after_s, num_cpus, resources (custom Ray
                    resources, e.g. to keep the ingress on the head node beside the proxy), request_timeout_s
                    (per-request deadline), max_migrations (moves after worker deaths), max_prompt_tokens,
-                   max_tokens_limit
+                   max_tokens_limit, reasoning_parser (qwen3 | deepseek_r1: <think> ... </think> goes to
+                   reasoning_content in chat answers and deltas)
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ _WORKER_KEYS = {"num_replicas", "autoscaling", "num_gpus", "num_cpus", "max_ongo
                 "stream_events_per_s", "max_stream_interval_s"}
 _ROUTING_KEYS = {"prefill_tokens_per_s", "mean_service_s", "balance_s", "stats_period_s"}
 _INGRESS_KEYS = {"num_replicas", "max_concurrent_requests", "retry_after_s", "num_cpus", "resources", "request_timeout_s",
-                 "max_migrations", "max_prompt_tokens", "max_tokens_limit"}
+                 "max_migrations", "max_prompt_tokens", "max_tokens_limit", "reasoning_parser"}
 _POLICY_KEYS = {"target_pressure", "queue_per_replica"}
 
 
@@ -66,6 +67,10 @@ def resolve_config(args: dict | None) -> dict:
         args[key] = dict(_check(key, args.get(key) or {}, known))
     _check("workers.autoscaling", args["workers"].get("autoscaling") or {},
            _POLICY_KEYS | set(AutoscalingConfig.model_fields))
+    if args["ingress"].get("reasoning_parser") is not None:
+        from cluster.reasoning import ReasoningParser
+
+        ReasoningParser(args["ingress"]["reasoning_parser"])  # an unknown family fails the deploy here
     args["engine"] = dict(args.get("engine") or {})
     # Validate the engine config now, on the driver: a typo fails the deploy with a clear message.
     from workers.config import EngineConfig
@@ -166,4 +171,4 @@ def build_app(args: dict | None = None):
     return ingress.bind(worker, cfg["model"], cfg.get("model_name"), cfg["block_size"],
                         ing.get("max_concurrent_requests", 256), ing.get("retry_after_s", 1),
                         ing.get("request_timeout_s", 600.0), ing.get("max_migrations", 3),
-                        ing.get("max_prompt_tokens"), ing.get("max_tokens_limit"))
+                        ing.get("max_prompt_tokens"), ing.get("max_tokens_limit"), ing.get("reasoning_parser"))

@@ -27,6 +27,7 @@ from ray.util import metrics
 
 from cluster import openai_api as oa
 from cluster.channel import Subscriptions, WorkerLostError
+from cluster.reasoning import ReasoningParser, split_reasoning
 from scheduler import state_board
 from scheduler.policy import RouteRequest
 from scheduler.router import route_request_to_dict
@@ -121,9 +122,27 @@ class _Format:
     """One request's output shaping beyond the text: echoed prompts and logprobs in the endpoint's shape.
     Completions' text offsets run on across a choice's chunks (from the end of an echoed prompt)."""
 
-    def __init__(self, endpoint: str, num_logprobs: int | None, piece, echo: list[str] | None, n: int):
+    def __init__(self, endpoint: str, num_logprobs: int | None, piece, echo: list[str] | None, n: int,
+                 reasoning: str | None = None):
         self.endpoint, self.num_logprobs, self.piece, self.echo, self.n = endpoint, num_logprobs, piece, echo, n
+        self.reasoning = reasoning if endpoint == "chat" else None  # a reasoning parser family, or None
         self.offsets: dict[int, int] = {}
+        self.parsers: dict[int, ReasoningParser] = {}
+
+    def message(self, text: str) -> dict:
+        """A whole chat answer: content, and reasoning_content where the model reasoned."""
+        if self.reasoning is None:
+            return {"content": text}
+        reasoning, content = split_reasoning(self.reasoning, text)
+        return {"content": content, **({"reasoning_content": reasoning} if reasoning is not None else {})}
+
+    def delta(self, choice: int, text: str, final: bool) -> dict:
+        """A streamed chat delta for new text (maybe empty: a tag may be held back until it is told apart)."""
+        if self.reasoning is None:
+            return {"content": text} if text else {}
+        parser = self.parsers.setdefault(choice, ReasoningParser(self.reasoning))
+        reasoning, content = parser.feed(text, final)
+        return {**({"reasoning_content": reasoning} if reasoning else {}), **({"content": content} if content else {})}
 
     def prefix(self, choice: int) -> str:
         return self.echo[choice // self.n] if self.echo else ""
@@ -149,7 +168,8 @@ def _sse_event(obj: dict) -> str:
 class OpenAIIngress:
     def __init__(self, worker, model_path: str, model_name: str | None = None, block_size: int = 256,
                  max_concurrent_requests: int = 256, retry_after_s: int = 1, request_timeout_s: float = 600.0,
-                 max_migrations: int = 3, max_prompt_tokens: int | None = None, max_tokens_limit: int | None = None):
+                 max_migrations: int = 3, max_prompt_tokens: int | None = None, max_tokens_limit: int | None = None,
+                 reasoning_parser: str | None = None):
         self.worker = worker
         self.model_name = model_name or os.path.basename(os.path.normpath(model_path))
         self.tokenizer = load_tokenizer(model_path)
@@ -161,6 +181,9 @@ class OpenAIIngress:
         self.max_migrations = max_migrations
         self.max_prompt_tokens = max_prompt_tokens
         self.max_tokens_limit = max_tokens_limit
+        if reasoning_parser is not None:
+            ReasoningParser(reasoning_parser)  # an unknown family fails here, at start
+        self.reasoning_parser = reasoning_parser
         self.in_flight = 0
         self.migrated = 0
         self._info: dict | None = None
@@ -228,7 +251,7 @@ class OpenAIIngress:
                               headers={"Retry-After": str(self.retry_after_s)})
         params = body.sampling_params(max_tokens)
         rid = oa.new_id("chatcmpl" if endpoint == "chat" else "cmpl")
-        fmt = _Format(endpoint, params["logprobs"], self.piece, echo, body.n)
+        fmt = _Format(endpoint, params["logprobs"], self.piece, echo, body.n, self.reasoning_parser)
         calls = []
         for i, ids in enumerate(prompts):
             route = route_request_to_dict(RouteRequest(len(ids), tuple(page_hashes(ids, self.block_size)), max_tokens,
@@ -380,6 +403,7 @@ class OpenAIIngress:
         except Exception as e:
             raise self._worker_error(endpoint, e) from e
         choices = [{"index": i, "text": fmt.prefix(i) + texts.get(i, ""), "finish_reason": reasons.get(i, "stop"),
+                    "message": fmt.message(texts.get(i, "")),
                     "logprobs": fmt.logprobs(i, tokens.get(i, []), lps.get(i, []))} for i in range(len(calls) * n)]
         use = oa.usage(sum(prompt_tokens.values()), sum(completion.values()), sum(cached.values()))
         self.metrics.requests.inc(tags={"endpoint": endpoint, "status": "200"})
@@ -412,7 +436,7 @@ class OpenAIIngress:
                         opening = use and dict(use, completion_tokens=0, total_tokens=use["prompt_tokens"])
                         yield _sse_event(oa.chat_chunk(rid, self.model_name, idx, {"role": "assistant", "content": ""},
                                                        None, opening))
-                    delta = {"content": c["text"]} if c["text"] else {}
+                    delta = fmt.delta(idx, c["text"], reason is not None)
                     if delta or reason or lp:
                         yield _sse_event(oa.chat_chunk(rid, self.model_name, idx, delta, reason, use, lp))
                 else:

@@ -268,7 +268,7 @@ def completion_chunk(rid: str, model: str, index: int, text: str, reason: str | 
 
 def chat_response(rid: str, model: str, choices: list[dict], use: dict) -> dict:
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": c["index"], "message": {"role": "assistant", "content": c["text"]},
+            "choices": [{"index": c["index"], "message": {"role": "assistant", **c.get("message", {"content": c["text"]})},
                          "finish_reason": c["finish_reason"], "logprobs": c.get("logprobs")} for c in choices],
             "usage": use}
 

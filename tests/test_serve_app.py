@@ -49,13 +49,15 @@ def serve_port():
 @pytest.fixture(scope="module")
 def server(model_path, serve_port):
     """The main app's URL: its ingress replica's own port. The second app, with a tiny admission limit (the
-    overload test), is reached through Serve's proxy at /small, so both HTTP paths are exercised."""
+    overload test) and the deepseek_r1 reasoning parser, is reached through Serve's proxy at /small, so both
+    HTTP paths are exercised."""
     serve.run(build_app({"model": model_path, "model_name": NAME, "engine": ENGINE,
                          "workers": {"num_replicas": 2, "num_cpus": 0},
                          "ingress": {"max_concurrent_requests": 64}}), name="zipserve", route_prefix="/")
     serve.run(build_app({"model": model_path, "model_name": NAME, "engine": ENGINE,
                          "workers": {"num_replicas": 1, "num_cpus": 0},
-                         "ingress": {"max_concurrent_requests": 3, "retry_after_s": 2}}),
+                         "ingress": {"max_concurrent_requests": 3, "retry_after_s": 2,
+                                     "reasoning_parser": "deepseek_r1"}}),
               name="small", route_prefix="/small")
     url = app_url(serve_port)
     assert url != f"http://127.0.0.1:{serve_port}", "direct ingress is off: the app answers only through the proxy"
@@ -467,3 +469,24 @@ def test_penalties_and_logit_bias_over_http_equal_the_engine(client, oracle):
     got = client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=5, temperature=0,
                                     logit_bias={"42": 100}, extra_body={"ignore_eos": True})
     assert got.choices[0].text == forced.text and list(forced.token_ids) == [42] * 5
+
+
+def test_reasoning_parser_puts_thinking_in_reasoning_content(proxy, oracle):
+    """The /small app runs the deepseek_r1 parser (its template opens <think> in the prompt, so output is
+    reasoning until </think>). The tiny model never writes </think>: all of its answer is reasoning, none is
+    content, streamed and not; the main app (no parser) gives the same text as content."""
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    want = oracle(_chat_prompt(oracle, messages), 16, ignore_eos=True).text
+    assert "</think>" not in want
+    c = openai.OpenAI(base_url=proxy + "/small/v1", api_key="none", max_retries=0, timeout=120)
+    got = c.chat.completions.create(model=NAME, messages=messages, max_tokens=16, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert got.choices[0].message.content is None and got.choices[0].message.reasoning_content == want
+    parts = {"reasoning_content": "", "content": ""}
+    for chunk in c.chat.completions.create(model=NAME, messages=messages, max_tokens=16, temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True}):
+        if chunk.choices:
+            d = chunk.choices[0].delta
+            parts["reasoning_content"] += getattr(d, "reasoning_content", None) or ""
+            parts["content"] += d.content or ""
+    assert parts == {"reasoning_content": want, "content": ""}
