@@ -148,9 +148,7 @@ class _Format:
         return self.echo[choice // self.n] if self.echo else ""
 
     def logprobs(self, choice: int, token_ids: list[int], logprobs: list[dict]) -> dict | None:
-        if self.num_logprobs is None:
-            return None
-        if not token_ids:
+        if self.num_logprobs is None or not token_ids:
             return None
         if self.endpoint == "chat":
             return oa.chat_logprobs(token_ids, logprobs, self.num_logprobs, self.piece)

@@ -119,8 +119,8 @@ class _Common(BaseModel):
                 "logit_bias": {int(t): v for t, v in (self.logit_bias or {}).items()}}
 
     def num_logprobs(self) -> int | None:
-        """Top logprobs per generated token for the engine (None: none asked for)."""
-        raise NotImplementedError
+        """Top logprobs per generated token for the engine (None: none asked for); each endpoint's own."""
+        return None
 
 
 class CompletionRequest(_Common):

@@ -104,6 +104,8 @@ class PenaltyState:
 
     def record(self, seqs, tokens: torch.Tensor) -> None:
         """Count this step's sampled tokens (`tokens` [len(seqs)] on the device) for the requests that count."""
+        if not self.row_of:  # no request holds a row: nothing to count (every step without penalties)
+            return
         counted = [i for i, s in enumerate(seqs) if uses_counts(s.params) and s.request_id in self.row_of]
         if not counted or not len(tokens):
             return
