@@ -84,15 +84,25 @@ def test_seeded_sampling_matches_the_synchronous_engine(model_factory):
     assert got == sync
 
 
-def test_logprobs_requests_run_synchronous_steps(model_factory):
+def test_logprobs_requests_keep_the_overlap_and_match_the_synchronous_engine(model_factory):
     path = model_factory("qwen3", heads=4, kv_heads=2)
-    params = [SamplingParams(temperature=0, max_tokens=12, logprobs=2 if i == 1 else None, ignore_eos=True)
-              for i in range(3)]
+    params = [SamplingParams(temperature=0 if i != 2 else 0.8, seed=5, max_tokens=12, ignore_eos=True,
+                             logprobs=[None, 2, 0, 5][i]) for i in range(4)]
     llm = LLM(path, block_size=16, num_blocks=64)
-    outs = llm.generate(PROMPTS[:3], params, use_tqdm=False)
-    ref = LLM(path, block_size=16, num_blocks=64, async_scheduling=False).generate(PROMPTS[:3], params, use_tqdm=False)
+    outs = llm.generate(PROMPTS[:4], params, use_tqdm=False)
+    ref = LLM(path, block_size=16, num_blocks=64, async_scheduling=False).generate(PROMPTS[:4], params, use_tqdm=False)
     assert [list(o.token_ids) for o in outs] == [list(o.token_ids) for o in ref]
-    assert len(outs[1].logprobs) == 12 and all(t in lp for t, lp in zip(outs[1].token_ids, outs[1].logprobs))
+    assert outs[0].logprobs is None
+    for o, r, n in zip(outs[1:], ref[1:], (2, 0, 5)):
+        assert len(o.logprobs) == 12
+        for tok, lp, want in zip(o.token_ids, o.logprobs, r.logprobs):
+            assert next(iter(lp)) == tok and set(lp) == set(want) and len(lp) in (n, n + 1)
+            assert all(abs(lp[t] - want[t]) < 1e-5 for t in lp)
+    eng = llm.engine  # a step with logprobs leaves its tokens (and logprobs) on the device
+    eng.add_request("x", [3, 4, 5], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=3))
+    assert eng.step() == [] and eng.requests["x"].num_pending == 1
+    out = eng.step()
+    assert len(out) == 1 and len(out[0].logprobs) == 1 and len(out[0].logprobs[0]) in (3, 4)
 
 
 def test_a_sampled_token_stays_on_the_device_until_the_next_step(model_factory):

@@ -10,8 +10,9 @@ host's work of one step hides behind the GPU's work of the next (at small model 
 as long as the step itself). The scheduler sees a pending token as a token (`Sequence.num_pending`), so its
 decisions are those of a synchronous engine; what differs is that a request that ends by a token's value
 (EOS, stop token or string) is known one step late: it computed one more token, which is dropped. A
-request that reaches max_tokens or max_model_len ends at once, whatever the token. Steps with logprobs or
-teacher forcing, and tensor parallelism, run synchronously.
+request that reaches max_tokens or max_model_len ends at once, whatever the token. Logprobs travel back
+with the tokens (workers/sampler.py LogprobRows); steps with teacher forcing, and tensor parallelism, run
+synchronously.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from workers.models import read_model_args
 from workers.outputs import RequestOutput, SpanView
 from workers.parallel import TPGroup
 from workers.penalties import PenaltyState
-from workers.sampler import SamplingError, sample, sample_on_device, top_logprobs
+from workers.sampler import LogprobRows, SamplingError, sample, sample_on_device
 from workers.sampling_params import SamplingParams
 from workers.scheduler import Scheduler
 from workers.sequence import Sequence, Status
@@ -47,8 +48,9 @@ class PendingStep:
     seqs: list[Sequence]  # the requests that sampled, in row order
     tokens: torch.Tensor  # [rows] int64 on the device: the next step's inputs read them there
     host: torch.Tensor  # their copy on the host (pinned), then a bad-row flag per row if `checks`
-    ready: object  # a CUDA event: the host copy has landed (None off CUDA)
+    ready: object  # a CUDA event: the host copies have landed (None off CUDA)
     checks: bool
+    logprobs: LogprobRows | None  # host copies, for the rows that asked
 
 
 class LLMEngine:
@@ -215,23 +217,24 @@ class LLMEngine:
     def _overlaps(self, samplers: list[Sequence]) -> bool:
         """Whether this step's tokens may stay on the device until the next step is launched."""
         return (self.config.async_scheduling and bool(samplers) and self.step_observer is None
-                and self.tp.size == 1 and not any(s.params.logprobs is not None for s in samplers))
+                and self.tp.size == 1)
 
     def _sample_async(self, samplers: list[Sequence], logits: torch.Tensor) -> PendingStep:
         """Sample on the device and start the copy back; the requests count the tokens as pending."""
-        tokens, bad, _ = sample_on_device(logits, [s.params for s in samplers], [s.generator for s in samplers],
-                                          self.generator, self._adjust(samplers))
+        tokens, bad, logprobs = sample_on_device(logits, [s.params for s in samplers],
+                                                 [s.generator for s in samplers], self.generator, self._adjust(samplers))
         self.penalties.record(samplers, tokens)
         flat = tokens if bad is None else torch.cat([tokens, bad.long()])
         ready = None
         if flat.device.type == "cuda":
             host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
             host.copy_(flat, non_blocking=True)
+            logprobs = logprobs.copy_to_host() if logprobs is not None else None
             ready = torch.cuda.Event()
             ready.record()
         else:
             host = flat
-        rec = PendingStep(samplers, tokens, host, ready, bad is not None)
+        rec = PendingStep(samplers, tokens, host, ready, bad is not None, logprobs)
         for row, seq in enumerate(samplers):
             seq.decoding = True
             seq.num_pending += 1
@@ -248,6 +251,7 @@ class LLMEngine:
         if rec.ready is not None:
             rec.ready.synchronize()
         values, n = rec.host.tolist(), len(rec.seqs)
+        logprobs = rec.logprobs.by_row(values) if rec.logprobs is not None else {}
         outputs = []
         for row, seq in enumerate(rec.seqs):
             if self.requests.get(seq.request_id) is not seq:
@@ -258,6 +262,8 @@ class LLMEngine:
             if rec.checks and values[n + row]:
                 outputs.append(self._fail(seq, "invalid sampling distribution"))
             else:
+                if row in logprobs:
+                    seq.logprobs.append(logprobs[row])
                 outputs.append(self._append_token(seq, values[row]))
         return outputs
 
@@ -282,12 +288,12 @@ class LLMEngine:
             samplers = [samplers[r] for r in keep]
             logits = logits[keep]
             tokens, logprobs = sample(logits, [s.params for s in samplers], [s.generator for s in samplers],
-                                      self.generator, self._adjust(samplers)) if samplers else ([], None)
+                                      self.generator, self._adjust(samplers)) if samplers else ([], {})
         self.penalties.record(samplers, tokens)
         for row, (seq, tok) in enumerate(zip(samplers, tokens)):
             seq.decoding = True
-            if seq.params.logprobs is not None:
-                seq.logprobs.append(top_logprobs(logprobs[row], tok, seq.params.logprobs))
+            if row in logprobs:
+                seq.logprobs.append(logprobs[row])
             outputs.append(self._append_token(seq, tok))
         return outputs
 

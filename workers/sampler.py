@@ -10,6 +10,8 @@ the host: hundreds of milliseconds per step at a batch of 256).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from workers.sampling_params import SamplingParams
@@ -48,50 +50,93 @@ class SamplingError(RuntimeError):
         self.rows = rows
 
 
+@dataclass(eq=False)
+class LogprobRows:
+    """A batch's logprobs for the rows that asked: the sampled token's and the top-n alternatives' (n the
+    largest any row asked), computed on the device in a few batched ops and copied back with the tokens,
+    so that a step with logprobs keeps async scheduling's overlap."""
+
+    rows: list[int]  # batch rows that asked, ascending
+    counts: list[int]  # top-n each of them asked
+    chosen: torch.Tensor  # [k] fp32
+    values: torch.Tensor  # [k, n] fp32, descending
+    ids: torch.Tensor  # [k, n] int64
+
+    def copy_to_host(self) -> "LogprobRows":
+        """Start the copies back (pinned, not waited for on CUDA); the caller's event covers them."""
+        if self.chosen.device.type != "cuda":
+            return self
+        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (self.chosen, self.values, self.ids)]
+        for h, t in zip(host, (self.chosen, self.values, self.ids)):
+            h.copy_(t, non_blocking=True)
+        return LogprobRows(self.rows, self.counts, *host)
+
+    def by_row(self, tokens: list[int]) -> dict[int, dict[int, float]]:
+        """{batch row: {sampled token: logprob, then the row's top-n others}} (waits for the values)."""
+        chosen, values, ids = self.chosen.tolist(), self.values.tolist(), self.ids.tolist()
+        out = {}
+        for j, (row, n) in enumerate(zip(self.rows, self.counts)):
+            d = {tokens[row]: chosen[j]}
+            for v, i in zip(values[j][:n], ids[j][:n]):
+                d.setdefault(i, v)
+            out[row] = d
+        return out
+
+
 def sample_on_device(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
                      default_generator: torch.Generator | None = None, adjust=None
-                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(tokens [rows] int64, bad rows [rows] bool or None when all greedy, raw log-softmax or None), all
-    on the logits' device and queued without waiting for it: the caller decides when to copy them back.
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, LogprobRows | None]:
+    """(tokens [rows] int64, bad rows [rows] bool or None when all greedy, logprobs or None), all on the
+    logits' device and queued without waiting for it: the caller decides when to copy them back.
     `adjust` (penalties, biases: workers/penalties.py) changes the fp32 logits after the raw logprobs."""
     logits = logits.float()
-    logprobs = logits.log_softmax(-1) if any(p.logprobs is not None for p in params) else None
+    asked = [i for i, p in enumerate(params) if p.logprobs is not None]
+    raw = None
+    if asked:  # the raw distribution, before penalties and temperature, for the asking rows alone
+        asked_idx = to_device(asked, torch.long, logits.device)
+        raw = logits[asked_idx].log_softmax(-1)
     if adjust is not None:
         logits = adjust(logits)
     tokens = logits.argmax(-1)
+    bad = None
     rand = [i for i, p in enumerate(params) if not p.greedy]
-    if not rand:
-        return tokens, None, logprobs
-    idx = to_device(rand, torch.long, logits.device)
-    probs = truncate_logits(logits[idx], [params[i] for i in rand]).softmax(-1)
-    bad = torch.zeros(len(params), dtype=torch.bool, device=logits.device)
-    bad[idx] = ~(torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0))
-    u = torch.empty(len(rand))
-    unseeded = []
-    for j, i in enumerate(rand):
-        if generators[i] is None:
-            unseeded.append(j)
-        else:  # a seeded request draws from its own stream
-            u[j] = torch.rand((), generator=generators[i])
-    if unseeded:  # the rest in one draw from the engine's stream
-        u[unseeded] = torch.rand(len(unseeded), generator=default_generator)
-    cdf = probs.cumsum(-1)
-    target = to_device(u, torch.float32, logits.device).unsqueeze(1) * cdf[:, -1:]
-    # The first token whose cumulative mass exceeds the target (a zero-probability token never does).
-    tokens[idx] = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=logits.shape[-1] - 1)
-    return tokens, bad, logprobs
+    if rand:
+        idx = to_device(rand, torch.long, logits.device)
+        probs = truncate_logits(logits[idx], [params[i] for i in rand]).softmax(-1)
+        bad = torch.zeros(len(params), dtype=torch.bool, device=logits.device)
+        bad[idx] = ~(torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0))
+        u = torch.empty(len(rand))
+        unseeded = []
+        for j, i in enumerate(rand):
+            if generators[i] is None:
+                unseeded.append(j)
+            else:  # a seeded request draws from its own stream
+                u[j] = torch.rand((), generator=generators[i])
+        if unseeded:  # the rest in one draw from the engine's stream
+            u[unseeded] = torch.rand(len(unseeded), generator=default_generator)
+        cdf = probs.cumsum(-1)
+        target = to_device(u, torch.float32, logits.device).unsqueeze(1) * cdf[:, -1:]
+        # The first token whose cumulative mass exceeds the target (a zero-probability token never does).
+        tokens[idx] = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=logits.shape[-1] - 1)
+    if raw is None:
+        return tokens, bad, None
+    counts = [params[i].logprobs for i in asked]
+    chosen = raw.gather(1, tokens[asked_idx].unsqueeze(1)).squeeze(1)
+    values, ids = raw.topk(max(counts), dim=-1)
+    return tokens, bad, LogprobRows(asked, counts, chosen, values, ids)
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-           default_generator: torch.Generator | None = None, adjust=None) -> tuple[list[int], torch.Tensor]:
-    """Return the sampled token per row and the raw log-softmax (fp32) for logprobs (None when no
-    request asked for logprobs: a full-vocabulary pass saved on the decode path)."""
+           default_generator: torch.Generator | None = None, adjust=None
+           ) -> tuple[list[int], dict[int, dict[int, float]]]:
+    """The sampled token per row, and {row: {token: logprob}} for the rows that asked for logprobs (the
+    sampled token first, then the row's top-n), waiting for the device."""
     tokens, bad, logprobs = sample_on_device(logits, params, generators, default_generator, adjust)
-    if bad is None:
-        return tokens.tolist(), logprobs
-    out = torch.cat([tokens, bad.long()]).tolist()  # one copy to the host for tokens and checks
-    check_rows(out[len(tokens):])
-    return out[: len(tokens)], logprobs
+    out = (tokens if bad is None else torch.cat([tokens, bad.long()])).tolist()  # one copy for tokens and checks
+    if bad is not None:
+        check_rows(out[len(tokens):])
+    out = out[: len(tokens)]
+    return out, ({} if logprobs is None else logprobs.by_row(out))
 
 
 def check_rows(bad: list[int]) -> None:
@@ -106,13 +151,3 @@ def to_device(values, dtype, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
-
-
-def top_logprobs(logprobs_row: torch.Tensor, token: int, n: int) -> dict[int, float]:
-    """{sampled token: logprob, then the top-n others} for one row."""
-    out = {token: logprobs_row[token].item()}
-    if n > 0:
-        vals, ids = logprobs_row.topk(n)
-        for v, i in zip(vals.tolist(), ids.tolist()):
-            out.setdefault(i, v)
-    return out
