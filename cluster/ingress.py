@@ -28,10 +28,12 @@ from ray.util import metrics
 from cluster import openai_api as oa
 from cluster.channel import Subscriptions, WorkerLostError
 from cluster.reasoning import ReasoningParser, split_reasoning
+from cluster.tool_calls import ToolCallParser, parse_tool_calls, structural_tag
 from scheduler import state_board
 from scheduler.policy import RouteRequest
 from scheduler.router import route_request_to_dict
 from workers.block_manager import page_hashes
+from workers.grammar import validate_structured
 from workers.tokenizer import load_tokenizer, token_piece
 
 log = logging.getLogger("zipserve.ingress")
@@ -123,26 +125,48 @@ class _Format:
     Completions' text offsets run on across a choice's chunks (from the end of an echoed prompt)."""
 
     def __init__(self, endpoint: str, num_logprobs: int | None, piece, echo: list[str] | None, n: int,
-                 reasoning: str | None = None):
+                 reasoning: str | None = None, tool_mode: str | None = None):
         self.endpoint, self.num_logprobs, self.piece, self.echo, self.n = endpoint, num_logprobs, piece, echo, n
         self.reasoning = reasoning if endpoint == "chat" else None  # a reasoning parser family, or None
+        self.tool_mode = tool_mode  # auto | required | named: tool calls are parsed out of the content
         self.offsets: dict[int, int] = {}
         self.parsers: dict[int, ReasoningParser] = {}
+        self.tool_parsers: dict[int, ToolCallParser] = {}
+        self.called: set[int] = set()  # choices that made tool calls
 
-    def message(self, text: str) -> dict:
-        """A whole chat answer: content, and reasoning_content where the model reasoned."""
-        if self.reasoning is None:
-            return {"content": text}
-        reasoning, content = split_reasoning(self.reasoning, text)
-        return {"content": content, **({"reasoning_content": reasoning} if reasoning is not None else {})}
+    def message(self, choice: int, text: str) -> dict:
+        """A whole chat answer: content, reasoning_content where the model reasoned, tool_calls where it
+        called tools."""
+        reasoning, content = split_reasoning(self.reasoning, text) if self.reasoning is not None else (None, text)
+        msg = {"content": content}
+        if reasoning is not None:
+            msg["reasoning_content"] = reasoning
+        if self.tool_mode is not None:
+            msg["content"], calls = parse_tool_calls(content or "")
+            if calls:
+                msg["tool_calls"] = calls
+                self.called.add(choice)
+        return msg
 
     def delta(self, choice: int, text: str, final: bool) -> dict:
         """A streamed chat delta for new text (maybe empty: a tag may be held back until it is told apart)."""
-        if self.reasoning is None:
-            return {"content": text} if text else {}
-        parser = self.parsers.setdefault(choice, ReasoningParser(self.reasoning))
-        reasoning, content = parser.feed(text, final)
-        return {**({"reasoning_content": reasoning} if reasoning else {}), **({"content": content} if content else {})}
+        reasoning, content = "", text
+        if self.reasoning is not None:
+            parser = self.parsers.setdefault(choice, ReasoningParser(self.reasoning))
+            reasoning, content = parser.feed(text, final)
+        calls = []
+        if self.tool_mode is not None:
+            content, calls = self.tool_parsers.setdefault(choice, ToolCallParser()).feed(content, final)
+            if calls:
+                self.called.add(choice)
+        return {**({"reasoning_content": reasoning} if reasoning else {}), **({"content": content} if content else {}),
+                **({"tool_calls": calls} if calls else {})}
+
+    def finish_reason(self, choice: int, reason: str | None) -> str | None:
+        """OpenAI's: tool_calls where the model chose to call tools (a named tool_choice's call ends in stop)."""
+        if reason == "stop" and choice in self.called and self.tool_mode != "named":
+            return "tool_calls"
+        return reason
 
     def prefix(self, choice: int) -> str:
         return self.echo[choice // self.n] if self.echo else ""
@@ -224,11 +248,22 @@ class OpenAIIngress:
         except Exception as e:  # a template's own raise_exception, or a bad custom template
             raise oa.APIError(400, f"the chat template failed: {e}", param="messages") from e
         ids = self.tokenizer.encode(text, add_special_tokens=bool(body.add_special_tokens))
-        return await self._serve("chat", body, [self._encode(ids, info)], info, body.requested_max_tokens)
+        constraint = None
+        if body.tool_mode is not None:  # the output follows the tool-call format, arguments their schemas
+            choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, oa.NamedToolChoice) else body.tool_mode
+            try:
+                constraint = {"structural_tag": structural_tag([t.model_dump(exclude_none=True) for t in body.tools],
+                                                               choice, body.parallel_tool_calls,
+                                                               self.reasoning_parser is not None)}
+                validate_structured(constraint)
+            except ValueError as e:  # a tool's parameters schema that does not compile
+                raise oa.APIError(400, f"tools: {e}", param="tools") from None
+        return await self._serve("chat", body, [self._encode(ids, info)], info, body.requested_max_tokens,
+                                 constraint=constraint)
 
     # ---- the request path ----------------------------------------------------------------
     async def _serve(self, endpoint: str, body, prompts: list[list[int]], info: dict, max_tokens: int | None,
-                     echo: list[str] | None = None):
+                     echo: list[str] | None = None, constraint: dict | None = None):
         limit = info["max_model_len"]
         longest = max(map(len, prompts))
         if max_tokens is None:
@@ -248,8 +283,11 @@ class OpenAIIngress:
                               type_="rate_limit_error", code="overloaded",
                               headers={"Retry-After": str(self.retry_after_s)})
         params = body.sampling_params(max_tokens)
+        if constraint is not None:
+            params["structured"] = constraint
         rid = oa.new_id("chatcmpl" if endpoint == "chat" else "cmpl")
-        fmt = _Format(endpoint, params["logprobs"], self.piece, echo, body.n, self.reasoning_parser)
+        fmt = _Format(endpoint, params["logprobs"], self.piece, echo, body.n, self.reasoning_parser,
+                      getattr(body, "tool_mode", None))
         calls = []
         for i, ids in enumerate(prompts):
             route = route_request_to_dict(RouteRequest(len(ids), tuple(page_hashes(ids, self.block_size)), max_tokens,
@@ -400,8 +438,9 @@ class OpenAIIngress:
                     reasons[idx] = oa.finish_reason(c["finish_reason"])
         except Exception as e:
             raise self._worker_error(endpoint, e) from e
-        choices = [{"index": i, "text": fmt.prefix(i) + texts.get(i, ""), "finish_reason": reasons.get(i, "stop"),
-                    "message": fmt.message(texts.get(i, "")),
+        messages = {i: fmt.message(i, texts.get(i, "")) for i in range(len(calls) * n)} if endpoint == "chat" else {}
+        choices = [{"index": i, "text": fmt.prefix(i) + texts.get(i, ""),
+                    "finish_reason": fmt.finish_reason(i, reasons.get(i, "stop")), "message": messages.get(i),
                     "logprobs": fmt.logprobs(i, tokens.get(i, []), lps.get(i, []))} for i in range(len(calls) * n)]
         use = oa.usage(sum(prompt_tokens.values()), sum(completion.values()), sum(cached.values()))
         self.metrics.requests.inc(tags={"endpoint": endpoint, "status": "200"})
@@ -435,6 +474,7 @@ class OpenAIIngress:
                         yield _sse_event(oa.chat_chunk(rid, self.model_name, idx, {"role": "assistant", "content": ""},
                                                        None, opening))
                     delta = fmt.delta(idx, c["text"], reason is not None)
+                    reason = fmt.finish_reason(idx, reason)
                     if delta or reason or lp:
                         yield _sse_event(oa.chat_chunk(rid, self.model_name, idx, delta, reason, use, lp))
                 else:

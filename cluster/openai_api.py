@@ -2,8 +2,10 @@
 
 Requests are validated with pydantic, unknown fields rejected (a misspelled option must not be silently
 ignored). OpenAI fields with no effect on a self-hosted server (`store`, `metadata`, `service_tier`,
-`prediction`, ...) and vLLM's neutral extras are accepted. Options not implemented yet (tools, structured
-output, echo with logprobs, bad_words) are refused naming the param. zipserve's own
+`prediction`, ...) and vLLM's neutral extras are accepted. Options not implemented yet (echo with
+logprobs, bad_words) are refused naming the param. Structured output (`response_format`, vLLM's
+`structured_outputs`) becomes one engine constraint (workers/grammar.py); tools are shaped here and
+turned into a constraint by the ingress (cluster/tool_calls.py). zipserve's own
 fields: `top_k`, `min_p`, `ignore_eos`, `stop_token_ids`, `include_stop_str_in_output`, `kv_budget_blocks`
 (a per-request KV budget in pages, for engines started with compression).
 """
@@ -14,7 +16,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 MAX_N = 16
@@ -46,8 +48,46 @@ class StreamOptions(BaseModel):
     include_obfuscation: bool | None = None  # OpenAI pads chunks against length side channels; none added here
 
 
+class JSONSchemaSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None  # schemas are always enforced here
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaSpec | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs`: exactly one constraint."""
+    model_config = ConfigDict(extra="forbid")
+    json_: dict | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: dict | str | None = None
+    disable_any_whitespace: bool = False  # JSON without free whitespace
+
+
+def check_structured(spec: dict | None, param: str) -> dict | None:
+    """The engine's own check of a constraint (workers/grammar.py), as a refusal naming `param`."""
+    from workers.grammar import validate_structured
+
+    try:
+        validate_structured(spec)
+    except ValueError as e:
+        raise refuse(param, f"{param}: {e}") from None
+    return spec
+
+
 class _Common(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    _structured: dict | None = PrivateAttr(None)
 
     model: str
     temperature: float = Field(1.0, ge=0, le=2)
@@ -76,6 +116,8 @@ class _Common(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+    response_format: ResponseFormat | None = None  # (vLLM takes it on completions too)
+    structured_outputs: StructuredOutputs | None = None  # vLLM's
     # zipserve extensions
     top_k: int = Field(0, ge=-1)
     min_p: float = Field(0.0, ge=0, le=1)
@@ -105,7 +147,32 @@ class _Common(BaseModel):
             raise refuse("priority", "priority scheduling is not supported by this server (use 0)")
         if self.stream_options is not None and not self.stream:
             raise refuse("stream_options", "stream_options is only allowed with stream: true")
+        self._structured = self._constraint()
         return self
+
+    def _constraint(self) -> dict | None:
+        """response_format or structured_outputs as one engine constraint (None: free text)."""
+        rf, so = self.response_format, self.structured_outputs
+        if rf is not None and rf.type != "text" and so is not None:
+            raise refuse("structured_outputs", "give response_format or structured_outputs, not both")
+        if so is not None:
+            given = {k: v for k, v in so.model_dump(by_alias=True, exclude={"disable_any_whitespace"}).items()
+                     if v is not None}
+            if len(given) != 1:
+                raise refuse("structured_outputs", "structured_outputs must hold exactly one of json, regex, "
+                                                   "choice, grammar, json_object, structural_tag")
+            if so.disable_any_whitespace:
+                given["disable_any_whitespace"] = True
+            return check_structured(given, "structured_outputs")
+        if rf is None or rf.type == "text":
+            if rf is not None and rf.json_schema is not None:
+                raise refuse("response_format", "response_format.json_schema needs type: json_schema")
+            return None
+        if rf.type == "json_object":
+            return check_structured({"json_object": True}, "response_format")
+        if rf.json_schema is None:
+            raise refuse("response_format", "response_format type json_schema needs a json_schema")
+        return check_structured({"json": rf.json_schema.schema_ or {"type": "object"}}, "response_format")
 
     def sampling_params(self, max_tokens: int) -> dict:
         """SamplingParams fields (workers/sampling_params.py) for the worker."""
@@ -116,7 +183,8 @@ class _Common(BaseModel):
                 "budget_blocks": self.kv_budget_blocks, "logprobs": self.num_logprobs(),
                 "presence_penalty": self.presence_penalty or 0.0, "frequency_penalty": self.frequency_penalty or 0.0,
                 "repetition_penalty": self.repetition_penalty or 1.0, "min_tokens": self.min_tokens,
-                "logit_bias": {int(t): v for t, v in (self.logit_bias or {}).items()}}
+                "logit_bias": {int(t): v for t, v in (self.logit_bias or {}).items()},
+                "structured": self._structured}
 
     def num_logprobs(self) -> int | None:
         """Top logprobs per generated token for the engine (None: none asked for); each endpoint's own."""
@@ -162,14 +230,90 @@ class ContentPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    """A tool call in an assistant message of the conversation so far."""
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant
+    tool_call_id: str | None = None  # tool
+    refusal: str | None = None  # assistant: a refusal it gave (kept as its text)
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if self.role == "tool" and not self.tool_call_id:
+            raise refuse("messages", "a message with role tool needs the tool_call_id it answers")
+        if self.content is None and not (self.role == "assistant" and (self.tool_calls or self.refusal)):
+            raise refuse("messages", f"a {self.role} message needs content")
+        if self.tool_calls and self.role != "assistant":
+            raise refuse("messages", "only assistant messages carry tool_calls")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return self.refusal or ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    def for_template(self) -> dict:
+        """The message as chat templates take it (tool-call arguments as objects, as Hugging Face's expect)."""
+        out = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.function.name, "arguments": _json_or_text(c.function.arguments)}}
+                                 for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+
+def _json_or_text(s: str):
+    import json
+
+    try:
+        return json.loads(s)
+    except ValueError:
+        return s
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None  # arguments always follow the schema here
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_Common):
@@ -178,10 +322,9 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    parallel_tool_calls: bool | None = None
-    response_format: dict | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     # OpenAI fields with no effect here (text only; a predicted output only speeds up a server that uses it).
     modalities: list[Literal["text"]] | None = None
     prediction: dict | None = None
@@ -206,10 +349,16 @@ class ChatCompletionRequest(_Common):
                 raise refuse(name, f"{name} is not supported by this server")
         if self.top_logprobs and not self.logprobs:
             raise refuse("top_logprobs", "top_logprobs needs logprobs: true")
-        if self.tools or self.tool_choice not in (None, "none"):
-            raise refuse("tools" if self.tools else "tool_choice", "tools are not supported by this server yet")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise refuse("response_format", "response_format other than text is not supported by this server yet")
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) < len(names):
+            raise refuse("tools", "tool names must be unique")
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise refuse("tool_choice", "tool_choice needs tools")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise refuse("tool_choice", f"tool_choice names {self.tool_choice.function.name!r}, which is not in tools")
+        if self.tool_mode is not None and self._structured is not None:
+            raise refuse("response_format" if self.response_format else "structured_outputs",
+                         "a response format cannot be combined with tool calls (tool_choice none allows it)")
         if self.continue_final_message and self.add_generation_prompt:
             raise refuse("continue_final_message", "continue_final_message needs add_generation_prompt: false")
         if self.continue_final_message and self.messages[-1].role != "assistant":
@@ -219,9 +368,21 @@ class ChatCompletionRequest(_Common):
     def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    @property
+    def tool_mode(self) -> str | None:
+        """How tool calls are made: auto, required or named (constrained and parsed), or None (no tools, or
+        tool_choice none: output left alone)."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or "auto"
+
     def template_kwargs(self) -> dict:
         """Keyword arguments for the tokenizer's apply_chat_template (without the messages)."""
         kw = dict(self.chat_template_kwargs or {})
+        if self.tools:
+            kw.setdefault("tools", [t.model_dump(exclude_none=True) for t in self.tools])
         if self.reasoning_effort is not None:
             kw.setdefault("reasoning_effort", self.reasoning_effort)
         kw.update(add_generation_prompt=self.add_generation_prompt, continue_final_message=self.continue_final_message,
@@ -235,7 +396,7 @@ class ChatCompletionRequest(_Common):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def chat(self) -> list[dict]:
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        return [m.for_template() for m in self.messages]
 
 
 # ---- responses -------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from workers.block_manager import BlockManager
+from workers.grammar import GrammarBook, validate_structured
 from workers.config import EngineConfig
 from workers.model_runner import ModelRunner
 from workers.models import read_model_args
@@ -90,6 +91,7 @@ class LLMEngine:
             self.eos_token_ids = {self.tokenizer.eos_token_id}
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.penalties = PenaltyState(self.runner.device, self.eos_token_ids)
+        self.grammars = GrammarBook(self.tokenizer, args.vocab_size, sorted(self.eos_token_ids))
         # Quality evaluation (benchmarks/quality): called with the sampling requests and their logits rows each
         # step; if it returns tokens, those are appended instead of sampled ones (teacher forcing).
         self.step_observer: Callable[[list[Sequence], torch.Tensor], list[int] | None] | None = None
@@ -135,7 +137,10 @@ class LLMEngine:
             if self.tokenizer is not None:
                 detokenize_step(self.decode, seq)
         self.requests[request_id] = seq
-        self.scheduler.add(seq)
+        if params.structured is not None:
+            self.grammars.submit(seq)  # scheduled once its grammar has compiled (step: _admit_constrained)
+        else:
+            self.scheduler.add(seq)
 
     def facts(self) -> dict:
         """What a caller needs to validate requests without the engine (see check_request)."""
@@ -159,11 +164,13 @@ class LLMEngine:
     def _retire(self, seq: Sequence) -> None:
         """Free a request's pages now, or when its compaction lands (which reads them)."""
         self.penalties.release(seq.request_id)
-        if not seq.is_finished and not seq.compressing:
+        if self.grammars.release(seq.request_id):  # still compiling: the scheduler never saw it
+            seq.status = Status.FINISHED
+        elif not seq.is_finished and not seq.compressing:
             self.scheduler.finish(seq)
 
     def has_unfinished_requests(self) -> bool:
-        return (self.scheduler.has_work() or bool(self.in_flight) or bool(self.deferred)
+        return (self.scheduler.has_work() or bool(self.in_flight) or bool(self.deferred) or bool(self.grammars.compiling)
                 or (self.pending is not None and bool(self.requests)))  # (else it holds aborted requests only)
 
     # ---- the step ------------------------------------------------------------------------
@@ -171,10 +178,11 @@ class LLMEngine:
         """Run one scheduled batch; returns an output for every request that changed (under async
         scheduling: the tokens of the step before, whose values arrive while this one runs)."""
         self._land_compressions()
+        failed = self._admit_constrained()
         sched = self.scheduler.schedule()
         self._compress(sched.compactions)  # early compressions (pages ran short), before the forward
         if not sched.chunks:
-            outputs = self._resolve_pending()
+            outputs = failed + self._resolve_pending()
             self._launch_deferred()
             if self.in_flight and not outputs:  # only compressions left to wait for: wait for the oldest
                 self.in_flight[0][0].synchronize()
@@ -188,12 +196,20 @@ class LLMEngine:
             if not c.samples:
                 self.num_prompt_tokens_computed += c.num_new_tokens
             c.seq.num_computed_tokens += c.num_new_tokens
-        if self._overlaps(samplers):
+        if self._overlaps(samplers) and self.grammars.constrains(samplers):
+            # A grammar's mask needs the step before's tokens: append them first (while the GPU runs this
+            # step's forward), then mask and sample; requests those tokens ended sample nothing.
+            outputs = failed + self._resolve_pending()
+            keep = [i for i, s in enumerate(samplers) if s.finish_reason is None]
+            if len(keep) < len(samplers):
+                samplers, logits = [samplers[i] for i in keep], logits[keep]
+            self.pending = self._sample_async(samplers, logits) if samplers else None
+        elif self._overlaps(samplers):
             pending = self._sample_async(samplers, logits)
-            outputs = self._resolve_pending()  # the step before's tokens, while the GPU runs this one
+            outputs = failed + self._resolve_pending()  # the step before's tokens, while the GPU runs this one
             self.pending = pending
         else:
-            outputs = self._resolve_pending()
+            outputs = failed + self._resolve_pending()
             outputs += self._sample_now(samplers, logits)
         for c in sched.chunks:  # page hashes need token values: the step before's are all known now
             self.block_manager.commit_full_blocks(c.seq)
@@ -298,14 +314,36 @@ class LLMEngine:
         return outputs
 
     def _adjust(self, samplers: list[Sequence]):
-        """The logits change for this batch's penalties and biases, or None (no request uses any)."""
-        if not PenaltyState.active(samplers):
+        """The logits change for this batch's penalties, biases and grammars, or None (no request uses any)."""
+        penalize = PenaltyState.active(samplers)
+        mask = self.grammars.mask(samplers, self.runner.device) if self.grammars.constrains(samplers) else None
+        if not penalize and mask is None:
             return None
-        return lambda logits: self.penalties.apply(logits, samplers)
+        if mask is None:
+            return lambda logits: self.penalties.apply(logits, samplers)
+        if not penalize:
+            return mask
+        return lambda logits: mask(self.penalties.apply(logits, samplers))
+
+    def _admit_constrained(self) -> list[RequestOutput]:
+        """Schedule the requests whose grammar has compiled; fail those whose grammar did not. An engine with
+        nothing else to do waits a little for the oldest compile rather than spin."""
+        if not self.grammars.compiling:
+            return []
+        idle = not self.scheduler.has_work() and self.pending is None and not self.in_flight
+        outputs = []
+        for seq, why in self.grammars.ready(wait_s=0.05 if idle else 0.0):
+            if self.requests.get(seq.request_id) is not seq:
+                continue
+            if why is None:
+                self.scheduler.add(seq)
+            else:
+                outputs.append(self._fail(seq, why))
+        return outputs
 
     def _fail(self, seq: Sequence, why: str) -> RequestOutput:
         log.error("request %s: %s; it is ended with finish_reason 'error'", seq.request_id, why)
-        seq.finish_reason, seq.stop_reason = "error", "invalid sampling distribution"
+        seq.finish_reason, seq.stop_reason = "error", why
         seq.num_pending, seq.pending_row = 0, None
         self._retire(seq)
         self.requests.pop(seq.request_id, None)
@@ -346,7 +384,13 @@ class LLMEngine:
         self.num_generated_tokens += 1
         p = seq.params
         new_text = detokenize_step(self.decode, seq) if self.tokenizer is not None else ""
-        if not p.ignore_eos and token in self.eos_token_ids:
+        grammar = self.grammars.accept(seq.request_id, token) if p.structured is not None else None
+        if grammar == "rejected":  # (the mask allows only tokens the grammar accepts: a bug if seen)
+            log.error("request %s: token %d breaks its grammar; ended with finish_reason 'error'", seq.request_id, token)
+            seq.finish_reason, seq.stop_reason = "error", "grammar"
+        elif grammar == "done" and (p.ignore_eos or token not in self.eos_token_ids):
+            seq.finish_reason = "stop"  # the grammar is complete (it ended on a stop token it allows)
+        elif not p.ignore_eos and token in self.eos_token_ids:
             seq.finish_reason = "stop"
         elif token in p.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", token
@@ -481,6 +525,7 @@ def check_request(ids: list[int], params: SamplingParams, facts: dict) -> None:
                          f"{max_len - 1} tokens (max_model_len {max_len})")
     if any(t >= vocab for t in params.logit_bias):
         raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
+    validate_structured(params.structured)
     if params.budget_blocks is not None and facts["engine_budget_blocks"] is None:
         raise ValueError("this engine runs full KV (budget_blocks=None); per-request budget_blocks needs an "
                          "engine started with a budget")

@@ -27,6 +27,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # added to the logits, each in [-100, 100]
     min_tokens: int = 0  # EOS and stop_token_ids held back until this many tokens are out
     budget_blocks: int | None = None  # per-request KV budget in pages (None = the engine's)
+    structured: dict | None = None  # one output constraint (workers/grammar.py), checked by the engine
 
     def __post_init__(self):
         if isinstance(self.stop, str):
