@@ -241,13 +241,7 @@ class OpenAIIngress:
     async def chat_completions(self, body: oa.ChatCompletionRequest):
         self._check_model(body.model)
         info = await self._model_info()
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            raise oa.APIError(400, f"model {self.model_name!r} has no chat template; use /v1/completions")
-        try:
-            text = self.tokenizer.apply_chat_template(body.chat(), **body.template_kwargs())
-        except Exception as e:  # a template's own raise_exception, or a bad custom template
-            raise oa.APIError(400, f"the chat template failed: {e}", param="messages") from e
-        ids = self.tokenizer.encode(text, add_special_tokens=bool(body.add_special_tokens))
+        ids = self._chat_ids(body)
         constraint = None
         if body.tool_mode is not None:  # the output follows the tool-call format, arguments their schemas
             choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, oa.NamedToolChoice) else body.tool_mode
@@ -260,6 +254,42 @@ class OpenAIIngress:
                 raise oa.APIError(400, f"tools: {e}", param="tools") from None
         return await self._serve("chat", body, [self._encode(ids, info)], info, body.requested_max_tokens,
                                  constraint=constraint)
+
+    @app.post("/tokenize")
+    async def tokenize(self, body: oa.TokenizeRequest):
+        """vLLM's: a prompt (or chat messages, through the chat template) as token ids."""
+        if body.model is not None:
+            self._check_model(body.model)
+        info = await self._model_info()
+        if body.messages is not None:
+            ids = self._chat_ids(body)
+        else:
+            if self.tokenizer is None:
+                raise oa.APIError(400, "this model has no tokenizer", param="prompt")
+            ids = self.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False)
+        strs = [self.piece(t)[0] for t in ids] if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": info["max_model_len"], "tokens": ids, "token_strs": strs}
+
+    @app.post("/detokenize")
+    async def detokenize(self, body: oa.DetokenizeRequest):
+        if body.model is not None:
+            self._check_model(body.model)
+        info = await self._model_info()
+        if self.tokenizer is None:
+            raise oa.APIError(400, "this model has no tokenizer", param="tokens")
+        if any(not 0 <= t < info["vocab_size"] for t in body.tokens):
+            raise oa.APIError(400, f"tokens must be in [0, {info['vocab_size']})", param="tokens")
+        return {"prompt": self.tokenizer.decode(body.tokens)}
+
+    def _chat_ids(self, body) -> list[int]:
+        """A chat request's messages through the model's chat template, as token ids."""
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise oa.APIError(400, f"model {self.model_name!r} has no chat template; use /v1/completions")
+        try:
+            text = self.tokenizer.apply_chat_template(body.chat(), **body.template_kwargs())
+        except Exception as e:  # a template's own raise_exception, or a bad custom template
+            raise oa.APIError(400, f"the chat template failed: {e}", param="messages") from e
+        return self.tokenizer.encode(text, add_special_tokens=bool(body.add_special_tokens))
 
     # ---- the request path ----------------------------------------------------------------
     async def _serve(self, endpoint: str, body, prompts: list[list[int]], info: dict, max_tokens: int | None,

@@ -256,11 +256,11 @@ class ChatMessage(BaseModel):
     @model_validator(mode="after")
     def _shape(self):
         if self.role == "tool" and not self.tool_call_id:
-            raise refuse("messages", "a message with role tool needs the tool_call_id it answers")
+            raise refuse("messages", "messages: a message with role tool needs the tool_call_id it answers")
         if self.content is None and not (self.role == "assistant" and (self.tool_calls or self.refusal)):
-            raise refuse("messages", f"a {self.role} message needs content")
+            raise refuse("messages", f"messages: a {self.role} message needs content")
         if self.tool_calls and self.role != "assistant":
-            raise refuse("messages", "only assistant messages carry tool_calls")
+            raise refuse("messages", "messages: only assistant messages carry tool_calls")
         return self
 
     def text(self) -> str:
@@ -316,7 +316,27 @@ class NamedToolChoice(BaseModel):
     function: NamedFunction
 
 
-class ChatCompletionRequest(_Common):
+class _ChatTemplating:
+    """What a request with chat messages gives the tokenizer's chat template (chat and /tokenize)."""
+
+    def template_kwargs(self) -> dict:
+        """Keyword arguments for the tokenizer's apply_chat_template (without the messages)."""
+        kw = dict(self.chat_template_kwargs or {})
+        if self.tools:
+            kw.setdefault("tools", [t.model_dump(exclude_none=True) for t in self.tools])
+        if self.reasoning_effort is not None:
+            kw.setdefault("reasoning_effort", self.reasoning_effort)
+        kw.update(add_generation_prompt=self.add_generation_prompt, continue_final_message=self.continue_final_message,
+                  tokenize=False)
+        if self.chat_template is not None:
+            kw["chat_template"] = self.chat_template
+        return kw
+
+    def chat(self) -> list[dict]:
+        return [m.for_template() for m in self.messages]
+
+
+class ChatCompletionRequest(_Common, _ChatTemplating):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -378,25 +398,37 @@ class ChatCompletionRequest(_Common):
             return "named"
         return self.tool_choice or "auto"
 
-    def template_kwargs(self) -> dict:
-        """Keyword arguments for the tokenizer's apply_chat_template (without the messages)."""
-        kw = dict(self.chat_template_kwargs or {})
-        if self.tools:
-            kw.setdefault("tools", [t.model_dump(exclude_none=True) for t in self.tools])
-        if self.reasoning_effort is not None:
-            kw.setdefault("reasoning_effort", self.reasoning_effort)
-        kw.update(add_generation_prompt=self.add_generation_prompt, continue_final_message=self.continue_final_message,
-                  tokenize=False)
-        if self.chat_template is not None:
-            kw["chat_template"] = self.chat_template
-        return kw
-
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def chat(self) -> list[dict]:
-        return [m.for_template() for m in self.messages]
+
+class TokenizeRequest(BaseModel, _ChatTemplating):
+    """vLLM's /tokenize: a `prompt`, or chat `messages` (with the chat request's template options)."""
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # prompt: True; messages: False (the template adds them)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise refuse("prompt", "give either prompt or messages")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    tokens: list[int]
 
 
 # ---- responses -------------------------------------------------------------------------------------
