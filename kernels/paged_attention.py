@@ -304,7 +304,7 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if split:
         _reduce_kernel[(B, h_q)](out, m, l, acc, query_start_loc, kv_lens, part, n_parts, unit, out.stride(0),
                                  out.stride(1), HEAD_DIM=d, BLOCK_D=block_d,
-                                 BLOCK_P=triton.next_power_of_2(n_parts), num_warps=4)
+                                 BLOCK_P=_MAX_PARTITIONS, num_warps=4)  # one variant for every n_parts
 
     # Prefill / chunked-prefill rows: query tiles of TQ tokens x G heads.
     if max_query_len > 1:
