@@ -47,6 +47,8 @@ def merge_chunks(chunks: list[dict]) -> list[dict]:
         merged[key] = dict(c, token_ids=prev["token_ids"] + c["token_ids"], text=prev["text"] + c["text"])
         if "logprobs" in c:
             merged[key]["logprobs"] = prev["logprobs"] + c["logprobs"]
+        if "prompt_logprobs" in prev:  # (sent once, with the first token)
+            merged[key]["prompt_logprobs"] = prev["prompt_logprobs"]
         if state is not None:
             merged[key]["worker_state"] = state
     return list(merged.values())

@@ -125,8 +125,9 @@ class _Format:
     Completions' text offsets run on across a choice's chunks (from the end of an echoed prompt)."""
 
     def __init__(self, endpoint: str, num_logprobs: int | None, piece, echo: list[str] | None, n: int,
-                 reasoning: str | None = None, tool_mode: str | None = None):
+                 reasoning: str | None = None, tool_mode: str | None = None, prompts: list[list[int]] | None = None):
         self.endpoint, self.num_logprobs, self.piece, self.echo, self.n = endpoint, num_logprobs, piece, echo, n
+        self.prompts = prompts  # token ids per prompt (an echoed prompt's logprobs name its tokens)
         self.reasoning = reasoning if endpoint == "chat" else None  # a reasoning parser family, or None
         self.tool_mode = tool_mode  # auto | required | named: tool calls are parsed out of the content
         self.offsets: dict[int, int] = {}
@@ -171,13 +172,17 @@ class _Format:
     def prefix(self, choice: int) -> str:
         return self.echo[choice // self.n] if self.echo else ""
 
-    def logprobs(self, choice: int, token_ids: list[int], logprobs: list[dict]) -> dict | None:
-        if self.num_logprobs is None or not token_ids:
+    def logprobs(self, choice: int, token_ids: list[int], logprobs: list[dict], prompt: list | None = None) -> dict | None:
+        """The endpoint's logprobs for new tokens; `prompt` (an echoed prompt's logprobs, from its second
+        token on) goes first, its offsets from 0."""
+        if self.num_logprobs is None or not (token_ids or prompt):
             return None
         if self.endpoint == "chat":
             return oa.chat_logprobs(token_ids, logprobs, self.num_logprobs, self.piece)
+        if prompt is not None:
+            token_ids, logprobs = list(self.prompts[choice // self.n]) + list(token_ids), [None, *prompt] + list(logprobs)
         out = oa.completion_logprobs(token_ids, logprobs, self.num_logprobs, self.piece,
-                                     self.offsets.get(choice, len(self.prefix(choice))))
+                                     0 if prompt is not None else self.offsets.get(choice, len(self.prefix(choice))))
         self.offsets[choice] = out["text_offset"][-1] + len(out["tokens"][-1])
         return out
 
@@ -317,7 +322,7 @@ class OpenAIIngress:
             params["structured"] = constraint
         rid = oa.new_id("chatcmpl" if endpoint == "chat" else "cmpl")
         fmt = _Format(endpoint, params["logprobs"], self.piece, echo, body.n, self.reasoning_parser,
-                      getattr(body, "tool_mode", None))
+                      getattr(body, "tool_mode", None), prompts)
         calls = []
         for i, ids in enumerate(prompts):
             route = route_request_to_dict(RouteRequest(len(ids), tuple(page_hashes(ids, self.block_size)), max_tokens,
@@ -452,7 +457,7 @@ class OpenAIIngress:
 
     async def _collect(self, endpoint: str, rid: str, calls, n: int, fmt: "_Format"):
         t0 = time.monotonic()
-        texts, reasons, completion, prompt_tokens, cached, tokens, lps = {}, {}, {}, {}, {}, {}, {}
+        texts, reasons, completion, prompt_tokens, cached, tokens, lps, plps = {}, {}, {}, {}, {}, {}, {}, {}
         try:
             async for idx, c in self._events(calls, n):
                 if not texts:  # the request's first token
@@ -461,6 +466,8 @@ class OpenAIIngress:
                 texts[idx] += c["text"]
                 tokens.setdefault(idx, []).extend(c["token_ids"])
                 lps.setdefault(idx, []).extend(c.get("logprobs") or [])
+                if "prompt_logprobs" in c:
+                    plps.setdefault(idx, c["prompt_logprobs"])
                 self.metrics.tokens.inc(len(c["token_ids"]))
                 completion[idx] = c["completion_tokens"]
                 prompt_tokens[idx // n], cached[idx // n] = c["prompt_tokens"], c["cached_tokens"]
@@ -471,7 +478,8 @@ class OpenAIIngress:
         messages = {i: fmt.message(i, texts.get(i, "")) for i in range(len(calls) * n)} if endpoint == "chat" else {}
         choices = [{"index": i, "text": fmt.prefix(i) + texts.get(i, ""),
                     "finish_reason": fmt.finish_reason(i, reasons.get(i, "stop")), "message": messages.get(i),
-                    "logprobs": fmt.logprobs(i, tokens.get(i, []), lps.get(i, []))} for i in range(len(calls) * n)]
+                    "logprobs": fmt.logprobs(i, tokens.get(i, []), lps.get(i, []), plps.get(i))}
+                   for i in range(len(calls) * n)]
         use = oa.usage(sum(prompt_tokens.values()), sum(completion.values()), sum(cached.values()))
         self.metrics.requests.inc(tags={"endpoint": endpoint, "status": "200"})
         build = oa.chat_response if endpoint == "chat" else oa.completion_response
@@ -496,7 +504,8 @@ class OpenAIIngress:
                 reason = oa.finish_reason(c["finish_reason"])
                 use = (oa.usage(sum(prompt_tokens.values()), sum(completion.values()), sum(cached.values()))
                        if continuous_usage else None)
-                lp = fmt.logprobs(idx, c["token_ids"], c.get("logprobs") or [])
+                lp = fmt.logprobs(idx, c["token_ids"], c.get("logprobs") or [],
+                                  c.get("prompt_logprobs") if idx not in started else None)
                 if endpoint == "chat":
                     if idx not in started:
                         started.add(idx)

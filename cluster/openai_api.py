@@ -2,8 +2,8 @@
 
 Requests are validated with pydantic, unknown fields rejected (a misspelled option must not be silently
 ignored). OpenAI fields with no effect on a self-hosted server (`store`, `metadata`, `service_tier`,
-`prediction`, ...) and vLLM's neutral extras are accepted. Options not implemented yet (echo with
-logprobs, bad_words) are refused naming the param. Structured output (`response_format`, vLLM's
+`prediction`, ...) and vLLM's neutral extras are accepted. Options not implemented yet (bad_words) are
+refused naming the param. Structured output (`response_format`, vLLM's
 `structured_outputs`) becomes one engine constraint (workers/grammar.py); tools are shaped here and
 turned into a constraint by the ingress (cluster/tool_calls.py). zipserve's own
 fields: `top_k`, `min_p`, `ignore_eos`, `stop_token_ids`, `include_stop_str_in_output`, `kv_budget_blocks`
@@ -201,8 +201,6 @@ class CompletionRequest(_Common):
 
     @model_validator(mode="after")
     def _completion_only(self):
-        if self.echo and self.logprobs is not None:
-            raise refuse("echo", "echo with logprobs (prompt logprobs) is not supported by this server yet")
         if self.best_of not in (None, 1, self.n):
             raise refuse("best_of", "best_of is not supported by this server (use n)")
         if self.suffix:
@@ -213,6 +211,10 @@ class CompletionRequest(_Common):
 
     def num_logprobs(self) -> int | None:
         return self.logprobs
+
+    def sampling_params(self, max_tokens: int) -> dict:
+        """With echo, logprobs cover the prompt too (scored by the engine, its prompt not served from cache)."""
+        return dict(super().sampling_params(max_tokens), prompt_logprobs=self.logprobs if self.echo else None)
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: a string or a list of token ids."""
@@ -492,10 +494,20 @@ def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, float]], n: int
     return {"content": content, "refusal": None}
 
 
-def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, float]], n: int, piece, offset: int) -> dict:
-    """The legacy shape; top_logprobs holds the sampled token and the n most likely (as vLLM's)."""
+def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, float] | None], n: int, piece,
+                        offset: int) -> dict:
+    """The legacy shape; top_logprobs holds the sampled token and the n most likely (as vLLM's). A None entry
+    (an echoed prompt's first token, which nothing predicts) is null in both lists."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for tok, lp in zip(token_ids, logprobs):
+        if lp is None:
+            text = piece(tok)[0]
+            out["tokens"].append(text)
+            out["token_logprobs"].append(None)
+            out["top_logprobs"].append(None)
+            out["text_offset"].append(offset)
+            offset += len(text)
+            continue
         text = piece(tok)[0]
         out["tokens"].append(text)
         out["token_logprobs"].append(lp[tok])

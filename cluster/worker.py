@@ -112,6 +112,8 @@ class EngineWorker:
                 if out.logprobs is not None:  # {token: logprob}, sampled first, per new token
                     k = len(out.new_token_ids)
                     chunk["logprobs"] = list(out.logprobs[len(out.logprobs) - k:]) if k else []
+                if out.prompt_logprobs is not None:  # once, with the first token
+                    chunk["prompt_logprobs"] = out.prompt_logprobs
                 if admitted or out.finished:  # admitted or finished: capacity jumped (scheduler/state_board.py)
                     chunk["worker_state"] = {"replica": self.replica,
                                              **capacity_of(self.engine.snapshot["routing"])}

@@ -70,6 +70,26 @@ def test_logprobs_match_transformers(qwen3_path):
             assert v == pytest.approx(ref[step, t].item(), abs=1e-4)
 
 
+@pytest.mark.parametrize("chunk", [7, 512])  # chunked prefill (and a long prompt compressed at its end) or whole
+def test_prompt_logprobs_match_transformers(qwen3_path, chunk):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(qwen3_path, dtype=torch.float32).eval()
+    llm = LLM(qwen3_path, block_size=8, max_num_batched_tokens=chunk, budget_blocks=3, compression={"query_window": 4})
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, prompt_logprobs=2)
+    prompts = [PROMPTS[0], PROMPTS[0], list(range(3, 60))]  # the second would be a prefix-cache hit
+    for prompt, out in zip(prompts, llm.generate(prompts, params, use_tqdm=False)):
+        with torch.no_grad():
+            ref = model(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
+        assert len(out.prompt_logprobs) == len(prompt) - 1
+        for pos, lp in enumerate(out.prompt_logprobs):  # position pos + 1, scored from the tokens before it
+            tok = prompt[pos + 1]
+            assert next(iter(lp)) == tok and set(ref[pos].topk(2).indices.tolist()) <= set(lp) and len(lp) <= 3
+            assert all(v == pytest.approx(ref[pos, t].item(), abs=1e-4) for t, v in lp.items())
+    assert llm.engine.stats()["prefix_cache_hits"] == 0
+
+
 def test_stale_cache_contents_never_leak(qwen3_path):
     """Pages are reused without clearing: poison the whole pool with NaN and outputs must not change."""
     p = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)

@@ -402,6 +402,21 @@ def test_completion_logprobs_and_echo(client, oracle, model_path):
     echoed = client.completions.create(model=NAME, prompt=PROMPTS[2], max_tokens=10, temperature=0, echo=True,
                                        extra_body={"ignore_eos": True})
     assert echoed.choices[0].text == PROMPTS[2] + want.text
+    # echo + logprobs (how evaluation harnesses score text): the prompt's tokens first, the first one unscored
+    scored = client.completions.create(model=NAME, prompt=PROMPTS[2], max_tokens=1, temperature=0, echo=True,
+                                       logprobs=2, extra_body={"ignore_eos": True})
+    prompt_ids = list(want.prompt_token_ids)
+    ref = _teacher_forced_logprobs(model_path, prompt_ids[:1], prompt_ids[1:] + [want.token_ids[0]])
+    slp = scored.choices[0].logprobs
+    assert scored.choices[0].text == PROMPTS[2] + oracle(PROMPTS[2], 1, ignore_eos=True).text
+    assert len(slp.tokens) == len(prompt_ids) + 1 and slp.token_logprobs[0] is None and slp.top_logprobs[0] is None
+    assert "".join(slp.tokens[: len(prompt_ids)]) == PROMPTS[2] and slp.text_offset[0] == 0
+    for pos, tok in enumerate(prompt_ids[1:] + [want.token_ids[0]]):
+        assert abs(slp.token_logprobs[pos + 1] - ref[pos, tok].item()) < 1e-4 and 1 <= len(slp.top_logprobs[pos + 1]) <= 3
+    stream = client.completions.create(model=NAME, prompt=PROMPTS[2], max_tokens=1, temperature=0, echo=True,
+                                       logprobs=2, stream=True, extra_body={"ignore_eos": True})
+    parts = [c.choices[0].logprobs for c in stream if c.choices and c.choices[0].logprobs]
+    assert sum((p.token_logprobs for p in parts), []) == slp.token_logprobs
 
 
 def test_neutral_openai_fields_and_vllm_extras_change_nothing(client, oracle):
@@ -437,7 +452,6 @@ def test_continue_final_message_continues_the_assistant_text(client, oracle):
     ("/v1/completions", {"prompt": "x", "logit_bias": {"dog": 1}}, "logit_bias"),
     ("/v1/completions", {"prompt": "x", "bad_words": ["dog"]}, "bad_words"),
     ("/v1/completions", {"prompt": "x", "logprobs": 6}, "logprobs"),
-    ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
     ("/v1/completions", {"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
     ("/v1/chat/completions", {"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
     ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),

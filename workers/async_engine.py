@@ -269,7 +269,7 @@ class AsyncEngine:
     def _rebuild(self, o: tuple) -> RequestOutput:
         """A RequestOutput from the process's compact form (only what is new crosses the pipe; tokens, text
         and logprobs so far accumulate here)."""
-        rid, new_ids, new_text, finished, reason, stop, cached, new_logprobs, final_text = o
+        rid, new_ids, new_text, finished, reason, stop, cached, new_logprobs, final_text, prompt_logprobs = o
         st = self._outputs.get(rid) or _StreamState([], [], None)
         st.tokens.extend(new_ids)
         st.text = final_text if finished else st.text + new_text
@@ -277,7 +277,8 @@ class AsyncEngine:
             st.logprobs.extend(new_logprobs)
         logprobs = None if st.logprobs is None else list(st.logprobs) if finished else SpanView(st.logprobs, 0)
         return RequestOutput(rid, st.prompt, list(st.tokens) if finished else SpanView(st.tokens, 0), st.text,
-                             finished, reason, stop, list(new_ids), new_text, cached, logprobs)
+                             finished, reason, stop, list(new_ids), new_text, cached, logprobs,
+                             prompt_logprobs=prompt_logprobs)
 
     # ---- both hosts ---------------------------------------------------------------------------
     def _on_result(self, kind: str, *payload) -> None:
@@ -432,7 +433,7 @@ def _compact(o: RequestOutput) -> tuple:
     k = len(o.new_token_ids)
     new_logprobs = list(o.logprobs[len(o.logprobs) - k:]) if o.logprobs is not None and k else None
     return (o.request_id, list(o.new_token_ids), o.new_text, o.finished, o.finish_reason, o.stop_reason,
-            o.num_cached_tokens, new_logprobs, o.text if o.finished else None)
+            o.num_cached_tokens, new_logprobs, o.text if o.finished else None, o.prompt_logprobs)
 
 
 async def _gather_until(out_q: asyncio.Queue, items: list, deadline: float) -> None:

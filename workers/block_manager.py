@@ -84,7 +84,7 @@ class BlockManager:
         """Pages holding a cached prefix of `seq`'s tokens (no references taken).
 
         At least one token is always left to compute, since its logits are needed."""
-        if not self.enable_prefix_cache:
+        if not self.enable_prefix_cache or seq.params.prompt_logprobs is not None:  # (its prompt must be scored)
             return []
         seq.block_hashes = page_hashes(seq.token_ids, self.block_size, seq.block_hashes)
         max_blocks = (seq.num_tokens - 1) // self.block_size

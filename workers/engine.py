@@ -190,6 +190,9 @@ class LLMEngine:
         data_ready = self.runner.mark()  # everything the deferred compressions read is written by now
         last_tokens = self.pending.tokens if self.pending is not None else None
         logits = self.runner.execute(sched.chunks, last_tokens)  # queued on the main stream; not waited for yet
+        if self.runner.prompt_spans:  # prompt logprobs (evaluation): this step waits for their values
+            for seq, first, rows in self.runner.score_prompts():
+                seq.prompt_logprobs.extend(rows.by_row(seq.token_ids[first : first + len(rows.rows)]).values())
         self._launch_deferred(after=data_ready)  # last step's compressions, on their own stream, beside it
         samplers = [c.seq for c in sched.chunks if c.samples]
         for c in sched.chunks:
@@ -441,7 +444,16 @@ class LLMEngine:
             new_text=new_text,
             num_cached_tokens=seq.num_cached_prompt_tokens,
             logprobs=None if seq.params.logprobs is None else list(seq.logprobs) if done else SpanView(seq.logprobs, 0),
+            prompt_logprobs=self._take_prompt_logprobs(seq) if new_tokens else None,
         )
+
+    @staticmethod
+    def _take_prompt_logprobs(seq: Sequence) -> list | None:
+        """The prompt's logprobs, once: on the output with the request's first token."""
+        if seq.params.prompt_logprobs is None or seq.prompt_logprobs_sent:
+            return None
+        seq.prompt_logprobs_sent = True
+        return list(seq.prompt_logprobs)
 
     # ---- observability -------------------------------------------------------------------
     def stats(self) -> dict:

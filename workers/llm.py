@@ -52,10 +52,14 @@ class LLM:
         position = {rid: i for i, rid in enumerate(ids)}
         results: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(prompts), desc="generate", unit="req", disable=not use_tqdm)
+        scored: dict[str, list] = {}  # prompt logprobs, which come with a request's first output
         try:
             while len(results) < len(ids):
                 for out in self.engine.step():
+                    if out.prompt_logprobs is not None:
+                        scored[out.request_id] = out.prompt_logprobs
                     if out.finished:
+                        out.prompt_logprobs = scored.pop(out.request_id, None)
                         prompt = prompts[position[out.request_id]]
                         out.prompt = prompt if isinstance(prompt, str) else None
                         results[out.request_id] = out

@@ -55,6 +55,7 @@ class ModelRunner:
                                          a.head_dim**-0.5, backend=cfg.resolved_backend)
         self.clock = None  # a GpuClock when a benchmark measures GPU time per region
         self.graphs = None
+        self.prompt_spans, self.prompt_hidden = [], None  # prompt positions to score (execute -> score_prompts)
         # No graphs under tensor parallelism: the collectives would have to be captured as well.
         if dev.type == "cuda" and cfg.resolved_backend == "triton" and not cfg.enforce_eager and tp.size == 1:
             top = min(cfg.max_num_seqs, cfg.cuda_graph_max_batch)
@@ -132,12 +133,16 @@ class ModelRunner:
         for the GPU here, and compression can be launched beside the forward).
 
         last_tokens: the previous step's sampled tokens, still on the device (async scheduling); a request
-        whose input token is not on the host yet (seq.pending_row) reads it from there."""
+        whose input token is not on the host yet (seq.pending_row) reads it from there.
+
+        Chunks of requests that asked for prompt logprobs also keep the hidden states of the prompt positions
+        they cover, for `score_prompts` (such steps run eagerly)."""
         bs = self.block_size
         Q = self.cfg.compression.query_window
         ids, pos, slots, qsl, kv_lens, sample_rows = [], [], [], [0], [], []
         win_rows, win_slots, win_pos = [], [], []
         from_device, device_rows = [], []  # input rows filled on the device, and their rows in last_tokens
+        prompt_rows, self.prompt_spans = [], []  # rows whose logits score the next prompt token
         for c in chunks:
             seq, n = c.seq, c.num_new_tokens
             s, kv = seq.num_computed_tokens, seq.kv_len  # position and cache index of the first new token
@@ -162,13 +167,18 @@ class ModelRunner:
                     win_rows.append(qsl[-1] + j)
                     win_slots.append(seq.window_slot)
                     win_pos.append((kv + j) % Q)
+            if seq.params.prompt_logprobs is not None:  # row j predicts prompt token s + j + 1
+                first, last = max(s + 1, len(seq.prompt_logprobs) + 1), min(s + n, seq.num_prompt_tokens - 1)
+                if first <= last:
+                    self.prompt_spans.append((seq, first, last - first + 1))
+                    prompt_rows.extend(qsl[-1] + t - 1 - s for t in range(first, last + 1))
             qsl.append(qsl[-1] + n)
             kv_lens.append(kv + n)
             if c.samples:
                 sample_rows.append(qsl[-1] - 1)
         tables = [c.seq.block_table for c in chunks]
         tick = self.clock.start("forward") if self.clock is not None else None
-        if self.graphs is not None and len(ids) == len(chunks) and self.graphs.fits(len(chunks)):
+        if self.graphs is not None and len(ids) == len(chunks) and self.graphs.fits(len(chunks)) and not prompt_rows:
             spare = self.graphs.spare_slot or 0
             wslots = [c.seq.window_slot if c.seq.window_slot is not None else spare for c in chunks]
             wpos = [c.seq.kv_len % Q for c in chunks]
@@ -177,12 +187,33 @@ class ModelRunner:
             if len(sample_rows) != len(chunks):
                 h = h[self._upload([sample_rows], torch.long)[0]]
         else:
-            h = self._eager_forward(ids, pos, slots, tables, qsl, kv_lens, win_rows, win_slots, win_pos, sample_rows,
-                                    self._fill_ids(from_device, device_rows, last_tokens))
+            h = self._eager_forward(ids, pos, slots, tables, qsl, kv_lens, win_rows, win_slots, win_pos,
+                                    sample_rows + prompt_rows, self._fill_ids(from_device, device_rows, last_tokens))
+            h, self.prompt_hidden = h[: len(sample_rows)], h[len(sample_rows):]
         logits = self.model.compute_logits(h) if sample_rows else torch.empty(0, self.args.vocab_size, device=self.device)
         if tick is not None:
             self.clock.stop(tick)
         return logits
+
+    @torch.inference_mode()
+    def score_prompts(self, slice_rows: int = 256) -> list[tuple]:
+        """(seq, first prompt position, LogprobRows) for the prompt positions the last `execute` kept, their
+        logits made a slice at a time (a long prompt's full logits would not fit beside the KV cache)."""
+        from workers.sampler import LogprobRows
+
+        spans, self.prompt_spans = self.prompt_spans, []
+        out, off = [], 0
+        for seq, first, k in spans:
+            n = seq.params.prompt_logprobs
+            targets = torch.tensor(seq.token_ids[first : first + k], device=self.device)
+            parts = []
+            for a in range(0, k, slice_rows):
+                lp = self.model.compute_logits(self.prompt_hidden[off + a : off + min(k, a + slice_rows)]).log_softmax(-1)
+                vals, ids = lp.topk(n, dim=-1)
+                parts.append((lp.gather(1, targets[a : a + slice_rows, None]).squeeze(1), vals, ids))
+            out.append((seq, first, LogprobRows(list(range(k)), [n] * k, *(torch.cat(x) for x in zip(*parts)))))
+            off += k
+        return out
 
     def _fill_ids(self, rows: list[int], src: list[int], last_tokens: torch.Tensor | None):
         """A function that writes last_tokens[src] into rows of an uploaded ids tensor (None if no row)."""

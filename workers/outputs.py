@@ -58,6 +58,9 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
     logprobs: list[dict[int, float]] | None = None
     prompt: str | None = None
+    # With params.prompt_logprobs, on the output carrying the first generated token: per prompt token from the
+    # second on, {token: logprob} (the prompt's own token first, then the top-n).
+    prompt_logprobs: list[dict[int, float]] | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -21,6 +21,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # top-n logprobs per generated token (0 = only the sampled token's)
+    prompt_logprobs: int | None = None  # top-n logprobs per prompt token (its prompt is then not served from cache)
     presence_penalty: float = 0.0  # OpenAI: minus this once for every token already generated
     frequency_penalty: float = 0.0  # OpenAI: minus this times the token's count in the output so far
     repetition_penalty: float = 1.0  # vLLM / transformers: over prompt and output, logit / p if > 0 else * p
@@ -47,6 +48,8 @@ class SamplingParams:
         _check(self.budget_blocks is None or (_is_int(self.budget_blocks) and self.budget_blocks >= 1),
                "budget_blocks must be None or a positive integer", self.budget_blocks)
         _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20), "logprobs must be None or in [0, 20]", self.logprobs)
+        _check(self.prompt_logprobs is None or (_is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= 20),
+               "prompt_logprobs must be None or in [0, 20]", self.prompt_logprobs)
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             _check(_is_number(v) and -2 <= v <= 2, f"{name} must be in [-2, 2]", v)

@@ -51,6 +51,9 @@ class Sequence:
     stop_reason: str | int | None = None
     # Per generated token: {token_id: logprob} (sampled first), when params.logprobs is set.
     logprobs: list[dict[int, float]] = field(default_factory=list)
+    # Per prompt token, from the second on (the first has none): the same, when params.prompt_logprobs is set.
+    prompt_logprobs: list[dict[int, float]] = field(default_factory=list)
+    prompt_logprobs_sent: bool = False
     generator: object | None = None  # torch.Generator for seeded sampling
     created: float = field(default_factory=time.monotonic)
     # Detokenization state (see workers/detokenizer.py)
