@@ -14,13 +14,10 @@ engine appends. The mask is applied to the logits on the device, after penalties
 from __future__ import annotations
 
 import json
-import logging
 import re
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
-
-log = logging.getLogger(__name__)
 
 KINDS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
 OPTIONS = ("disable_any_whitespace",)
