@@ -2,8 +2,8 @@
 
 Requests are validated with pydantic, unknown fields rejected (a misspelled option must not be silently
 ignored). OpenAI fields with no effect on a self-hosted server (`store`, `metadata`, `service_tier`,
-`prediction`, ...) and vLLM's neutral extras are accepted. Options not implemented yet (bad_words) are
-refused naming the param. Structured output (`response_format`, vLLM's
+`prediction`, ...) and vLLM's neutral extras are accepted. Options not implemented (e.g.
+`skip_special_tokens: false`) are refused naming the param. Structured output (`response_format`, vLLM's
 `structured_outputs`) becomes one engine constraint (workers/grammar.py); tools are shaped here and
 turned into a constraint by the ingress (cluster/tool_calls.py). zipserve's own
 fields: `top_k`, `min_p`, `ignore_eos`, `stop_token_ids`, `include_stop_str_in_output`, `kv_budget_blocks`
@@ -112,7 +112,7 @@ class _Common(BaseModel):
     request_id: str | None = None
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     min_tokens: int = Field(0, ge=0)
-    bad_words: list[str] | None = None  # not implemented: refused unless empty
+    bad_words: list[str] | None = None  # vLLM's: word sequences never generated
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
@@ -139,8 +139,8 @@ class _Common(BaseModel):
         for tok, v in (self.logit_bias or {}).items():
             if not tok.isdigit() or not -100 <= v <= 100:
                 raise refuse("logit_bias", "logit_bias must map token ids to values in [-100, 100]")
-        if self.bad_words:
-            raise refuse("bad_words", "bad_words is not supported by this server yet")
+        if any(not w.strip() for w in self.bad_words or []):
+            raise refuse("bad_words", "bad_words must be non-empty strings")
         if not self.skip_special_tokens:
             raise refuse("skip_special_tokens", "skip_special_tokens: false is not supported by this server yet")
         if self.priority:
@@ -184,7 +184,7 @@ class _Common(BaseModel):
                 "presence_penalty": self.presence_penalty or 0.0, "frequency_penalty": self.frequency_penalty or 0.0,
                 "repetition_penalty": self.repetition_penalty or 1.0, "min_tokens": self.min_tokens,
                 "logit_bias": {int(t): v for t, v in (self.logit_bias or {}).items()},
-                "structured": self._structured}
+                "structured": self._structured, "bad_words": self.bad_words or []}
 
     def num_logprobs(self) -> int | None:
         """Top logprobs per generated token for the engine (None: none asked for); each endpoint's own."""

@@ -85,3 +85,45 @@ def test_logit_bias_outside_the_vocabulary_is_refused(qwen3_path):
     llm = LLM(qwen3_path, block_size=8, num_blocks=64)
     with pytest.raises(ValueError, match="logit_bias"):
         llm.generate([PROMPTS[0]], SamplingParams(max_tokens=4, logit_bias={10**6: 1.0}), use_tqdm=False)
+
+
+def _bad_words_oracle(model_path, prompt, steps, sequences):
+    """Greedy decoding by transformers with vLLM's rule: a one-token sequence is never generated; a longer
+    one's last token is banned where the output ends with the rest of it."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    ids, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = hf(torch.tensor([ids])).logits[0, -1].float()
+            for seq in sequences:
+                if len(seq) == 1 or out[len(out) - len(seq) + 1:] == seq[:-1]:
+                    logits[seq[-1]] = float("-inf")
+            out.append(int(logits.argmax()))
+            ids.append(out[-1])
+    return out
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_bad_words_equal_the_reference_rule(qwen3_path, overlap):
+    llm = LLM(qwen3_path, block_size=16, async_scheduling=overlap)
+    tok = llm.tokenizer
+    free = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+    words = []
+    for o in free:  # a word each output would write (two tokens' text) and, with it, its leading token alone
+        words.append(tok.decode(list(o.token_ids[4:6])).strip() or "x")
+    sequences = []
+    for w in words:
+        for text in (w, " " + w):
+            ids = tok.encode(text, add_special_tokens=False)
+            if ids not in sequences:
+                sequences.append(ids)
+    assert any(len(s) > 1 for s in sequences)  # the multi-token rule is exercised
+    got = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, bad_words=words),
+                       use_tqdm=False)
+    for prompt, o, f in zip(PROMPTS, got, free):
+        assert list(o.token_ids) == _bad_words_oracle(qwen3_path, prompt, 24, sequences)
+    assert any(list(o.token_ids) != list(f.token_ids) for o, f in zip(got, free))
+    with pytest.raises(ValueError, match="bad_words"):
+        SamplingParams(bad_words=[" "])

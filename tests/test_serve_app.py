@@ -450,7 +450,7 @@ def test_continue_final_message_continues_the_assistant_text(client, oracle):
     ("/v1/completions", {"prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"12": 200}}, "logit_bias"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"dog": 1}}, "logit_bias"),
-    ("/v1/completions", {"prompt": "x", "bad_words": ["dog"]}, "bad_words"),
+    ("/v1/completions", {"prompt": "x", "bad_words": [" "]}, "bad_words"),
     ("/v1/completions", {"prompt": "x", "logprobs": 6}, "logprobs"),
     ("/v1/completions", {"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
     ("/v1/chat/completions", {"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
@@ -492,6 +492,12 @@ def test_penalties_and_logit_bias_over_http_equal_the_engine(client, oracle):
                                     frequency_penalty=0.8, presence_penalty=0.4,
                                     extra_body={"ignore_eos": True, "repetition_penalty": 1.3})
     assert got.choices[0].text == want.text and want.text != oracle(PROMPTS[2], 20, ignore_eos=True).text
+    plain = oracle(PROMPTS[1], 12, ignore_eos=True)
+    word = oracle.tokenizer.decode(list(plain.token_ids[2:4])).strip()
+    banned = oracle(PROMPTS[1], 12, ignore_eos=True, bad_words=[word])
+    got = client.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=12, temperature=0,
+                                    extra_body={"ignore_eos": True, "bad_words": [word]})
+    assert got.choices[0].text == banned.text != plain.text
     forced = oracle(PROMPTS[0], 5, ignore_eos=True, logit_bias={42: 100.0})
     got = client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=5, temperature=0,
                                     logit_bias={"42": 100}, extra_body={"ignore_eos": True})

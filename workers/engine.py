@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from workers.bad_words import apply_bad_words, needs_known_tokens, tokenize_bad_words
 from workers.block_manager import BlockManager
 from workers.grammar import GrammarBook, validate_structured
 from workers.config import EngineConfig
@@ -131,6 +132,8 @@ class LLMEngine:
         seq = Sequence(request_id, list(ids), len(ids), params, next(self._arrivals), budget_blocks=budget)
         if params.seed is not None:
             seq.generator = torch.Generator().manual_seed(params.seed)
+        if params.bad_words:
+            seq.bad_word_ids = tokenize_bad_words(self.tokenizer, params.bad_words)
         init_detokenizer(seq)
         for t in resume:
             seq.token_ids.append(t)
@@ -199,9 +202,9 @@ class LLMEngine:
             if not c.samples:
                 self.num_prompt_tokens_computed += c.num_new_tokens
             c.seq.num_computed_tokens += c.num_new_tokens
-        if self._overlaps(samplers) and self.grammars.constrains(samplers):
-            # A grammar's mask needs the step before's tokens: append them first (while the GPU runs this
-            # step's forward), then mask and sample; requests those tokens ended sample nothing.
+        if self._overlaps(samplers) and self._reads_tokens(samplers):
+            # A grammar's mask (or a multi-token bad word) needs the step before's tokens: append them first
+            # (while the GPU runs this step's forward), then mask and sample; requests they ended sample nothing.
             outputs = failed + self._resolve_pending()
             keep = [i for i, s in enumerate(samplers) if s.finish_reason is None]
             if len(keep) < len(samplers):
@@ -316,17 +319,29 @@ class LLMEngine:
             outputs.append(self._append_token(seq, tok))
         return outputs
 
+    def _reads_tokens(self, samplers: list[Sequence]) -> bool:
+        """Whether sampling this batch reads the step before's tokens on the host (grammars, bad words)."""
+        return self.grammars.constrains(samplers) or any(s.bad_word_ids and needs_known_tokens(s) for s in samplers)
+
     def _adjust(self, samplers: list[Sequence]):
-        """The logits change for this batch's penalties, biases and grammars, or None (no request uses any)."""
-        penalize = PenaltyState.active(samplers)
-        mask = self.grammars.mask(samplers, self.runner.device) if self.grammars.constrains(samplers) else None
-        if not penalize and mask is None:
+        """The logits change for this batch's penalties, biases, bad words and grammars (in that order), or
+        None (no request uses any)."""
+        steps = []
+        if PenaltyState.active(samplers):
+            steps.append(lambda logits: self.penalties.apply(logits, samplers))
+        if any(s.bad_word_ids for s in samplers):
+            steps.append(lambda logits: apply_bad_words(logits, samplers))
+        if self.grammars.constrains(samplers):
+            steps.append(self.grammars.mask(samplers, self.runner.device))
+        if not steps:
             return None
-        if mask is None:
-            return lambda logits: self.penalties.apply(logits, samplers)
-        if not penalize:
-            return mask
-        return lambda logits: mask(self.penalties.apply(logits, samplers))
+
+        def adjust(logits):
+            for step in steps:
+                logits = step(logits)
+            return logits
+
+        return adjust
 
     def _admit_constrained(self) -> list[RequestOutput]:
         """Schedule the requests whose grammar has compiled; fail those whose grammar did not. An engine with

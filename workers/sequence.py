@@ -54,6 +54,7 @@ class Sequence:
     # Per prompt token, from the second on (the first has none): the same, when params.prompt_logprobs is set.
     prompt_logprobs: list[dict[int, float]] = field(default_factory=list)
     prompt_logprobs_sent: bool = False
+    bad_word_ids: list[list[int]] = field(default_factory=list)  # params.bad_words as token sequences
     generator: object | None = None  # torch.Generator for seeded sampling
     created: float = field(default_factory=time.monotonic)
     # Detokenization state (see workers/detokenizer.py)
