@@ -113,6 +113,7 @@ class _Common(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     min_tokens: int = Field(0, ge=0)
     bad_words: list[str] | None = None  # vLLM's: word sequences never generated
+    allowed_token_ids: list[int] | None = Field(None, min_length=1)  # vLLM's: sample only among these
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
@@ -184,7 +185,8 @@ class _Common(BaseModel):
                 "presence_penalty": self.presence_penalty or 0.0, "frequency_penalty": self.frequency_penalty or 0.0,
                 "repetition_penalty": self.repetition_penalty or 1.0, "min_tokens": self.min_tokens,
                 "logit_bias": {int(t): v for t, v in (self.logit_bias or {}).items()},
-                "structured": self._structured, "bad_words": self.bad_words or []}
+                "structured": self._structured, "bad_words": self.bad_words or [],
+                "allowed_token_ids": self.allowed_token_ids}
 
     def num_logprobs(self) -> int | None:
         """Top logprobs per generated token for the engine (None: none asked for); each endpoint's own."""

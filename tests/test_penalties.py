@@ -127,3 +127,17 @@ def test_bad_words_equal_the_reference_rule(qwen3_path, overlap):
     assert any(list(o.token_ids) != list(f.token_ids) for o, f in zip(got, free))
     with pytest.raises(ValueError, match="bad_words"):
         SamplingParams(bad_words=[" "])
+
+
+def test_allowed_token_ids_restrict_sampling_to_them(qwen3_path):
+    llm = LLM(qwen3_path, block_size=16)
+    allowed = [7, 19, 101]
+    got = llm.generate(PROMPTS, [SamplingParams(temperature=1.0, seed=i, max_tokens=16, ignore_eos=True,
+                                                allowed_token_ids=allowed if i != 1 else None) for i in range(3)],
+                       use_tqdm=False)
+    free = llm.generate(PROMPTS[1:2], SamplingParams(temperature=1.0, seed=1, max_tokens=16, ignore_eos=True),
+                        use_tqdm=False)[0]
+    assert set(got[0].token_ids) <= set(allowed) and set(got[2].token_ids) <= set(allowed)
+    assert list(got[1].token_ids) == list(free.token_ids)  # its neighbour in the batch is untouched
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        llm.engine.add_request("x", [1, 2], SamplingParams(allowed_token_ids=[10 ** 7]))

@@ -552,6 +552,8 @@ def check_request(ids: list[int], params: SamplingParams, facts: dict) -> None:
                          f"{max_len - 1} tokens (max_model_len {max_len})")
     if any(t >= vocab for t in params.logit_bias):
         raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
+    if any(t >= vocab for t in params.allowed_token_ids or []):
+        raise ValueError(f"allowed_token_ids must be in [0, {vocab})")
     validate_structured(params.structured)
     if params.budget_blocks is not None and facts["engine_budget_blocks"] is None:
         raise ValueError("this engine runs full KV (budget_blocks=None); per-request budget_blocks needs an "

@@ -1,5 +1,6 @@
 """Logit penalties and biases, batched on the device: presence / frequency (OpenAI: over generated tokens),
-repetition (vLLM / transformers: over prompt and generated tokens), logit_bias, min_tokens.
+repetition (vLLM / transformers: over prompt and generated tokens), logit_bias, min_tokens, and vLLM's
+allowed_token_ids (every other token masked).
 
 Each request that uses presence, frequency or repetition penalties holds a row of a device table of token
 counts (its generated tokens) and a row of prompt-token flags; the sampled tokens are added on the device
@@ -21,7 +22,7 @@ def uses_counts(p: SamplingParams) -> bool:
 
 
 def is_penalized(p: SamplingParams) -> bool:
-    return uses_counts(p) or bool(p.logit_bias) or p.min_tokens > 0
+    return uses_counts(p) or bool(p.logit_bias) or p.min_tokens > 0 or p.allowed_token_ids is not None
 
 
 class PenaltyState:
@@ -100,6 +101,17 @@ class PenaltyState:
                 held_ids += sorted(stops)
         if held_rows:
             logits[to_device(held_rows, torch.long, dev), to_device(held_ids, torch.long, dev)] = float("-inf")
+        keep_rows, keep_ids = [], []
+        for i, s in enumerate(seqs):
+            if s.params.allowed_token_ids is not None:
+                keep_rows += [i] * len(s.params.allowed_token_ids)
+                keep_ids += s.params.allowed_token_ids
+        if keep_rows:
+            restricted = to_device(sorted({r for r in keep_rows}), torch.long, dev)
+            allowed = torch.zeros_like(logits, dtype=torch.bool)
+            allowed[to_device(keep_rows, torch.long, dev), to_device(keep_ids, torch.long, dev)] = True
+            allowed[~torch.isin(torch.arange(len(seqs), device=dev), restricted)] = True
+            logits = logits.masked_fill(~allowed, float("-inf"))
         return logits
 
     def record(self, seqs, tokens: torch.Tensor) -> None:

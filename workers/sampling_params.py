@@ -28,6 +28,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # added to the logits, each in [-100, 100]
     min_tokens: int = 0  # EOS and stop_token_ids held back until this many tokens are out
     bad_words: list[str] = field(default_factory=list)  # never generated (workers/bad_words.py)
+    allowed_token_ids: list[int] | None = None  # vLLM's: sample only among these
     budget_blocks: int | None = None  # per-request KV budget in pages (None = the engine's)
     structured: dict | None = None  # one output constraint (workers/grammar.py), checked by the engine
 
@@ -59,6 +60,9 @@ class SamplingParams:
         self.logit_bias = dict(self.logit_bias or {})
         _check(all(_is_int(t) and t >= 0 and _is_number(v) and -100 <= v <= 100 for t, v in self.logit_bias.items()),
                "logit_bias must map token ids to values in [-100, 100]", self.logit_bias)
+        _check(self.allowed_token_ids is None or (isinstance(self.allowed_token_ids, list) and self.allowed_token_ids
+                                                  and all(_is_int(t) and t >= 0 for t in self.allowed_token_ids)),
+               "allowed_token_ids must be a non-empty list of token ids", self.allowed_token_ids)
         self.bad_words = list(self.bad_words or [])
         _check(all(isinstance(w, str) and w.strip() for w in self.bad_words), "bad_words must be non-empty strings",
                self.bad_words)
