@@ -34,6 +34,17 @@ def test_tp2_equals_tp1_greedy_and_seeded_sampling(qwen3_path, engine):
         assert stats1["compressions"] > 0  # the compressed run did compress (per rank, on its own KV heads)
 
 
+def test_tp2_equals_tp1_with_grammars_bad_words_and_logprobs(qwen3_path):
+    """Ranks step in lockstep: a grammar compiled on each rank's thread must admit its request at the same
+    step everywhere (the engine waits for it under TP)."""
+    schema = {"type": "object", "required": ["n"], "additionalProperties": False,
+              "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 999}}}
+    params = SamplingParams(temperature=0.8, seed=3, max_tokens=40, logprobs=2, bad_words=["7"],
+                            structured={"json": schema, "disable_any_whitespace": True})
+    want, _ = _generate(qwen3_path, params)
+    assert _generate(qwen3_path, params, tensor_parallel_size=2)[0] == want
+
+
 def test_tp3_pads_the_vocabulary_shards_and_still_matches(tmp_path):
     """320 tokens over 3 ranks: the last vocabulary shard is zero-padded and the padding trimmed."""
     path = build_model_folder(str(tmp_path), "qwen3", heads=6, kv_heads=3)

@@ -350,7 +350,8 @@ class LLMEngine:
             return []
         idle = not self.scheduler.has_work() and self.pending is None and not self.in_flight
         outputs = []
-        for seq, why in self.grammars.ready(wait_s=0.05 if idle else 0.0):
+        wait = None if self.tp.size > 1 else 0.05 if idle else 0.0  # (ranks step in lockstep)
+        for seq, why in self.grammars.ready(wait_s=wait):
             if self.requests.get(seq.request_id) is not seq:
                 continue
             if why is None:

@@ -136,10 +136,17 @@ class GrammarBook:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
         self.compiling[seq.request_id] = (seq, self._pool.submit(self._compile, seq.params.structured))
 
-    def ready(self, wait_s: float = 0.0) -> list[tuple[object, str | None]]:
+    def ready(self, wait_s: float | None = 0.0) -> list[tuple[object, str | None]]:
         """Requests whose grammar has compiled: (seq, None), or (seq, why) when it failed. With `wait_s`,
-        waits that long for the oldest one first (an engine with nothing else to do)."""
-        if wait_s and self.compiling:
+        waits that long for the oldest one first (an engine with nothing else to do); with None, waits for
+        all (tensor-parallel ranks must admit a request at the same step)."""
+        if wait_s is None:
+            for _, fut in list(self.compiling.values()):
+                try:
+                    fut.result()
+                except Exception:  # noqa: BLE001 -- reported below, with the request
+                    pass
+        elif wait_s and self.compiling:
             try:
                 next(iter(self.compiling.values()))[1].result(timeout=wait_s)
             except Exception:  # noqa: BLE001 -- reported below, with the request
