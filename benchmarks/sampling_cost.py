@@ -32,6 +32,9 @@ def variants(n: int) -> dict:
         "logprobs5_all_sync": (lambda i: {"logprobs": 5}, {"async_scheduling": False}),
         "penalties_all": (lambda i: {"presence_penalty": 0.5, "frequency_penalty": 0.3, "repetition_penalty": 1.1}, {}),
         "logit_bias_all": (lambda i: {"logit_bias": {100 + i: 2.0, 7: -5.0}}, {}),
+        # a grammar on every request (its mask filled on the host per row, each step appends the step
+        # before's tokens first); a regex that never has to end, so requests run to max_tokens
+        "grammar_all": (lambda i: {"structured": {"regex": "[a-z ]+"}}, {}),
     }
 
 
@@ -67,7 +70,10 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default="configs/engine/qwen3-8b-h100.yaml")
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--tokens", type=int, default=256)
-    ap.add_argument("--variants", default=",".join(variants(1)))
+    ap.add_argument("--variants", default=",".join(v for v in variants(1) if v != "grammar_all"))
+    ap.add_argument("--tokenizer-from", default=None, help="a model folder whose tokenizer (and vocabulary) to "
+                                                           "use: grammar_all needs one")
+    ap.add_argument("--tag", default="")
     ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # one variant in a child process
     ap.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default="benchmarks/results")
@@ -77,7 +83,7 @@ def main(argv=None) -> int:
         return 0
     import torch
 
-    model_dir = config_folder(args.shape)
+    model_dir = config_folder(args.shape, tokenizer_from=args.tokenizer_from)
     rows = []
     for name in args.variants.split(","):
         cmd = [sys.executable, "-m", "benchmarks.sampling_cost", "--variant", name, "--model-dir", model_dir,
@@ -93,9 +99,10 @@ def main(argv=None) -> int:
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     res = {"benchmark": "sampling_cost", "card": card, "shape": args.shape, "config": args.config,
            "commit": os.environ.get("ZIPSERVE_COMMIT") or _commit(), "command": " ".join(sys.argv),
+           "tokenizer_from": args.tokenizer_from, "torch": torch.__version__,
            "rows": rows}
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"sampling_cost_{card_tag(card)}.json")
+    path = os.path.join(args.out, f"sampling_cost_{card_tag(card)}{args.tag}.json")
     with open(path, "w") as f:
         json.dump(res, f, indent=1)
     _plot(res, path[:-5] + ".png")
