@@ -20,7 +20,7 @@ import sys
 import time
 
 
-def variants(n: int) -> dict:
+def variants() -> dict:
     """name -> (per-request SamplingParams kwargs for request i, engine overrides)."""
     lp = lambda k: (lambda i: {"logprobs": k}, {})
     return {
@@ -41,7 +41,7 @@ def variants(n: int) -> dict:
 def run_variant(model_dir: str, config: str, name: str, n: int, tokens: int) -> dict:
     from workers import LLM, SamplingParams
 
-    per_request, overrides = variants(n)[name]
+    per_request, overrides = variants()[name]
     llm = LLM(config_file=config, model=model_dir, load_format="dummy", **overrides)
     eng = llm.engine
     rng = random.Random(0)
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default="configs/engine/qwen3-8b-h100.yaml")
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--tokens", type=int, default=256)
-    ap.add_argument("--variants", default=",".join(v for v in variants(1) if v != "grammar_all"))
+    ap.add_argument("--variants", default=",".join(v for v in variants() if v != "grammar_all"))
     ap.add_argument("--tokenizer-from", default=None, help="a model folder whose tokenizer (and vocabulary) to "
                                                            "use: grammar_all needs one")
     ap.add_argument("--tag", default="")

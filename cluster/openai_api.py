@@ -320,8 +320,16 @@ class NamedToolChoice(BaseModel):
     function: NamedFunction
 
 
-class _ChatTemplating:
-    """What a request with chat messages gives the tokenizer's chat template (chat and /tokenize)."""
+class _ChatTemplating(BaseModel):
+    """The chat template's options, and what a request with chat messages gives the tokenizer's template
+    (chat and /tokenize share them)."""
+    model_config = ConfigDict(extra="forbid")
+    tools: list[Tool] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None  # to the chat template
+    chat_template: str | None = None  # vLLM's extras from here on
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
     def template_kwargs(self) -> dict:
         """Keyword arguments for the tokenizer's apply_chat_template (without the messages)."""
@@ -346,13 +354,11 @@ class ChatCompletionRequest(_Common, _ChatTemplating):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     # OpenAI fields with no effect here (text only; a predicted output only speeds up a server that uses it).
     modalities: list[Literal["text"]] | None = None
     prediction: dict | None = None
-    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None  # to the chat template
     verbosity: Literal["low", "medium", "high"] | None = None
     prompt_cache_retention: str | None = None
     # OpenAI features this server does not have: named, refused unless absent.
@@ -360,12 +366,6 @@ class ChatCompletionRequest(_Common, _ChatTemplating):
     web_search_options: dict | None = None
     functions: list[Any] | None = None
     function_call: Any = None
-    # vLLM's chat extras.
-    chat_template: str | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-
     @model_validator(mode="after")
     def _chat_only(self):
         for name in ("audio", "web_search_options", "functions", "function_call"):
@@ -407,19 +407,12 @@ class ChatCompletionRequest(_Common, _ChatTemplating):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-class TokenizeRequest(BaseModel, _ChatTemplating):
+class TokenizeRequest(_ChatTemplating):
     """vLLM's /tokenize: a `prompt`, or chat `messages` (with the chat request's template options)."""
-    model_config = ConfigDict(extra="forbid")
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool | None = None  # prompt: True; messages: False (the template adds them)
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    chat_template: str | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
-    tools: list[Tool] | None = None
-    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     return_token_strs: bool = False
 
     @model_validator(mode="after")
