@@ -15,7 +15,7 @@ START, END = "<think>", "</think>"
 PARSERS = ("qwen3", "deepseek_r1")
 
 
-def _held(text: str, tag: str) -> int:
+def held_suffix(text: str, tag: str) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of `tag` (it may become the tag)."""
     for k in range(min(len(tag) - 1, len(text)), 0, -1):
         if tag.startswith(text[-k:]):
@@ -50,7 +50,7 @@ class ReasoningParser:
                     reasoning += self.buf[:i]
                     self.buf, self.state = self.buf[i + len(END):], "content"
                     continue
-                keep = 0 if final else _held(self.buf, END)
+                keep = 0 if final else held_suffix(self.buf, END)
                 reasoning += self.buf[: len(self.buf) - keep]
                 self.buf = self.buf[len(self.buf) - keep:]
                 return reasoning, content

@@ -20,6 +20,8 @@ import json
 import re
 import uuid
 
+from cluster.reasoning import held_suffix
+
 BEGIN, END = "<tool_call>", "</tool_call>"
 _HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
 
@@ -35,14 +37,6 @@ def structural_tag(tools: list[dict], tool_choice, parallel_tool_calls: bool, re
                                             reasoning="auto" if reasoning else "disabled",
                                             parallel_tool_calls=parallel_tool_calls, max_whitespace_cnt=MAX_WHITESPACE)
     return tag.model_dump_json()
-
-
-def _held(text: str, tag: str) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of `tag`."""
-    for k in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-k:]):
-            return k
-    return 0
 
 
 def new_call_id() -> str:
@@ -72,7 +66,7 @@ class ToolCallParser:
                     self.buf, self.after_call = stripped, False
                 i = self.buf.find(BEGIN)
                 if i < 0:
-                    keep = 0 if final else _held(self.buf, BEGIN)
+                    keep = 0 if final else held_suffix(self.buf, BEGIN)
                     content += self.buf[: len(self.buf) - keep]
                     self.buf = self.buf[len(self.buf) - keep:]
                     return content, deltas
@@ -97,7 +91,7 @@ class ToolCallParser:
                     self.closed += 1
                     self.after_call = True
                 else:
-                    keep = 0 if final else _held(self.buf, END)
+                    keep = 0 if final else held_suffix(self.buf, END)
                     args = self.buf[: len(self.buf) - keep]
                     if not final:  # hold back what may be the call object's closing brace
                         stripped = args.rstrip()
