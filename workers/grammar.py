@@ -115,17 +115,7 @@ class GrammarBook:
             info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
                                                       stop_token_ids=self.stop_token_ids)
             self._compiler = xgr.GrammarCompiler(info, max_threads=self._threads)
-        kind, value = _kind(spec)
-        c = self._compiler
-        if kind in ("json", "json_object"):
-            return c.compile_json_schema(_schema_text(kind, value), **_json_options(spec, kind))
-        if kind == "regex":
-            return c.compile_regex(value)
-        if kind == "choice":
-            return c.compile_regex(_choice_regex(value))
-        if kind == "grammar":
-            return c.compile_grammar(value)
-        return c.compile_structural_tag(value if isinstance(value, str) else json.dumps(value))
+        return self._compiler.compile_grammar(grammar_of(spec))  # (the one spec -> grammar rule)
 
     # ---- lifecycle -----------------------------------------------------------------------
     def submit(self, seq) -> None:
