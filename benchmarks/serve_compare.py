@@ -324,6 +324,9 @@ def merge(paths: list[str], out: str) -> dict:
             into["points"].update(r["points"])
             into["point_part"].update({pt: part.get("tag") for pt in r["points"]})
         merged.setdefault("failed_systems", {}).update(part.get("failed_systems") or {})
+    commits = sorted({pt["commit"] for pt in merged["parts"] if pt.get("commit")})
+    merged["commit"] = commits[0] if len(commits) == 1 else commits  # each part's own is in `parts`
+    merged["command"] = " ".join(sys.argv)
     _ratios(merged)
     with open(out, "w") as f:
         json.dump(merged, f, indent=1)
