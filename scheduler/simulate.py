@@ -70,10 +70,8 @@ class CostModel:
     """Seconds per engine step. Defaults: roughly an 8B model (Qwen3-8B / Llama-3-8B, bf16) on one H100:
     ~8 ms of fixed cost per step (weights read, launch overheads), ~0.05 ms per decode token (attention
     over a ~2k-token compressed cache plus the per-token MLP work), ~0.06 ms per prefill token (~16k
-    prefill tokens/s). Our own decode_step bench (benchmarks/results/decode_step_qwen3-8b.json, H200, Triton
-    backend, 2k context) measured 16.0 / 21.8 / 34.1 ms at batch 64 / 128 / 256, i.e. ~10 ms + ~0.094 ms
-    per token: our kernels are slower than the defaults assume; the comparison between policies does not
-    depend much on it."""
+    prefill tokens/s). The README's decode-step figures say how far our kernels are from these; the
+    comparison between policies does not depend much on them."""
 
     t_fixed_s: float = 8e-3
     t_decode_s: float = 5e-5

@@ -96,11 +96,6 @@ class BlockManager:
             hits.append(block)
         return hits
 
-    def can_allocate(self, num_blocks: int, cached: list[int] = ()) -> bool:
-        # Cached pages that are free leave the free queue when taken, so they count against it too.
-        reused_free = sum(1 for b in cached if self.ref_count[b] == 0)
-        return num_blocks + reused_free <= self.num_free_blocks
-
     # ---- mutations -----------------------------------------------------------------------
     def allocate(self, seq: Sequence, cached: list[int], num_new_tokens: int) -> None:
         """Give a fresh sequence its cached prefix pages plus pages for its first chunk."""

@@ -45,14 +45,6 @@ class SchedulerOutput:
     preempted: list[Sequence] = field(default_factory=list)
     compactions: list[CompactionPlan] = field(default_factory=list)  # early compressions, before the forward
 
-    @property
-    def num_batched_tokens(self) -> int:
-        return sum(c.num_new_tokens for c in self.chunks)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.chunks and not self.compactions
-
 
 def _pages(tokens: int, block_size: int) -> int:
     return -(-tokens // block_size)
