@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
-import subprocess
 
 import torch
 
 from kernels import paged_attention as pa
+from benchmarks.provenance import commit, write_result
 
 
 def make_case(batch: int, context: int, block_size: int, h_kv: int, g: int, d: int, device, seed: int = 0):
@@ -105,17 +104,14 @@ def main(argv=None) -> int:
     for r in rows:
         if "ms" in r and (r["context"] not in best or r["ms"] < best[r["context"]]["ms"]):
             best[r["context"]] = r
-    commit = os.environ.get("ZIPSERVE_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     res = dict(benchmark="attention_kernel", device=torch.cuda.get_device_name(), batch=a.batch, heads=a.heads,
                block_size=a.block_size, hint=a.hint, max_model_len=a.max_model_len, copy_bandwidth_GBps=bw / 1e9,
                default=dict(zip(("decode_n", "warps", "stages", "min_partition"), default)), rows=rows,
-               best=best, commit=commit, torch=torch.__version__, command="python -m benchmarks.attention_kernel "
+               best=best, commit=commit(), torch=torch.__version__, command="python -m benchmarks.attention_kernel "
                + " ".join(argv if argv is not None else __import__("sys").argv[1:]))
     os.makedirs(a.out, exist_ok=True)
     path = os.path.join(a.out, f"attention_kernel_{card_tag(res['device'])}.json")
-    with open(path, "w") as f:
-        json.dump(res, f, indent=1)
+    write_result(path, res, indent=1)
     for ctx, r in best.items():
         print(f"best at ctx {ctx}: n{r['decode_n']} w{r['warps']} s{r['stages']} p{r['min_partition']} "
               f"{r['ms']:.3f} ms ({r['fraction_of_floor']:.0%} of floor)")

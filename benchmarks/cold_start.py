@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from benchmarks.provenance import commit, write_result
 
 
 def _kernels(cache_dir: str) -> set[str]:
@@ -70,8 +71,7 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(run_system(a.system, config_folder(a.shape), bursts, a.max_tokens)))
         return 0
     res = {"benchmark": "cold_start", "shape": a.shape, "bursts": bursts, "max_tokens": a.max_tokens,
-           "commit": os.environ.get("ZIPSERVE_COMMIT") or subprocess.run(
-               ["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
+           "commit": commit(),
            "command": "python -m benchmarks.cold_start " + " ".join(sys.argv[1:]), "systems": {}}
     for system in a.systems.split(","):  # each in a fresh process: nothing compiled or cached carries over
         out = subprocess.run([sys.executable, "-m", "benchmarks.cold_start", "--system", system, "--shape", a.shape,
@@ -87,8 +87,7 @@ def main(argv=None) -> int:
     from benchmarks.decode_step import card_tag
 
     os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, f"cold_start_{card_tag(res['device'])}.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    write_result(os.path.join(a.out, f"cold_start_{card_tag(res['device'])}.json"), res, indent=1)
     return 0
 
 

@@ -19,6 +19,7 @@ import tempfile
 import time
 
 from tqdm.auto import tqdm
+from benchmarks.provenance import write_result
 
 
 def run_system(path: str, name: str, config: dict, prompts: list[list[int]], max_tokens: int) -> dict:
@@ -89,8 +90,7 @@ def main(argv=None) -> dict:
         },
     }
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "compression_capacity.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_result(os.path.join(args.out, "compression_capacity.json"), summary, indent=2)
     _plot(results, os.path.join(args.out, "compression_capacity.png"), summary)
     print(json.dumps(summary["ratios"], indent=2))
     for r in summary["results"]:

@@ -18,6 +18,7 @@ import tempfile
 import time
 
 import torch
+from benchmarks.provenance import write_result
 
 
 def _merge(intervals):
@@ -106,8 +107,7 @@ def main(argv=None):
         "mean_compression_ms_host": eng.stats()["mean_compression_ms"],
     }
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "compression_overlap.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    write_result(os.path.join(args.out, "compression_overlap.json"), result, indent=2)
     _plot(result, os.path.join(args.out, "compression_overlap.png"))
     print(json.dumps(result, indent=2))
     return result

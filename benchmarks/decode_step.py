@@ -22,6 +22,7 @@ import shutil
 import tempfile
 
 import torch
+from benchmarks.provenance import write_result
 
 SHAPES = {  # config.json fields of real models (weights are made on the device)
     "qwen3-8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
@@ -213,8 +214,7 @@ def main(argv=None):
                   flush=True)
     os.makedirs(args.out, exist_ok=True)
     name = f"decode_step_{args.shape}_{card_tag(results['device'])}"
-    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    write_result(os.path.join(args.out, f"{name}.json"), results, indent=2)
     _plot(results, os.path.join(args.out, f"{name}.png"))
     return results
 

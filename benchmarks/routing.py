@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import time
+from benchmarks.provenance import write_result
 
 POLICIES = ["round_robin", "pow2", "sglang_cache_aware", "ray_prefix_affinity", "dynamo_cost", "ours"]
 BASELINE_NAMES = POLICIES[:-1]
@@ -207,8 +208,7 @@ def run(args: argparse.Namespace) -> int:
         summary["targets"] = evaluate_targets({t: e["results"] for t, e in summary["traces"].items()})
     summary["runtime_s"] = time.perf_counter() - t_start
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "routing.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_result(os.path.join(args.out, "routing.json"), summary, indent=2)
     if "pow2" in policies:
         plot(summary, os.path.join(args.out, "routing.png"))
     if "targets" in summary:

@@ -18,6 +18,7 @@ import random
 import subprocess
 import sys
 import time
+from benchmarks.provenance import commit, write_result
 
 
 def variants() -> dict:
@@ -98,23 +99,15 @@ def main(argv=None) -> int:
         r["vs_plain"] = r["tok_per_s"] / base["tok_per_s"]
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     res = {"benchmark": "sampling_cost", "card": card, "shape": args.shape, "config": args.config,
-           "commit": os.environ.get("ZIPSERVE_COMMIT") or _commit(), "command": " ".join(sys.argv),
+           "commit": commit(), "command": " ".join(sys.argv),
            "tokenizer_from": args.tokenizer_from, "torch": torch.__version__,
            "rows": rows}
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"sampling_cost_{card_tag(card)}{args.tag}.json")
-    with open(path, "w") as f:
-        json.dump(res, f, indent=1)
+    write_result(path, res, indent=1)
     _plot(res, path[:-5] + ".png")
     print(path)
     return 0
-
-
-def _commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
-    except OSError:
-        return None
 
 
 def _plot(res: dict, path: str) -> None:

@@ -33,6 +33,7 @@ import subprocess
 import sys
 import threading
 import time
+from benchmarks.provenance import commit, write_result
 
 log = logging.getLogger("benchmarks.serve_compare")
 
@@ -328,8 +329,7 @@ def merge(paths: list[str], out: str) -> dict:
     merged["commit"] = commits[0] if len(commits) == 1 else commits  # each part's own is in `parts`
     merged["command"] = " ".join(sys.argv)
     _ratios(merged)
-    with open(out, "w") as f:
-        json.dump(merged, f, indent=1)
+    write_result(out, merged, indent=1)
     plot(merged, out.removesuffix(".json") + ".png")
     return merged
 
@@ -433,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     points = [parse_point(s) for s in a.points.split(",") if s]
     res = {"benchmark": "serve_compare", "tag": a.tag, "command": " ".join(sys.argv), "shape": a.shape,
            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "prompt_words": a.prompt_words, "slo": a.slo,
-           "commit": _commit(), "systems": {}}
+           "commit": commit(), "systems": {}}
     try:
         import torch
 
@@ -494,19 +494,7 @@ def _shutdown_ray() -> None:
 
 
 def _save(res: dict, stem: str) -> None:
-    with open(stem + ".json", "w") as f:
-        json.dump(res, f, indent=1)
-
-
-def _commit() -> str:
-    """ZIPSERVE_COMMIT when set (a copied tree's .git may hold another commit than the code), else git's HEAD."""
-    if os.environ.get("ZIPSERVE_COMMIT"):
-        return os.environ["ZIPSERVE_COMMIT"]
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        head = ""
-    return head or "unknown"
+    write_result(stem + ".json", res, indent=1)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import time
+from benchmarks.provenance import write_result
 
 log = logging.getLogger("benchmarks.serve_load")
 
@@ -190,8 +191,7 @@ def run(a: argparse.Namespace) -> int:
     tag = a.tag or (card_tag(device) if device != "cpu" else "cpu")
     os.makedirs(a.out_dir, exist_ok=True)
     stem = os.path.join(a.out_dir, f"serve_load_{tag}")
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=1)
+    write_result(stem + ".json", result, indent=1)
     plot(result, stem + ".png")
     itl = result["itl_ms_per_token"]
     log.info("%d/%d streams complete, %.0f tok/s, TTFT p50 %.2f s p99 %.2f s, ITL p50 %.1f ms p99 %.1f ms per token; "

@@ -20,6 +20,7 @@ import sys
 import time
 
 import torch
+from benchmarks.provenance import write_result
 
 
 def _one(spec: dict) -> dict:
@@ -89,8 +90,7 @@ def run(args) -> dict:
         r["ratio_to_tp1_eager"] = r["tokens_per_s"] / base
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"tensor_parallel_{args.bench_shape}_tp{args.tp}")
-    with open(stem + ".json", "w") as f:
-        json.dump(res, f, indent=1)
+    write_result(stem + ".json", res, indent=1)
     try:
         import matplotlib
 

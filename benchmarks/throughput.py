@@ -30,6 +30,7 @@ import time
 import torch
 
 from benchmarks.decode_step import SHAPES, card_tag, config_folder, copy_bandwidth
+from benchmarks.provenance import write_result
 
 log = logging.getLogger("benchmarks.throughput")
 
@@ -313,8 +314,7 @@ def _write(results: dict, out: str, tag: str = "") -> None:
             new_lengths = {row["output_len"] for row in results["lengths"]}
             kept = [row for row in old["lengths"] if row["output_len"] not in new_lengths]
             merged = dict(results, lengths=sorted(kept + results["lengths"], key=lambda r: r["output_len"]))
-    with open(name + ".json", "w") as f:
-        json.dump(merged, f, indent=1)
+    write_result(name + ".json", merged, indent=1)
     plot(merged, name + ".png")
 
 

@@ -30,6 +30,7 @@ import time
 import torch
 
 from workers.config import CompressionConfig
+from benchmarks.provenance import write_result
 
 log = logging.getLogger("benchmarks.quality.fidelity")
 
@@ -249,8 +250,7 @@ def tail_sweep(runs: list[dict], label=lambda r: r["setting"]) -> dict:
 
 def write(results: dict, stem: str) -> None:
     os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
-    with open(stem + ".json", "w") as f:
-        json.dump(results, f, indent=1)
+    write_result(stem + ".json", results, indent=1)
 
 
 def plot(results: dict, path: str) -> None:

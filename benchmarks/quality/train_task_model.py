@@ -34,6 +34,7 @@ import time
 import torch
 
 from benchmarks.quality.task import MODES, build_tokenizer, encode, make_problem
+from benchmarks.provenance import write_result
 
 log = logging.getLogger("benchmarks.quality.train_task_model")
 SHORT_STEPS = 40
@@ -158,8 +159,7 @@ def train(args) -> dict:
         summary["previous_phases"] = previous.get("previous_phases", []) + [
             {k: previous[k] for k in ("steps", "tokens", "seconds", "device", "args", "history")}]
         summary["total_seconds"] = summary["seconds"] + sum(p["seconds"] for p in summary["previous_phases"])
-    with open(os.path.join(args.out, "train_log.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    write_result(os.path.join(args.out, "train_log.json"), summary, indent=1)
     log.info("saved %s (%d steps, %.0fM tokens)", args.out, step, seen / 1e6)
     return summary
 
