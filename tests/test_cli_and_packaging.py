@@ -45,3 +45,15 @@ def test_engine_config_from_yaml(qwen3_path, tmp_path):
     bad.write_text("block_size: 8\ncompression:\n  use_similarity: true\n")
     with pytest.raises(ValueError, match="unknown compression option.*use_similarity"):
         LLM(qwen3_path, config_file=str(bad))
+
+
+def test_importing_the_workers_package_loads_no_engine():
+    """`workers/__init__` is lazy: a light module of the package must not pull the engine and the models."""
+    code = ("import sys, workers, workers.sampling_params; "
+            "print(sorted(m for m in sys.modules if m in ('workers.engine', 'workers.model_runner', 'workers.llm')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
+    code = "from workers import LLM, SamplingParams; print(LLM.__module__, SamplingParams.__module__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["workers.llm", "workers.sampling_params"], out.stderr

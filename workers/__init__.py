@@ -1,9 +1,19 @@
-"""The GPU worker and the engine it runs: scheduler, block manager, model runner, models, sampler."""
+"""The GPU worker and the engine it runs: scheduler, block manager, model runner, models, sampler.
 
-from workers.config import EngineConfig
-from workers.engine import LLMEngine
-from workers.llm import LLM
-from workers.outputs import RequestOutput
-from workers.sampling_params import SamplingParams
+The names below load on first use (PEP 562), so importing one light module of the package (its sampling
+parameters, say) does not import the engine, the models and torch with it."""
 
-__all__ = ["LLM", "LLMEngine", "EngineConfig", "RequestOutput", "SamplingParams"]
+from importlib import import_module
+
+_EXPORTS = {"EngineConfig": "workers.config", "LLMEngine": "workers.engine", "LLM": "workers.llm",
+            "RequestOutput": "workers.outputs", "SamplingParams": "workers.sampling_params"}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'workers' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
