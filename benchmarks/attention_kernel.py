@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from kernels import paged_attention as pa
+from zipserve.kernels import paged_attention as pa
 from benchmarks.provenance import commit, write_result
 
 

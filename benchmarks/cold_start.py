@@ -34,7 +34,7 @@ def _kernels(cache_dir: str) -> set[str]:
 def run_system(system: str, model_dir: str, bursts: list[int], max_tokens: int) -> dict:
     cache = tempfile.mkdtemp(prefix=f"triton-{system}-")
     os.environ["TRITON_CACHE_DIR"] = cache  # read at compile time: this process compiles from scratch
-    from workers import LLM, SamplingParams
+    from zipserve.workers import LLM, SamplingParams
 
     engine = {"load_format": "dummy"} | ({"budget_blocks": None} if system == "full" else {})
     t = time.perf_counter()

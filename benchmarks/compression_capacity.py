@@ -23,7 +23,7 @@ from benchmarks.provenance import write_result
 
 
 def run_system(path: str, name: str, config: dict, prompts: list[list[int]], max_tokens: int) -> dict:
-    from workers import LLM, SamplingParams
+    from zipserve.workers import LLM, SamplingParams
 
     llm = LLM(path, **config)
     eng = llm.engine

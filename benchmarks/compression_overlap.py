@@ -56,7 +56,7 @@ def main(argv=None):
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
     from benchmarks.decode_step import config_folder
-    from workers import LLM, SamplingParams
+    from zipserve.workers import LLM, SamplingParams
 
     llm = LLM(config_folder(args.shape), load_format="dummy", block_size=args.block_size, budget_blocks=args.budget,
               max_num_seqs=args.requests, max_num_batched_tokens=8192, max_model_len=8192,

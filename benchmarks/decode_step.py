@@ -80,9 +80,9 @@ def copy_bandwidth(device) -> float:
 
 def time_decode(runner, batch: int, context: int, iters: int = 20) -> float:
     """Median milliseconds of one decode step of `batch` requests with `context` cached tokens each."""
-    from workers.sampling_params import SamplingParams
-    from workers.scheduler import ScheduledChunk
-    from workers.sequence import Sequence
+    from zipserve.workers.sampling_params import SamplingParams
+    from zipserve.workers.scheduler import ScheduledChunk
+    from zipserve.workers.sequence import Sequence
 
     bs = runner.block_size
     pages = -(-(context + 1) // bs)
@@ -155,8 +155,8 @@ def main(argv=None):
     ap.add_argument("--torch-max-batch", type=int, default=64, help="the torch reference is slow: cap its batch")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
-    from workers.config import EngineConfig
-    from workers.model_runner import ModelRunner
+    from zipserve.workers.config import EngineConfig
+    from zipserve.workers.model_runner import ModelRunner
 
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev)

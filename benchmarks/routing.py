@@ -49,8 +49,8 @@ def our_knobs(cap: dict, cost) -> dict:
 
 
 def make_policy(name: str, knobs: dict, seed: int):
-    from scheduler.baselines import BASELINES
-    from scheduler.policy import CapacityAffinityPolicy
+    from zipserve.scheduler.baselines import BASELINES
+    from zipserve.scheduler.policy import CapacityAffinityPolicy
 
     if name == "ours":
         return CapacityAffinityPolicy(seed=seed, **knobs)
@@ -165,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from scheduler.simulate import CostModel, Simulator, WorkerConfig, estimate_capacity
-    from scheduler.traces import TRACES
+    from zipserve.scheduler.simulate import CostModel, Simulator, WorkerConfig, estimate_capacity
+    from zipserve.scheduler.traces import TRACES
 
     runs = []  # (label, trace name, load)
     for item in (t for t in args.traces.split(",") if t):

@@ -40,7 +40,7 @@ def variants() -> dict:
 
 
 def run_variant(model_dir: str, config: str, name: str, n: int, tokens: int) -> dict:
-    from workers import LLM, SamplingParams
+    from zipserve.workers import LLM, SamplingParams
 
     per_request, overrides = variants()[name]
     llm = LLM(config_file=config, model=model_dir, load_format="dummy", **overrides)

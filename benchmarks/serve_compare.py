@@ -176,9 +176,9 @@ def run_direct(a, model_dir: str, points: list[dict]) -> dict:
     """The same points through the engine in this process: requests added and stepped directly, a new one as
     one finishes, tokens counted as the engine produces them, over the same windows."""
     from benchmarks import loadgen
-    from cluster.app import resolve_config
-    from cluster.cli import load_app_args
-    from workers import LLM, SamplingParams
+    from zipserve.cluster.app import resolve_config
+    from zipserve.cluster.cli import load_app_args
+    from zipserve.workers import LLM, SamplingParams
 
     args = load_app_args(a.config)
     args["model"] = model_dir

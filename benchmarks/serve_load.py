@@ -39,10 +39,10 @@ def api_checks(url: str, model: str) -> dict:
 def direct_baseline(a: argparse.Namespace, engine: dict, prompt_words: tuple[int, int]) -> dict:
     """The same prompts and sampling through the engine in this process (no Ray, no HTTP): what the
     serving path costs, as a ratio."""
-    from cluster.app import resolve_config
-    from cluster.cli import load_app_args
+    from zipserve.cluster.app import resolve_config
+    from zipserve.cluster.cli import load_app_args
     from benchmarks import loadgen
-    from workers import LLM, SamplingParams
+    from zipserve.workers import LLM, SamplingParams
 
     args = load_app_args(a.config)
     if a.model:
@@ -69,8 +69,8 @@ def launch(config: str | None, model: str | None, engine: dict, port: int, repli
     import ray
     from ray import serve
 
-    from cluster.app import build_app, ingress_urls, throughput_env
-    from cluster.cli import load_app_args, set_fixed_replicas
+    from zipserve.cluster.app import build_app, ingress_urls, throughput_env
+    from zipserve.cluster.cli import load_app_args, set_fixed_replicas
 
     args = load_app_args(config)
     if replicas is not None:

@@ -27,7 +27,7 @@ def _one(spec: dict) -> dict:
     """Run one configuration (in this process) and return its tokens or throughput."""
     from benchmarks.decode_step import config_folder
     from benchmarks.throughput import workload
-    from workers import LLM, SamplingParams
+    from zipserve.workers import LLM, SamplingParams
 
     path = config_folder(spec["shape"], max_pos=spec["max_len"])
     llm = LLM(path, load_format="dummy", dtype=spec["dtype"], tensor_parallel_size=spec["tp"], block_size=256,

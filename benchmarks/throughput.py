@@ -60,8 +60,8 @@ def run_zipserve(system: str, path: str, prompts, L: int, *, budget: int, pool_p
                  bandwidth: float, max_seconds: float) -> dict:
     """One engine run; the timeline samples (time, running, tokens) every step. system: "compressed" or
     "full", with "-sync" for the engine without async scheduling (the host work between steps exposed)."""
-    from workers import LLM, SamplingParams
-    from workers.gpu_clock import GpuClock
+    from zipserve.workers import LLM, SamplingParams
+    from zipserve.workers.gpu_clock import GpuClock
 
     compressed = system.startswith("compressed")
     overlap = not system.endswith("-sync")
@@ -151,7 +151,7 @@ def hf_model(path: str, device: str = "cuda", dtype=torch.bfloat16):
     """transformers' Qwen3 with the same random weights as zipserve's dummy loader (same seed and order)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from workers.models.loader import load_model
+    from zipserve.workers.models.loader import load_model
 
     ours = load_model(path, torch.device(device), dtype, 128, "dummy", 0, "torch")
     cfg = AutoConfig.from_pretrained(path)

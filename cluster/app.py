@@ -60,7 +60,7 @@ def resolve_config(args: dict | None) -> dict:
     if not args.get("model") and os.environ.get("ZIPSERVE_MODEL"):
         args["model"] = os.environ["ZIPSERVE_MODEL"]
     if not args.get("model"):
-        from cluster.default_model import ensure_default_model
+        from zipserve.cluster.default_model import ensure_default_model
 
         args["model"] = ensure_default_model()  # engine defaults: torch/fp32 on CPU, triton/bf16 on CUDA
     for key, known in (("workers", _WORKER_KEYS), ("routing", _ROUTING_KEYS), ("ingress", _INGRESS_KEYS)):
@@ -68,12 +68,12 @@ def resolve_config(args: dict | None) -> dict:
     _check("workers.autoscaling", args["workers"].get("autoscaling") or {},
            _POLICY_KEYS | set(AutoscalingConfig.model_fields))
     if args["ingress"].get("reasoning_parser") is not None:
-        from cluster.reasoning import ReasoningParser
+        from zipserve.cluster.reasoning import ReasoningParser
 
         ReasoningParser(args["ingress"]["reasoning_parser"])  # an unknown family fails the deploy here
     args["engine"] = dict(args.get("engine") or {})
     # Validate the engine config now, on the driver: a typo fails the deploy with a clear message.
-    from workers.config import EngineConfig
+    from zipserve.workers.config import EngineConfig
 
     eng = dict(args["engine"])
     cfg = (EngineConfig.from_yaml(args["engine_config"], model=args["model"], **eng) if args.get("engine_config")
@@ -129,10 +129,10 @@ def gpus_per_engine(num_gpus: float, engine: dict) -> float:
 
 
 def build_app(args: dict | None = None):
-    """Application builder: `serve run cluster.app:build_app` or an import_path in configs/serve.yaml."""
-    from cluster.ingress import OpenAIIngress
-    from scheduler.router import CapacityAffinityRouter
-    from cluster.worker import EngineWorker
+    """Application builder: `serve run zipserve.cluster.app:build_app` or an import_path in configs/serve.yaml."""
+    from zipserve.cluster.ingress import OpenAIIngress
+    from zipserve.scheduler.router import CapacityAffinityRouter
+    from zipserve.cluster.worker import EngineWorker
 
     cfg = resolve_config(args)
     w, r, ing = cfg["workers"], cfg["routing"], cfg["ingress"]
@@ -155,7 +155,7 @@ def build_app(args: dict | None = None):
         kwargs = {k: auto.pop(k) for k in list(auto) if k in _POLICY_KEYS}
         auto.setdefault("min_replicas", 1)
         auto.setdefault("max_replicas", max(auto["min_replicas"], 1))
-        auto["policy"] = {"policy_function": "cluster.autoscaling:PagePressurePolicy", "policy_kwargs": kwargs}
+        auto["policy"] = {"policy_function": "zipserve.cluster.autoscaling:PagePressurePolicy", "policy_kwargs": kwargs}
         auto.setdefault("metrics_interval_s", 1.0)
         auto.setdefault("look_back_period_s", 10.0)
         options["autoscaling_config"] = auto

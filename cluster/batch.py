@@ -39,7 +39,7 @@ ROW_FIELDS = {"id", "prompt", "messages", "n"} | set(SAMPLING_FIELDS)
 
 def read_rows(path: str, done: set[str], max_model_len: int | None = None) -> tuple[list[dict], list[dict]]:
     """(good rows not yet done, errors). Every row gets a reason if it is refused."""
-    from workers.sampling_params import SamplingParams
+    from zipserve.workers.sampling_params import SamplingParams
 
     good, errors, seen = [], [], set()
     with open(path) as f:
@@ -110,7 +110,7 @@ class BatchEngine:
     """A Ray Data actor: one engine; runs a batch of rows with continuous batching."""
 
     def __init__(self, engine_config: dict):
-        from workers import LLM
+        from zipserve.workers import LLM
 
         cfg = dict(engine_config)
         model = cfg.pop("model")
@@ -119,7 +119,7 @@ class BatchEngine:
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def __call__(self, batch: dict) -> dict:
-        from workers import SamplingParams
+        from zipserve.workers import SamplingParams
 
         rows = [json.loads(r) for r in batch["request"]]
         tok = self.llm.tokenizer
@@ -209,7 +209,7 @@ def run(input_path: str, output_path: str, *, model: str | None = None, engine: 
     import ray
     from tqdm import tqdm
 
-    from cluster.app import gpus_per_engine, resolve_config
+    from zipserve.cluster.app import gpus_per_engine, resolve_config
 
     cfg = resolve_config({"model": model, "engine": engine or {}, "engine_config": engine_config})
     engine_cfg = dict(cfg["engine"], model=cfg["model"])

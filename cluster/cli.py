@@ -10,10 +10,10 @@ from pathlib import Path
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from workers import LLM, SamplingParams
+    from zipserve.workers import LLM, SamplingParams
 
     if args.model is None and not _config_names_model(args.config):
-        from cluster.default_model import ensure_default_model
+        from zipserve.cluster.default_model import ensure_default_model
 
         args.model = ensure_default_model()
     flags = dict(block_size=args.block_size, backend=args.backend, device=args.device,
@@ -68,7 +68,7 @@ def _serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from cluster.app import build_app, ingress_urls, throughput_env
+    from zipserve.cluster.app import build_app, ingress_urls, throughput_env
 
     app_args = load_app_args(args.config)
     if args.model:
@@ -104,7 +104,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _batch(args: argparse.Namespace) -> int:
-    from cluster.batch import run
+    from zipserve.cluster.batch import run
 
     app_args = load_app_args(args.config)
     summary = run(args.input, args.output, model=args.model or app_args.get("model"), engine=app_args.get("engine"),

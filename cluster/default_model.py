@@ -180,7 +180,7 @@ def _verify(out: str, model, tok) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cluster.default_model",
+    parser = argparse.ArgumentParser(prog="python -m zipserve.cluster.default_model",
                                      description=f"convert (once) and print the {DEFAULT_MODEL_NAME} folder")
     parser.add_argument("--cache-dir", default=None, help="default: $ZIPSERVE_CACHE or ~/.cache/zipserve")
     args = parser.parse_args(argv)

@@ -25,16 +25,16 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.util import metrics
 
-from cluster import openai_api as oa
-from cluster.channel import Subscriptions, WorkerLostError
-from cluster.reasoning import ReasoningParser, split_reasoning
-from cluster.tool_calls import ToolCallParser, parse_tool_calls, structural_tag
-from scheduler import state_board
-from scheduler.policy import RouteRequest
-from scheduler.router import route_request_to_dict
-from workers.block_manager import page_hashes
-from workers.grammar import validate_structured
-from workers.tokenizer import load_tokenizer, token_piece
+from zipserve.cluster import openai_api as oa
+from zipserve.cluster.channel import Subscriptions, WorkerLostError
+from zipserve.cluster.reasoning import ReasoningParser, split_reasoning
+from zipserve.cluster.tool_calls import ToolCallParser, parse_tool_calls, structural_tag
+from zipserve.scheduler import state_board
+from zipserve.scheduler.policy import RouteRequest
+from zipserve.scheduler.router import route_request_to_dict
+from zipserve.workers.block_manager import page_hashes
+from zipserve.workers.grammar import validate_structured
+from zipserve.workers.tokenizer import load_tokenizer, token_piece
 
 log = logging.getLogger("zipserve.ingress")
 

@@ -76,7 +76,7 @@ class StructuredOutputs(BaseModel):
 
 def check_structured(spec: dict | None, param: str) -> dict | None:
     """The engine's own check of a constraint (workers/grammar.py), as a refusal naming `param`."""
-    from workers.grammar import validate_structured
+    from zipserve.workers.grammar import validate_structured
 
     try:
         validate_structured(spec)

@@ -20,7 +20,7 @@ import json
 import re
 import uuid
 
-from cluster.reasoning import held_suffix
+from zipserve.cluster.reasoning import held_suffix
 
 BEGIN, END = "<tool_call>", "</tool_call>"
 _HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
@@ -31,7 +31,7 @@ def structural_tag(tools: list[dict], tool_choice, parallel_tool_calls: bool, re
     tools and choice; `reasoning`: a `<think>` block may open the output (a reasoning model)."""
     import xgrammar
 
-    from workers.grammar import MAX_WHITESPACE
+    from zipserve.workers.grammar import MAX_WHITESPACE
 
     tag = xgrammar.get_model_structural_tag("qwen_3", tools=tools, tool_choice=tool_choice,
                                             reasoning="auto" if reasoning else "disabled",

@@ -18,12 +18,12 @@ import uuid
 
 from ray import serve
 
-from cluster.channel import WorkerChannel
-from scheduler.state_board import capacity_of
-from workers.async_engine import AsyncEngine
-from workers.config import EngineConfig
-from cluster.worker_metrics import WorkerMetrics
-from workers.sampling_params import SamplingParams
+from zipserve.cluster.channel import WorkerChannel
+from zipserve.scheduler.state_board import capacity_of
+from zipserve.workers.async_engine import AsyncEngine
+from zipserve.workers.config import EngineConfig
+from zipserve.cluster.worker_metrics import WorkerMetrics
+from zipserve.workers.sampling_params import SamplingParams
 
 log = logging.getLogger("zipserve.worker")
 

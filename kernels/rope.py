@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.rms_norm import rms_norm_ref
+from zipserve.kernels.rms_norm import rms_norm_ref
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -48,8 +48,8 @@ from collections import Counter, OrderedDict
 
 import numpy as np
 
-from scheduler.policy import Decision, RouteRequest, WorkerState
-from workers.block_manager import hash_page
+from zipserve.scheduler.policy import Decision, RouteRequest, WorkerState
+from zipserve.workers.block_manager import hash_page
 
 
 class RoutingPolicy(abc.ABC):

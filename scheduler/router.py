@@ -26,8 +26,8 @@ from typing import Any
 from ray.util import metrics
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from scheduler import state_board
-from scheduler.policy import CapacityAffinityPolicy, RouteRequest, WorkerState
+from zipserve.scheduler import state_board
+from zipserve.scheduler.policy import CapacityAffinityPolicy, RouteRequest, WorkerState
 
 CHOSEN_TTL_S = 5.0  # a decision Serve never acted on (request cancelled while routing) stops counting
 

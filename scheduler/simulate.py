@@ -60,8 +60,8 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-from scheduler.policy import RouteRequest, WorkerState
-from workers.block_manager import page_hashes
+from zipserve.scheduler.policy import RouteRequest, WorkerState
+from zipserve.workers.block_manager import page_hashes
 
 
 # ---- configuration -------------------------------------------------------------------------------

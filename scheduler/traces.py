@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from scheduler.simulate import TraceRequest
+from zipserve.scheduler.simulate import TraceRequest
 
 VOCAB = 50_000
 

@@ -8,9 +8,9 @@ import signal
 
 import pytest
 
-from workers import LLM, SamplingParams
-from workers.async_engine import AsyncEngine, EngineDeadError
-from workers.config import EngineConfig
+from zipserve.workers import LLM, SamplingParams
+from zipserve.workers.async_engine import AsyncEngine, EngineDeadError
+from zipserve.workers.config import EngineConfig
 
 CFG = dict(block_size=16, num_blocks=128, max_model_len=256, max_num_seqs=8, budget_blocks=4,
            compression={"query_window": 8})
@@ -164,8 +164,8 @@ def test_stream_interval_bounds_the_message_rate_and_finishes_at_once(mode, qwen
 
 
 def test_merge_waiting_keeps_order_per_request_and_stops_at_an_error():
-    from workers.async_engine import _merge_waiting
-    from workers.outputs import RequestOutput
+    from zipserve.workers.async_engine import _merge_waiting
+    from zipserve.workers.outputs import RequestOutput
 
     def out(rid, toks, text, finished=False):
         return RequestOutput(rid, [1], list(toks), text, finished, "length" if finished else None,

@@ -9,7 +9,7 @@ Every run checks the engine's page and request invariants after each step (tests
 import pytest
 
 from tests.engine_driver import run_checked
-from workers import LLM, SamplingParams
+from zipserve.workers import LLM, SamplingParams
 
 PROMPTS = [
     [7, 8, 9, 10, 11] * 9,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from workers import LLM, SamplingParams
+from zipserve.workers import LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 

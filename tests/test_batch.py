@@ -12,8 +12,8 @@ import pytest
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 
-from cluster.batch import run  # noqa: E402
-from workers import LLM, SamplingParams  # noqa: E402
+from zipserve.cluster.batch import run  # noqa: E402
+from zipserve.workers import LLM, SamplingParams  # noqa: E402
 
 ENGINE = {"block_size": 16, "num_blocks": 512, "max_model_len": 256, "max_num_seqs": 32, "budget_blocks": 4,
           "compression": {"query_window": 8}}

@@ -3,10 +3,10 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workers.block_manager import BlockManager, page_hashes
-from workers.sampling_params import SamplingParams
-from workers.scheduler import Scheduler
-from workers.sequence import Sequence, Status
+from zipserve.workers.block_manager import BlockManager, page_hashes
+from zipserve.workers.sampling_params import SamplingParams
+from zipserve.workers.scheduler import Scheduler
+from zipserve.workers.sequence import Sequence, Status
 
 
 def _fake_step(sched: Scheduler, bm: BlockManager, max_tokens: dict) -> list[Sequence]:

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from cluster.channel import Subscriptions, WorkerChannel, WorkerLostError, flush_interval, merge_chunks
+from zipserve.cluster.channel import Subscriptions, WorkerChannel, WorkerLostError, flush_interval, merge_chunks
 
 
 def _chunk(rid, index, toks, finish=None, **kw):

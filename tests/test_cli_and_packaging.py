@@ -1,13 +1,17 @@
-"""The CLI works end to end, and our `kernels` package is never mistaken for Hugging Face's."""
+"""The CLI works end to end, and our packages install as `zipserve.*`, never mistaken for Hugging Face's `kernels`."""
 
+import ast
+import importlib.metadata
+import json
 import subprocess
 import sys
+from pathlib import Path
 
-from workers import LLM, SamplingParams
+from zipserve.workers import LLM, SamplingParams
 
 
 def test_cli_generate_matches_engine(qwen3_path):
-    cmd = [sys.executable, "-m", "cluster.cli", "generate", "--model", qwen3_path, "--max-tokens", "12",
+    cmd = [sys.executable, "-m", "zipserve.cluster.cli", "generate", "--model", qwen3_path, "--max-tokens", "12",
            "--block-size", "16", "--ignore-eos", "The quick brown fox"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
@@ -17,19 +21,47 @@ def test_cli_generate_matches_engine(qwen3_path):
 
 
 def test_cli_help_and_errors(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "cluster.cli", "--help"], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "zipserve.cluster.cli", "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "generate" in res.stdout
-    res = subprocess.run([sys.executable, "-m", "cluster.cli", "generate", "--model", str(tmp_path), "hi"],
+    res = subprocess.run([sys.executable, "-m", "zipserve.cluster.cli", "generate", "--model", str(tmp_path), "hi"],
                          capture_output=True, text=True)
     assert res.returncode == 2 and "no config.json" in res.stderr
 
 
-def test_kernels_package_is_ours_and_transformers_ignores_it():
-    import kernels
-    from transformers.utils.import_utils import is_kernels_available
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE_FOLDERS = ("cluster", "workers", "scheduler", "kernels")
 
-    assert getattr(kernels, "ZIPSERVE_KERNELS", False)
-    assert not is_kernels_available()
+
+def test_our_kernels_never_shadow_hugging_faces_even_from_the_checkout_root():
+    """transformers imports Hugging Face's `kernels` (a dependency of it); ours is `zipserve.kernels`."""
+    code = ("import importlib.util, json, transformers.integrations.hub_kernels; "
+            "import zipserve.kernels.paged_attention as pa; "
+            "from transformers.utils.import_utils import is_kernels_available; "
+            "s = importlib.util.find_spec('kernels'); "
+            "print(json.dumps([s and s.origin, pa.__file__, is_kernels_available()]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    theirs, ours, available = json.loads(out.stdout.strip().splitlines()[-1])
+    assert ours == str(ROOT / "kernels" / "paged_attention.py")
+    assert theirs is None or not theirs.startswith(str(ROOT / "kernels")), theirs
+    try:
+        installed = importlib.metadata.version("kernels") is not None
+    except importlib.metadata.PackageNotFoundError:
+        installed = False
+    assert theirs is not None if installed else not available
+
+
+def test_no_module_imports_a_source_folder_by_its_bare_name():
+    """`import workers` would work from the checkout root only by accident, and `kernels` is someone else's."""
+    offenders = []
+    for folder in (*SOURCE_FOLDERS, "tests", "benchmarks"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                         else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+                offenders += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names
+                              if n.split(".")[0] in SOURCE_FOLDERS]
+    assert not offenders, offenders
 
 
 def test_engine_config_from_yaml(qwen3_path, tmp_path):
@@ -49,11 +81,12 @@ def test_engine_config_from_yaml(qwen3_path, tmp_path):
 
 def test_importing_the_workers_package_loads_no_engine():
     """`workers/__init__` is lazy: a light module of the package must not pull the engine and the models."""
-    code = ("import sys, workers, workers.sampling_params; "
-            "print(sorted(m for m in sys.modules if m in ('workers.engine', 'workers.model_runner', 'workers.llm')))")
+    code = ("import sys, zipserve.workers, zipserve.workers.sampling_params; "
+            "print(sorted(m for m in sys.modules if m.rpartition('.')[0] == 'zipserve.workers' "
+            "and m.rpartition('.')[2] in ('engine', 'model_runner', 'llm')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
-    code = "from workers import LLM, SamplingParams; print(LLM.__module__, SamplingParams.__module__)"
+    code = "from zipserve.workers import LLM, SamplingParams; print(LLM.__module__, SamplingParams.__module__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.stdout.split() == ["workers.llm", "workers.sampling_params"], out.stderr
+    assert out.stdout.split() == ["zipserve.workers.llm", "zipserve.workers.sampling_params"], out.stderr

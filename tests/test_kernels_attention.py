@@ -12,9 +12,9 @@ import random
 import pytest
 import torch
 
-import kernels.paged_attention as pa
-from kernels.kv_store import store_kv_ref, store_kv_triton
-from kernels.window_store import store_q_window_ref, store_q_window_triton
+import zipserve.kernels.paged_attention as pa
+from zipserve.kernels.kv_store import store_kv_ref, store_kv_triton
+from zipserve.kernels.window_store import store_q_window_ref, store_q_window_triton
 
 
 def _seed() -> int:

@@ -11,12 +11,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import kernels.compress as kc
-from kernels.compress import (compact_ref, compact_triton, compression_scores_ref, compression_scores_triton,
+import zipserve.kernels.compress as kc
+from zipserve.kernels.compress import (compact_ref, compact_triton, compression_scores_ref, compression_scores_triton,
                               max_pool_ref, redundancy_ref, redundancy_triton, select_keep_ref, select_keep_triton,
                               window_attention_ref, window_attention_triton)
-from workers.compressor import Compressor
-from workers.config import CompressionConfig
+from zipserve.workers.compressor import Compressor
+from zipserve.workers.config import CompressionConfig
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 F32, F16 = torch.float32, torch.float16

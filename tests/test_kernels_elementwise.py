@@ -13,10 +13,10 @@ import random
 import pytest
 import torch
 
-import kernels.activation as act
-import kernels.rms_norm as rn
-import kernels.rope as rope
-from workers.layers.rotary import rope_inv_freq
+import zipserve.kernels.activation as act
+import zipserve.kernels.rms_norm as rn
+import zipserve.kernels.rope as rope
+from zipserve.workers.layers.rotary import rope_inv_freq
 
 
 @pytest.fixture

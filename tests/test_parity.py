@@ -3,7 +3,7 @@
 import pytest
 
 from tests.tiny_models import hf_greedy
-from workers import LLM, SamplingParams
+from zipserve.workers import LLM, SamplingParams
 
 # Mixed lengths crossing several 16-token pages; with max_num_batched_tokens=24 every prompt longer
 # than 24 tokens is prefilled in chunks, mixed with other requests' decode tokens.

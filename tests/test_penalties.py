@@ -5,7 +5,7 @@ frequency penalties, decoded greedily one token at a time."""
 import pytest
 import torch
 
-from workers import LLM, SamplingParams
+from zipserve.workers import LLM, SamplingParams
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 5, 6, 7], [(j * 7) % 200 + 3 for j in range(29)], [40, 41, 40, 41, 40]]
 

@@ -4,9 +4,9 @@ from collections import Counter
 
 import pytest
 
-from scheduler.policy import CapacityAffinityPolicy, RouteRequest, WorkerState
-from scheduler.router import route_request_from, route_request_to_dict, worker_state_from_stats
-from workers.block_manager import page_hashes
+from zipserve.scheduler.policy import CapacityAffinityPolicy, RouteRequest, WorkerState
+from zipserve.scheduler.router import route_request_from, route_request_to_dict, worker_state_from_stats
+from zipserve.workers.block_manager import page_hashes
 
 BS = 16
 SYSTEM = list(range(1, 1 + 8 * BS))  # an 8-page system prompt

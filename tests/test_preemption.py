@@ -2,7 +2,7 @@
 
 from tests.tiny_models import hf_greedy
 from tests.engine_driver import run_checked
-from workers import LLM, SamplingParams
+from zipserve.workers import LLM, SamplingParams
 
 PROMPTS = [[(i * 13 + j) % 250 + 3 for j in range(20 + 9 * i)] for i in range(6)]
 

@@ -1,6 +1,6 @@
 """Prefix caching: shared prompt pages are reused (counters rise) and outputs do not change."""
 
-from workers import LLM, SamplingParams
+from zipserve.workers import LLM, SamplingParams
 
 SYSTEM = list(range(30, 30 + 40))  # 40 tokens = 2 full 16-token pages + 8
 PROMPTS = [SYSTEM + [200 + i, 201 + i, 202] for i in range(4)]

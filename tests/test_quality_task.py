@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from benchmarks.quality import task, task_accuracy, train_task_model
-from workers import LLM, SamplingParams
+from zipserve.workers import LLM, SamplingParams
 
 MODEL = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "quality", "models", "registers")
 

@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 
-from cluster.reasoning import ReasoningParser, split_reasoning
+from zipserve.cluster.reasoning import ReasoningParser, split_reasoning
 
 CASES = [
     ("qwen3", "<think>\nLet me add.\n2+2=4</think>\n\nThe answer is 4.", "\nLet me add.\n2+2=4", "\n\nThe answer is 4."),
@@ -42,7 +42,7 @@ def test_an_unknown_family_is_refused():
 
 def test_an_unknown_family_in_the_app_config_fails_the_deploy(qwen3_path):
     pytest.importorskip("ray")
-    from cluster.app import resolve_config
+    from zipserve.cluster.app import resolve_config
 
     with pytest.raises(ValueError, match="reasoning_parser"):
         resolve_config({"model": qwen3_path, "ingress": {"reasoning_parser": "gpt-9"}})

@@ -15,9 +15,9 @@ import pytest
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
-from cluster.app import build_app  # noqa: E402
+from zipserve.cluster.app import build_app  # noqa: E402
 from tests.tiny_models import app_url, local_serve  # noqa: E402
-from workers import LLM, SamplingParams  # noqa: E402
+from zipserve.workers import LLM, SamplingParams  # noqa: E402
 
 ENGINE = {"block_size": 16, "num_blocks": 2048, "max_model_len": 256, "max_num_seqs": 128}
 NAME = "tiny"

@@ -9,9 +9,9 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 from ray.serve.config import RequestRouterConfig  # noqa: E402
 
-from scheduler.policy import RouteRequest  # noqa: E402
-from scheduler.router import CapacityAffinityRouter, route_request_to_dict  # noqa: E402
-from workers.block_manager import page_hashes  # noqa: E402
+from zipserve.scheduler.policy import RouteRequest  # noqa: E402
+from zipserve.scheduler.router import CapacityAffinityRouter, route_request_to_dict  # noqa: E402
+from zipserve.workers.block_manager import page_hashes  # noqa: E402
 
 BS = 16
 
@@ -126,7 +126,7 @@ def test_a_burst_spreads_by_capacity(app):
 def test_capacity_posted_on_the_board_overrides_an_older_report(app):
     """What an ingress learned from a response (scheduler/state_board.py) wins over an older polled report,
     and the next report wins over it again."""
-    from scheduler import state_board
+    from zipserve.scheduler import state_board
 
     handle, _ = app
     names = sorted(_all_replicas(handle))

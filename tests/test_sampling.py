@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from workers import LLM, SamplingParams
-from workers.sampler import sample, truncate_logits
+from zipserve.workers import LLM, SamplingParams
+from zipserve.workers.sampler import sample, truncate_logits
 
 PROMPTS = [[7, 8, 9, 10, 11] * 5, [3, 4, 5], list(range(40, 70))]
 
@@ -132,7 +132,7 @@ def test_text_decoder_equals_transformers_decode(llm):
     a tokenizer that cleans up spaces keeps transformers' path."""
     import random
 
-    from workers.tokenizer import text_decoder
+    from zipserve.workers.tokenizer import text_decoder
 
     tok = llm.tokenizer
     decode = text_decoder(tok)
@@ -165,8 +165,8 @@ def test_tiny_temperatures_are_greedy_not_nan(qwen3_path):
 
 
 def test_invalid_distribution_fails_only_its_request(qwen3_path, monkeypatch):
-    import workers.engine as engine_mod
-    from workers import sampler
+    import zipserve.workers.engine as engine_mod
+    from zipserve.workers import sampler
 
     llm = LLM(qwen3_path, block_size=16, num_blocks=64, max_model_len=128)
     real = sampler.truncate_logits

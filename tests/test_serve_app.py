@@ -15,10 +15,10 @@ ray = pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
 from ray import serve  # noqa: E402
 
-from cluster.app import build_app  # noqa: E402
+from zipserve.cluster.app import build_app  # noqa: E402
 from tests.tiny_models import build_model_folder  # noqa: E402
 from tests.tiny_models import app_url, local_serve  # noqa: E402
-from workers import LLM, SamplingParams  # noqa: E402
+from zipserve.workers import LLM, SamplingParams  # noqa: E402
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")

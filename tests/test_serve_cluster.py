@@ -13,7 +13,7 @@ import pytest
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
-from cluster.app import build_app  # noqa: E402
+from zipserve.cluster.app import build_app  # noqa: E402
 from tests.tiny_models import free_port as _free_port  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,9 +10,9 @@ import yaml
 
 ray = pytest.importorskip("ray")
 
-from cluster.app import resolve_config  # noqa: E402
-from cluster.autoscaling import PagePressurePolicy  # noqa: E402
-from cluster.cli import build_parser, load_app_args  # noqa: E402
+from zipserve.cluster.app import resolve_config  # noqa: E402
+from zipserve.cluster.autoscaling import PagePressurePolicy  # noqa: E402
+from zipserve.cluster.cli import build_parser, load_app_args  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,7 +44,7 @@ def test_serve_yamls_are_valid_serve_configs_and_app_configs(name, block_size, m
         data = yaml.safe_load(f)
     ServeDeploySchema.model_validate(data)
     args = load_app_args(os.path.join(ROOT, "configs", name))
-    assert data["applications"][0]["import_path"] == "cluster.app:build_app"
+    assert data["applications"][0]["import_path"] == "zipserve.cluster.app:build_app"
     if args.get("engine_config"):
         args["engine_config"] = os.path.join(ROOT, args["engine_config"])
     cfg = resolve_config(dict(args, model=qwen3_path, engine=dict(args["engine"], backend="torch")))
@@ -53,7 +53,7 @@ def test_serve_yamls_are_valid_serve_configs_and_app_configs(name, block_size, m
 
 @pytest.mark.parametrize("preset", sorted(os.listdir(os.path.join(ROOT, "configs", "engine"))))
 def test_engine_presets_load(preset, qwen3_path):
-    from workers.config import EngineConfig
+    from zipserve.workers.config import EngineConfig
 
     cfg = EngineConfig.from_yaml(os.path.join(ROOT, "configs", "engine", preset), model=qwen3_path)
     assert cfg.block_size >= 1
@@ -100,8 +100,8 @@ def test_cli_serve_arguments():
 
 
 def test_fixed_replicas_replace_the_configs_autoscaling(qwen3_path):
-    from cluster.app import build_app
-    from cluster.cli import set_fixed_replicas
+    from zipserve.cluster.app import build_app
+    from zipserve.cluster.cli import set_fixed_replicas
 
     args = load_app_args(os.path.join(ROOT, "configs", "serve.yaml"))
     set_fixed_replicas(args, 3)
@@ -114,7 +114,7 @@ def test_fixed_replicas_replace_the_configs_autoscaling(qwen3_path):
 def test_cluster_configs_start_ray_in_throughput_optimized_serve(name):
     """Every node's `ray start` carries the environment `zipserve serve` sets for port 8000 (cluster/app.py
     throughput_env): Ray processes read it only when they start."""
-    from cluster.app import throughput_env
+    from zipserve.cluster.app import throughput_env
 
     with open(os.path.join(ROOT, "configs", name)) as f:
         cfg = yaml.safe_load(f)

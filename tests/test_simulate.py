@@ -2,12 +2,13 @@
 
 import pytest
 
-from scheduler.baselines import (DynamoCostPolicy, PowerOfTwoPolicy, RayPrefixAffinityPolicy, RoundRobinPolicy,
+from zipserve.scheduler.baselines import (DynamoCostPolicy, PowerOfTwoPolicy, RayPrefixAffinityPolicy, RoundRobinPolicy,
                                  SGLangCacheAwarePolicy)
-from scheduler.policy import CapacityAffinityPolicy, WorkerState
-from scheduler.simulate import CostModel, SimRouteRequest, Simulator, TraceRequest, WorkerConfig, estimate_capacity
-from scheduler.traces import chat_trace, math_trace, skewed_trace
-from workers.block_manager import page_hashes
+from zipserve.scheduler.policy import CapacityAffinityPolicy, WorkerState
+from zipserve.scheduler.simulate import (CostModel, SimRouteRequest, Simulator, TraceRequest, WorkerConfig,
+                                        estimate_capacity)
+from zipserve.scheduler.traces import chat_trace, math_trace, skewed_trace
+from zipserve.workers.block_manager import page_hashes
 
 SMALL = WorkerConfig(total_pages=120, block_size=16, budget_blocks=4, max_slots=8, max_batched_tokens=256)
 
@@ -277,7 +278,7 @@ def test_ray_tree_shared_prefix_count_matches_ray():
     import os
     import random
 
-    from scheduler.baselines import _ray_prefix_tree
+    from zipserve.scheduler.baselines import _ray_prefix_tree
 
     count = _ray_prefix_tree()._shared_prefix_count
     rng = random.Random(0)

@@ -1,6 +1,6 @@
 """scheduler/state_board.py: capacity carried on responses, laid over older polled reports only."""
 
-from scheduler import state_board
+from zipserve.scheduler import state_board
 
 
 def setup_function():

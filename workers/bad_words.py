@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from workers.sampler import to_device
+from zipserve.workers.sampler import to_device
 
 
 def tokenize_bad_words(tokenizer, words: list[str]) -> list[list[int]]:

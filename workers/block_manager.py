@@ -14,7 +14,7 @@ from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from workers.sequence import Sequence
+from zipserve.workers.sequence import Sequence
 
 _ROOT_HASH = b"zipserve-page-v1"
 

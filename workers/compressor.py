@@ -11,10 +11,10 @@ import time
 
 import torch
 
-from kernels.compress import (compact_ref, compact_triton, compression_scores_ref, compression_scores_triton,
+from zipserve.kernels.compress import (compact_ref, compact_triton, compression_scores_ref, compression_scores_triton,
                               select_keep_ref, select_keep_triton)
-from workers.block_manager import CompactionPlan
-from workers.config import CompressionConfig
+from zipserve.workers.block_manager import CompactionPlan
+from zipserve.workers.config import CompressionConfig
 
 # backend -> (scores, select, compact): the plain-torch references or their Triton versions.
 BACKENDS = {

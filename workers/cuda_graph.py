@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from workers.layers.attention import AttentionMetadata
+from zipserve.workers.layers.attention import AttentionMetadata
 
 log = logging.getLogger(__name__)
 

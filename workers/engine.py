@@ -25,20 +25,20 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.bad_words import apply_bad_words, needs_known_tokens, tokenize_bad_words
-from workers.block_manager import BlockManager
-from workers.grammar import GrammarBook, validate_structured
-from workers.config import EngineConfig
-from workers.model_runner import ModelRunner
-from workers.models import read_model_args
-from workers.outputs import RequestOutput, SpanView
-from workers.parallel import TPGroup
-from workers.penalties import PenaltyState
-from workers.sampler import LogprobRows, SamplingError, sample, sample_on_device
-from workers.sampling_params import SamplingParams
-from workers.scheduler import Scheduler
-from workers.sequence import Sequence, Status
-from workers.tokenizer import detokenize_step, init_detokenizer, load_tokenizer, text_decoder
+from zipserve.workers.bad_words import apply_bad_words, needs_known_tokens, tokenize_bad_words
+from zipserve.workers.block_manager import BlockManager
+from zipserve.workers.grammar import GrammarBook, validate_structured
+from zipserve.workers.config import EngineConfig
+from zipserve.workers.model_runner import ModelRunner
+from zipserve.workers.models import read_model_args
+from zipserve.workers.outputs import RequestOutput, SpanView
+from zipserve.workers.parallel import TPGroup
+from zipserve.workers.penalties import PenaltyState
+from zipserve.workers.sampler import LogprobRows, SamplingError, sample, sample_on_device
+from zipserve.workers.sampling_params import SamplingParams
+from zipserve.workers.scheduler import Scheduler
+from zipserve.workers.sequence import Sequence, Status
+from zipserve.workers.tokenizer import detokenize_step, init_detokenizer, load_tokenizer, text_decoder
 
 log = logging.getLogger(__name__)
 

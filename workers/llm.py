@@ -6,10 +6,10 @@ import itertools
 
 from tqdm.auto import tqdm
 
-from workers.config import EngineConfig
-from workers.tensor_parallel import make_engine
-from workers.outputs import RequestOutput
-from workers.sampling_params import SamplingParams
+from zipserve.workers.config import EngineConfig
+from zipserve.workers.tensor_parallel import make_engine
+from zipserve.workers.outputs import RequestOutput
+from zipserve.workers.sampling_params import SamplingParams
 
 
 class LLM:

@@ -11,14 +11,14 @@ import time
 
 import torch
 
-from workers.config import EngineConfig
-from workers.layers.attention import AttentionMetadata
-from workers.block_manager import CompactionPlan
-from workers.compressor import Compressor
-from workers.cuda_graph import DecodeGraphs
-from workers.models import load_model
-from workers.parallel import TPGroup
-from workers.scheduler import ScheduledChunk
+from zipserve.workers.config import EngineConfig
+from zipserve.workers.layers.attention import AttentionMetadata
+from zipserve.workers.block_manager import CompactionPlan
+from zipserve.workers.compressor import Compressor
+from zipserve.workers.cuda_graph import DecodeGraphs
+from zipserve.workers.models import load_model
+from zipserve.workers.parallel import TPGroup
+from zipserve.workers.scheduler import ScheduledChunk
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ class ModelRunner:
     def score_prompts(self, slice_rows: int = 256) -> list[tuple]:
         """(seq, first prompt position, LogprobRows) for the prompt positions the last `execute` kept, their
         logits made a slice at a time (a long prompt's full logits would not fit beside the KV cache)."""
-        from workers.sampler import LogprobRows
+        from zipserve.workers.sampler import LogprobRows
 
         spans, self.prompt_spans = self.prompt_spans, []
         out, off = [], 0

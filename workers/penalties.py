@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from workers.sampler import to_device
-from workers.sampling_params import SamplingParams
+from zipserve.workers.sampler import to_device
+from zipserve.workers.sampling_params import SamplingParams
 
 
 def uses_counts(p: SamplingParams) -> bool:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.sampling_params import SamplingParams
+from zipserve.workers.sampling_params import SamplingParams
 
 
 def truncate_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

@@ -24,8 +24,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from workers.block_manager import BlockManager, CompactionPlan
-from workers.sequence import Sequence, Status
+from zipserve.workers.block_manager import BlockManager, CompactionPlan
+from zipserve.workers.sequence import Sequence, Status
 
 
 @dataclass

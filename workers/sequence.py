@@ -6,7 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from workers.sampling_params import SamplingParams
+from zipserve.workers.sampling_params import SamplingParams
 
 
 class Status(enum.Enum):

@@ -1,7 +1,7 @@
 """A tensor-parallel engine: one process per GPU, every rank running the same engine in lockstep.
 
 Rank 0 lives in the caller's process and is the engine the rest of zipserve talks to; ranks 1..N-1 are
-child processes (`python -m workers.tensor_parallel`, so a daemonic engine process may start them too),
+child processes (`python -m zipserve.workers.tensor_parallel`, so a daemonic engine process may start them too),
 killed by the kernel if their parent dies. Each rank holds its shard of the weights (workers/parallel.py) and the KV of its own
 heads. Before every step rank 0 broadcasts the commands it took since the last one (add, abort); every
 rank applies them and steps. Scheduling, page tables, compression plans and sampling are deterministic
@@ -27,10 +27,10 @@ import sys
 import torch
 import torch.distributed as dist
 
-from workers.config import EngineConfig
-from workers.engine import LLMEngine
-from workers.models import read_model_args
-from workers.parallel import TPGroup
+from zipserve.workers.config import EngineConfig
+from zipserve.workers.engine import LLMEngine
+from zipserve.workers.models import read_model_args
+from zipserve.workers.parallel import TPGroup
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class TensorParallelEngine(LLMEngine):
                                "engine per process")
         address = f"tcp://127.0.0.1:{_free_port()}"
         cfg_json = json.dumps(config.to_dict())
-        entry = "import sys; from workers.tensor_parallel import main; main(sys.argv[1:])"
+        entry = "import sys; from zipserve.workers.tensor_parallel import main; main(sys.argv[1:])"
         self.followers = [subprocess.Popen([sys.executable, "-c", entry, "--rank", str(r), "--address", address,
                                             "--config", cfg_json], env=dict(os.environ)) for r in range(1, n)]
         self._closed = False

@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from workers.config import CompressionConfig
+from zipserve.workers.config import CompressionConfig
 from benchmarks.provenance import write_result
 
 log = logging.getLogger("benchmarks.quality.fidelity")
@@ -86,7 +86,7 @@ class Replay:
 
 def replay(llm_full, llm_comp, prompts: list[list[int]], reference: list[list[int]]) -> dict:
     """Lockstep teacher-forced replay; returns the metrics over all positions and after first compression."""
-    from workers import SamplingParams
+    from zipserve.workers import SamplingParams
 
     ref = {f"r{i}": r for i, r in enumerate(reference)}
     observers = []
@@ -136,11 +136,11 @@ def run(args: argparse.Namespace) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from tqdm import tqdm
 
-    from workers import LLM, SamplingParams
+    from zipserve.workers import LLM, SamplingParams
 
     model = args.model
     if model is None:
-        from cluster.default_model import ensure_default_model
+        from zipserve.cluster.default_model import ensure_default_model
 
         model = ensure_default_model()
     from transformers import AutoTokenizer

@@ -32,7 +32,7 @@ log = logging.getLogger("benchmarks.quality.task_accuracy")
 
 def solve(llm, tokenizer, problems, **engine_note) -> dict:
     """Greedy solutions of every problem through `llm`; accuracy and step statistics."""
-    from workers import SamplingParams
+    from zipserve.workers import SamplingParams
 
     prompts = [encode(tokenizer, p.prompt) for p in problems]
     params = [SamplingParams(temperature=0, max_tokens=len(p.trace) + 16) for p in problems]
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from workers import LLM
+    from zipserve.workers import LLM
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     mode = args.mode or trained_mode(args.model)
@@ -107,7 +107,7 @@ def replay_reads(llm, tokenizer, problems, **engine_note) -> dict:
     the digits of each value a step reads (task.read_offsets) -- from the local arithmetic; "accuracy" here is
     the share of problems whose every read is right, what exact-answer accuracy would be with perfect
     arithmetic. For a model whose full-KV answers are not yet exact, this still measures what compression costs."""
-    from workers import SamplingParams
+    from zipserve.workers import SamplingParams
 
     refs = {f"p{i}": encode(tokenizer, p.trace) + [tokenizer.eos_token_id] for i, p in enumerate(problems)}
     observer = Replay(refs)

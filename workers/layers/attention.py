@@ -12,8 +12,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from workers.layers.backend import KernelSet
-from workers.layers.rotary import RotaryEmbedding
+from zipserve.workers.layers.backend import KernelSet
+from zipserve.workers.layers.rotary import RotaryEmbedding
 
 
 class LayerCache(NamedTuple):

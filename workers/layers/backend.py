@@ -23,12 +23,12 @@ class KernelSet:
 
 
 def get_kernel_set(backend: str, fused_elementwise: bool = True) -> KernelSet:
-    from kernels.activation import silu_and_mul_ref, silu_and_mul_triton
-    from kernels.kv_store import store_kv_ref, store_kv_triton
-    from kernels.paged_attention import paged_attention_ref, paged_attention_triton
-    from kernels.rms_norm import rms_norm_ref, rms_norm_triton
-    from kernels.rope import qk_norm_rope_ref, qk_norm_rope_triton
-    from kernels.window_store import store_q_window_ref, store_q_window_triton
+    from zipserve.kernels.activation import silu_and_mul_ref, silu_and_mul_triton
+    from zipserve.kernels.kv_store import store_kv_ref, store_kv_triton
+    from zipserve.kernels.paged_attention import paged_attention_ref, paged_attention_triton
+    from zipserve.kernels.rms_norm import rms_norm_ref, rms_norm_triton
+    from zipserve.kernels.rope import qk_norm_rope_ref, qk_norm_rope_triton
+    from zipserve.kernels.window_store import store_q_window_ref, store_q_window_triton
 
     if backend == "torch":
         return KernelSet("torch", store_kv_ref, paged_attention_ref, store_q_window_ref, rms_norm_ref,

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from workers.layers.attention import Attention, AttentionMetadata, LayerCache
-from workers.layers.backend import KernelSet
-from workers.layers.mlp import SwiGLU
-from workers.layers.norm import RMSNorm
-from workers.layers.rotary import RotaryEmbedding
-from workers.parallel import TPGroup, VocabParallelEmbedding
+from zipserve.workers.layers.attention import Attention, AttentionMetadata, LayerCache
+from zipserve.workers.layers.backend import KernelSet
+from zipserve.workers.layers.mlp import SwiGLU
+from zipserve.workers.layers.norm import RMSNorm
+from zipserve.workers.layers.rotary import RotaryEmbedding
+from zipserve.workers.parallel import TPGroup, VocabParallelEmbedding
 
 ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
 

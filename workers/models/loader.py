@@ -12,9 +12,9 @@ import os
 import torch
 from safetensors import safe_open
 
-from workers.layers.backend import get_kernel_set
-from workers.models.decoder import DecoderModel, ModelArgs
-from workers.parallel import TPGroup
+from zipserve.workers.layers.backend import get_kernel_set
+from zipserve.workers.models.decoder import DecoderModel, ModelArgs
+from zipserve.workers.parallel import TPGroup
 
 log = logging.getLogger(__name__)
 
