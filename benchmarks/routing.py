@@ -147,8 +147,6 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--traces", default=RUNS, help="comma-separated runs: a trace name (" + ",".join(SIZES) + "), "
                     "optionally @LOAD to override --load (default: %(default)s)")
     ap.add_argument("--policies", default=",".join(POLICIES), help="comma-separated subset of " + ",".join(POLICIES))
-    ap.add_argument("--spare-own-reservation", action="store_true",
-                    help="what-if: compressing requests may spend their own reservation to keep cached pages")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     return ap
 
@@ -178,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     for p in policies:
         if p not in POLICIES:
             raise SystemExit(f"unknown policy {p!r}")
-    worker, cost = WorkerConfig(spare_own_reservation=args.spare_own_reservation), CostModel()
+    worker, cost = WorkerConfig(), CostModel()
     t_start = time.perf_counter()
     summary = dict(benchmark="routing", host=platform.node(), python=platform.python_version(), policies=policies,
                    config=dict(workers=args.workers, load=args.load, scale=args.scale, seed=args.seed,

@@ -49,7 +49,7 @@ from collections import Counter, OrderedDict
 import numpy as np
 
 from zipserve.scheduler.policy import Decision, RouteRequest, WorkerState
-from zipserve.workers.block_manager import hash_page
+from zipserve.workers.pages import hash_page
 
 
 class RoutingPolicy(abc.ABC):

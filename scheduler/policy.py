@@ -4,9 +4,10 @@ Pure Python (no Ray, no CUDA), so it is unit-tested and simulated (scheduler/sim
 
 The capacity model. Under Compressed PagedAttention a request never holds more than budget + 1 pages
 once its prompt is in, so its *peak* page need is known before it starts (as in the engine's
-scheduler): pages(P + max_tokens) if that is at most B + 1 pages, else max(pages(P), B + 1), minus
-the pages a cached prefix supplies. A worker's capacity in requests is therefore known up front:
-total_pages // (B + 1) in steady state.
+scheduler, one function for both: workers/pages.admission_pages): pages(P + max_tokens) if that is
+at most B + 1 pages, else max(pages(P), B + 1), minus the pages a cached prefix supplies, plus what
+those hits cost the pool (free cached pages taken, pages another holder must then privatise). A
+worker's capacity in requests is therefore known up front: total_pages // (B + 1) in steady state.
 Full-KV engines cannot say this, since their requests grow; that is why their routers balance on
 request counts and hotspot.
 
@@ -50,15 +51,13 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-
-def _pages(tokens: int, page: int) -> int:
-    return -(-tokens // page)
+from zipserve.workers.pages import admission_pages, num_pages
 
 
 @dataclass(frozen=True)
 class RouteRequest:
     num_prompt_tokens: int
-    page_hashes: tuple = ()  # chained hashes of the prompt's full pages (workers.block_manager.page_hashes)
+    page_hashes: tuple = ()  # chained hashes of the prompt's full pages (workers/pages.page_hashes)
     max_tokens: int = 256
     budget_blocks: int | None = None  # None: the worker's own budget
 
@@ -80,6 +79,8 @@ class WorkerState:
     timestamp: float = 0.0
     in_flight: int = 0  # sent by this router, not yet visible in the worker's report
     in_flight_pages: int = 0
+    unheld: frozenset = frozenset()  # cached pages no request holds (free, still cached)
+    held_once: frozenset = frozenset()  # cached pages exactly one request holds
 
     def hit_pages(self, req: RouteRequest) -> int:
         """Leading prompt pages held here, at most (P - 1) // page: the engine always computes the last
@@ -92,19 +93,20 @@ class WorkerState:
         return n
 
     def peak_pages(self, req: RouteRequest, hits: int) -> int:
-        """Peak pages `req` would own here (the engine scheduler's formula)."""
-        bs, B = self.block_size, req.budget_blocks if req.budget_blocks is not None else self.budget_blocks
-        end = req.num_prompt_tokens + req.max_tokens
-        total = _pages(end, bs)
-        if B is None or total <= B + 1:
-            return total - hits
-        return max(_pages(req.num_prompt_tokens, bs) - hits, B + 1)
+        """Free pages `req` needs here to be sure of finishing, with `hits` leading prompt pages cached:
+        the engine scheduler's reservation (workers/pages.admission_pages)."""
+        B = req.budget_blocks if req.budget_blocks is not None else self.budget_blocks
+        hit = req.page_hashes[:hits]
+        unheld = sum(1 for h in hit if h in self.unheld)
+        held_once = sum(1 for h in hit if h in self.held_once)
+        return admission_pages(req.num_prompt_tokens, req.num_prompt_tokens + req.max_tokens, self.block_size, B,
+                               hits, unheld, held_once)
 
     def capacity(self, req: RouteRequest) -> int:
         """Requests like `req` this worker holds at once in steady state (a compressed request settles at
         budget + 1 pages whatever its prompt), at most its slots."""
         B = req.budget_blocks if req.budget_blocks is not None else self.budget_blocks
-        steady = _pages(req.num_prompt_tokens + req.max_tokens, self.block_size)
+        steady = num_pages(req.num_prompt_tokens + req.max_tokens, self.block_size)
         if B is not None:
             steady = min(steady, B + 1)
         return max(1, min(self.max_slots, self.total_pages // max(1, steady)))

@@ -55,8 +55,12 @@ def worker_state_from_stats(worker_id: str, stats: dict | None) -> WorkerState |
         worker_id=worker_id, block_size=stats["block_size"], total_pages=stats["total_pages"],
         free_pages=stats["free_pages"], max_slots=stats["max_slots"], running=stats.get("running", 0),
         waiting=stats.get("waiting", 0), budget_blocks=stats.get("budget_blocks"),
-        cached=frozenset(bytes.fromhex(h) for h in stats.get("cached", ())), healthy=stats.get("healthy", True),
-        timestamp=stats.get("timestamp", 0.0))
+        cached=_hashes(stats, "cached"), unheld=_hashes(stats, "unheld"), held_once=_hashes(stats, "held_once"),
+        healthy=stats.get("healthy", True), timestamp=stats.get("timestamp", 0.0))
+
+
+def _hashes(stats: dict, key: str) -> frozenset:
+    return frozenset(bytes.fromhex(h) for h in stats.get(key, ()))
 
 
 class CapacityAffinityRouter(FIFOMixin, RequestRouter):

@@ -8,7 +8,7 @@ The simulated worker is a small model of our engine (workers/scheduler.py + work
 * Page pool. `total_pages` pages of `block_size` tokens. Free pages form one LRU queue (head evicted
   first); a freed page keeps its hash (stays a cached prefix page) until a fresh allocation pops it. A
   request's pages are released tail first, so a prefix outlives the pages after it (as in the engine).
-* Prefix cache. A page gets its chained hash (workers.block_manager.page_hashes) once it is full and
+* Prefix cache. A page gets its chained hash (workers/pages.page_hashes) once it is full and
   computed, prompt pages and generated pages alike, while the request is uncompressed; a hash already
   cached elsewhere is not registered twice. At admission the leading prompt pages found in the cache are
   shared (at most (P - 1) // block_size of them: one token is always computed).
@@ -22,11 +22,13 @@ The simulated worker is a small model of our engine (workers/scheduler.py + work
   fills afterwards are never cached. Later compressions happen in place (no page or cache change) and
   cost no time (the engine overlaps them on their own CUDA stream).
 * Admission: FCFS with reservation, as the engine's reserved path. The head of the queue is admitted
-  when a slot is free, the step has token budget left, and its peak page need
-  (`WorkerState.peak_pages`: pages(min(P + max_tokens, max(P, (B + 1) * page))) minus cache hits) fits
-  in the free pages nobody has reserved (cached pages it reuses that are free count against them too);
-  else it and everyone behind it wait. Opportunistic admission and preemption are not modelled (with
-  reservations only, nobody is ever preempted).
+  when a slot is free, the step has token budget left, and its page need (workers/pages.admission_pages,
+  the engine's and the router's formula: pages(min(P + max_tokens, max(P, (B + 1) * page))) minus cache
+  hits, plus the free cached pages it takes and the pages their one other holder must then privatise)
+  fits in the free pages nobody has reserved; else it and everyone behind it wait. (In the engine the
+  holder's own reservation grows by those pages, recomputed every step; this model reserves them with
+  the newcomer.) Opportunistic admission and preemption are not modelled (with reservations only,
+  nobody is ever preempted).
 * Steps. One engine step runs one token for every decoding request and prefill chunks (chunked prefill,
   in admission order) with the rest of the `max_batched_tokens` budget; a request whose last prompt chunk
   runs samples its first token at the end of that step. A step takes
@@ -43,10 +45,6 @@ between) and adds its own bookkeeping: requests it sent a worker since that work
 in `in_flight` and `in_flight_pages` (their peak pages minus the hits it expects from the report).
 Requests reach their worker at once (no network delay), so a report reflects everything sent before it.
 
-`WorkerConfig.spare_own_reservation` is a what-if, off by default: let a compressing request spend its
-own unused reservation on the fresh pages that spare its cached pages (the engine counts only pages
-nobody reserved, so under memory pressure it overwrites cached prefixes).
-
 Optional policy hooks (called if the policy has them): `on_routed(req, worker_id, now)`,
 `on_first_token(req, worker_id, now)`, `on_finished(req, worker_id, now)` (a proxying router sees these).
 """
@@ -61,7 +59,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from zipserve.scheduler.policy import RouteRequest, WorkerState
-from zipserve.workers.block_manager import page_hashes
+from zipserve.workers.pages import admission_pages, page_hashes
 
 
 # ---- configuration -------------------------------------------------------------------------------
@@ -94,7 +92,6 @@ class WorkerConfig:
     max_batched_tokens: int = 8192
     # What-if (not the engine today): a compressing request may also spend its own unused reservation on
     # fresh pages that spare its cached pages (the engine counts only pages nobody reserved).
-    spare_own_reservation: bool = False
 
 
 @dataclass(eq=False)
@@ -133,11 +130,8 @@ class SimRouteRequest(RouteRequest):
 
 
 def peak_pages(num_prompt: int, max_tokens: int, hits: int, block_size: int, budget: int | None) -> int:
-    """The engine's peak page need of a fresh request (same formula as WorkerState.peak_pages)."""
-    total = -(-(num_prompt + max_tokens) // block_size)
-    if budget is None or total <= budget + 1:
-        return total - hits
-    return max(-(-num_prompt // block_size) - hits, budget + 1)
+    """Pages a fresh request needs with `hits` live cached prefix pages (workers/pages.admission_pages)."""
+    return admission_pages(num_prompt, num_prompt + max_tokens, block_size, budget, hits)
 
 
 # ---- the page pool ---------------------------------------------------------------------------------
@@ -353,12 +347,17 @@ class SimWorker:
             out.append(h)
         return out
 
+    def admission_need(self, num_prompt: int, max_tokens: int, hits: list) -> int:
+        """Free pages a fresh request with these cached prefix pages needs here (the engine's rule)."""
+        ref = self.pool.ref
+        unheld = sum(1 for h in hits if ref[h] == 0)
+        held_once = sum(1 for h in hits if ref[h] == 1)
+        return admission_pages(num_prompt, num_prompt + max_tokens, self.bs, self.B, len(hits), unheld, held_once)
+
     def _compress(self, s: _Seq) -> None:
         """The first compression of `s` (BlockManager.plan_compaction's page choice)."""
         pool, table, want = self.pool, s.table, self.B + 1
         spare = max(0, self.available())
-        if self.cfg.spare_own_reservation:
-            spare += s.peak - s.owned
         own_unhashed = [i for i, x in enumerate(table) if x is None]
         hashed_writable = [i for i, x in enumerate(table) if x is not None and pool.ref[x] == 1]
         dest = own_unhashed[:want]
@@ -400,10 +399,11 @@ class SimWorker:
         while self.waiting and budget > 0 and len(self.running) < cfg.max_slots:
             s = self.waiting[0]
             hits = self._lookup(s)
-            reused_free = sum(1 for h in hits if pool.ref[h] == 0)
-            peak = peak_pages(s.P, s.max_tokens, len(hits), bs, self.B)
-            if self.available() - reused_free < peak:
+            need = self.admission_need(s.P, s.max_tokens, hits)
+            if self.available() < need:
                 break
+            # the free cached pages it takes leave the pool now; the rest is reserved
+            peak = need - sum(1 for h in hits if pool.ref[h] == 0)
             self.waiting.popleft()
             for h in hits:
                 pool.take(h)

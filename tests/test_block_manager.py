@@ -3,7 +3,8 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zipserve.workers.block_manager import BlockManager, page_hashes
+from zipserve.workers.block_manager import BlockManager
+from zipserve.workers.pages import page_hashes
 from zipserve.workers.sampling_params import SamplingParams
 from zipserve.workers.scheduler import Scheduler
 from zipserve.workers.sequence import Sequence, Status

@@ -6,7 +6,7 @@ import pytest
 
 from zipserve.scheduler.policy import CapacityAffinityPolicy, RouteRequest, WorkerState
 from zipserve.scheduler.router import route_request_from, route_request_to_dict, worker_state_from_stats
-from zipserve.workers.block_manager import page_hashes
+from zipserve.workers.pages import page_hashes
 
 BS = 16
 SYSTEM = list(range(1, 1 + 8 * BS))  # an 8-page system prompt

@@ -8,7 +8,7 @@ from zipserve.scheduler.policy import CapacityAffinityPolicy, WorkerState
 from zipserve.scheduler.simulate import (CostModel, SimRouteRequest, Simulator, TraceRequest, WorkerConfig,
                                         estimate_capacity)
 from zipserve.scheduler.traces import chat_trace, math_trace, skewed_trace
-from zipserve.workers.block_manager import page_hashes
+from zipserve.workers.pages import page_hashes
 
 SMALL = WorkerConfig(total_pages=120, block_size=16, budget_blocks=4, max_slots=8, max_batched_tokens=256)
 
@@ -83,24 +83,24 @@ def test_prefix_hits_eviction_and_compression_sparing():
     assert sim.workers[0].stats["compressions"] == 2 and sim.workers[0].stats["spared_pages"] == 3 + 2
 
 
-@pytest.mark.parametrize("spare_own", [False, True])
-def test_compression_under_memory_pressure(spare_own):
-    """B's prompt hits a cached 3-page prefix and compresses when its prefill ends while no page is free
-    beyond the reservations. The engine spares cached pages only with pages nobody reserved, so it
-    overwrites the prefix's leading pages and the next reader misses; the what-if lets B spend its own
-    reservation on fresh pages, and the prefix survives."""
-    cfg = WorkerConfig(total_pages=9, block_size=16, budget_blocks=2, max_slots=4, max_batched_tokens=512,
-                       spare_own_reservation=spare_own)
+@pytest.mark.parametrize("total_pages,survives", [(9, True), (7, False)])
+def test_compression_under_memory_pressure(total_pages, survives):
+    """Request 2's prompt takes a cached 3-page prefix nobody holds (its pages become its own, so it
+    reserves only the one page it still needs) and compresses when its prefill ends. It spares the cached
+    pages (fresh pages instead) only with pages nobody reserved: with 9 pages there are two, and the next
+    reader hits the prefix; with 7 there are none, it overwrites the prefix and the next reader misses."""
+    cfg = WorkerConfig(total_pages=total_pages, block_size=16, budget_blocks=2, max_slots=4, max_batched_tokens=512)
     x = list(range(100, 148))  # 3 full pages
     trace = [TraceRequest(0, 0.0, x + [1, 2], 1, 5),  # leaves x cached
              TraceRequest(1, 1.0, list(range(300, 316)), 10, 32),  # still running later; reserves 3 pages
-             TraceRequest(2, 1.0, x + [3, 4], 5, 5),  # hits x, reserves 3 pages, compresses after its prefill
+             TraceRequest(2, 1.0, x + [3, 4], 5, 5),  # hits x, reserves 1 page, compresses after its prefill
              TraceRequest(3, 5.0, x + [5, 6], 1, 5)]
     sim = Simulator(trace, RoundRobinPolicy(), n_workers=1, worker=cfg, check=True)
     sim.run()
     hits = {r["rid"]: r["hits"] for r in sim.records}
     assert hits[2] == 48 and sim.workers[0].stats["compressions"] == 1
-    assert hits[3] == (48 if spare_own else 0)
+    assert hits[3] == (48 if survives else 0)
+    assert sim.workers[0].stats["spared_pages"] == (2 if survives else 0)
 
 
 def test_eviction_under_pressure():

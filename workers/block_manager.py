@@ -1,38 +1,19 @@
 """The KV page pool: ref-counted pages, chained page hashes for prefix caching, LRU reuse.
 
-The block manager alone owns pages. A page holds `block_size` tokens of K/V for every layer.
-A *full* page whose tokens are known is identified by a chained hash (hash of the previous page's
-hash and its own token ids), so equal prefixes map to equal hashes wherever they are computed
-(ingress, router, worker). Pages whose last user finished keep their hash and stay reusable until
-the pool needs them: free pages form an LRU queue, and taking one evicts its hash.
+The block manager alone owns pages and their reference counts; others ask it small questions
+(`holder_counts`, `cached_hashes`). A page holds `block_size` tokens of K/V for every layer. A full
+page whose tokens are known carries its chained hash (workers/pages.py). Pages whose last user
+finished keep their hash and stay reusable until the pool needs them: free pages form an LRU queue,
+and taking one evicts its hash.
 """
 
 from __future__ import annotations
 
-import hashlib
-from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from zipserve.workers.pages import page_hashes
 from zipserve.workers.sequence import Sequence
-
-_ROOT_HASH = b"zipserve-page-v1"
-
-
-def hash_page(parent: bytes | None, token_ids) -> bytes:
-    """Chained hash of one full page (stable across processes and machines)."""
-    h = hashlib.blake2b(parent or _ROOT_HASH, digest_size=16)
-    h.update(array("q", token_ids).tobytes())
-    return h.digest()
-
-
-def page_hashes(token_ids: list[int], block_size: int, start: list[bytes] | None = None) -> list[bytes]:
-    """Hashes of every full page of `token_ids`, extending the already computed `start` list."""
-    hashes = list(start or [])
-    for i in range(len(hashes), len(token_ids) // block_size):
-        parent = hashes[i - 1] if i else None
-        hashes.append(hash_page(parent, token_ids[i * block_size : (i + 1) * block_size]))
-    return hashes
 
 
 @dataclass
@@ -76,6 +57,22 @@ class BlockManager:
     def num_cached_blocks(self) -> int:
         return len(self.hash_to_block)
 
+    def holder_counts(self, blocks) -> tuple[int, int, int]:
+        """(pages nobody holds, pages one request holds, pages several hold) among `blocks`."""
+        counts = [0, 0, 0]
+        for b in blocks:
+            counts[min(self.ref_count[b], 2)] += 1
+        return counts[0], counts[1], counts[2]
+
+    def cached_hashes(self) -> tuple[list[bytes], list[bytes], list[bytes]]:
+        """Hashes of every cached page, and of those among them that nobody / one request holds: what a
+        router needs to know what a prefix hit costs this pool (workers/pages.admission_pages)."""
+        unheld, held_once = [], []
+        for h, b in self.hash_to_block.items():
+            if self.ref_count[b] < 2:
+                (unheld if self.ref_count[b] == 0 else held_once).append(h)
+        return list(self.hash_to_block), unheld, held_once
+
     def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
         """New pages `seq` needs so its table covers its cache plus `num_new_tokens` entries."""
         return max(0, -(-(seq.kv_len + num_new_tokens) // self.block_size) - len(seq.block_table))
@@ -98,14 +95,13 @@ class BlockManager:
 
     # ---- mutations -----------------------------------------------------------------------
     def allocate(self, seq: Sequence, cached: list[int], num_new_tokens: int) -> None:
-        """Give a fresh sequence its cached prefix pages plus pages for its first chunk."""
-        assert not seq.block_table and seq.num_computed_tokens == 0
+        """Give a fresh sequence its cached prefix pages plus pages for its first chunk (the scheduler has
+        counted the cached entries as computed)."""
+        assert not seq.block_table and seq.num_computed_tokens == len(cached) * self.block_size
         for b in cached:
             self._take(b)
             seq.block_table.append(b)
-        seq.num_computed_tokens = len(cached) * self.block_size
         seq.num_committed_blocks = len(cached)
-        seq.num_cached_prompt_tokens = seq.num_computed_tokens
         if self.enable_prefix_cache:
             self.prefix_queries += seq.num_tokens
             self.prefix_hits += seq.num_computed_tokens
@@ -182,9 +178,7 @@ class BlockManager:
         """Drop `seq`'s references; its pages become free (tail first in eviction order)."""
         self.release(seq.block_table)
         seq.block_table = []
-        seq.num_computed_tokens = 0
         seq.num_committed_blocks = 0
-        seq.decoding = False
 
     # ---- internals -----------------------------------------------------------------------
     def _take(self, block: int) -> None:

@@ -25,6 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from zipserve.workers.block_manager import BlockManager, CompactionPlan
+from zipserve.workers.pages import admission_pages, num_pages, pages_to_come
 from zipserve.workers.sequence import Sequence, Status
 
 
@@ -44,10 +45,6 @@ class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     compactions: list[CompactionPlan] = field(default_factory=list)  # early compressions, before the forward
-
-
-def _pages(tokens: int, block_size: int) -> int:
-    return -(-tokens // block_size)
 
 
 class Scheduler:
@@ -79,18 +76,13 @@ class Scheduler:
     def future_pages(self, seq: Sequence, table_len: int | None = None, shared: int | None = None) -> int:
         """Fresh pages `seq` may still take from the pool, from its current table (or a hypothetical one
         of table_len pages of which `shared` are shared with other requests)."""
-        bs, B = self.block_size, seq.budget_blocks
-        n = len(seq.block_table) if table_len is None else table_len
         if seq.compressed:
             return 0  # constant at its budget + 1 private pages
-        end_pages = _pages(self._end_tokens(seq), bs)
-        if B is None or end_pages <= B + 1:
-            return max(0, end_pages - n)  # never compresses: growth only
         if shared is None:
-            shared = sum(1 for b in seq.block_table if self.bm.ref_count[b] > 1)
-        prefill_pages = _pages(seq.num_tokens, bs) if not seq.decoding else 0
-        final = max(n, prefill_pages, B + 1)  # its table when it first compresses
-        return (final - n) + max(0, (B + 1) - (final - shared))  # growth + privatisation
+            shared = self.bm.holder_counts(seq.block_table)[2] if seq.budget_blocks is not None else 0
+        n = len(seq.block_table) if table_len is None else table_len
+        prefill = seq.num_tokens if not seq.decoding else 0
+        return pages_to_come(n, self._end_tokens(seq), prefill, self.block_size, seq.budget_blocks, shared)
 
     def outstanding_pages(self) -> int:
         """Pages promised to reserved requests but not yet allocated."""
@@ -104,15 +96,15 @@ class Scheduler:
     def hit_costs(self, cached: list[int]) -> tuple[int, int]:
         """(free cached pages a new request takes, pages whose sole holder will now have to privatise
         them at its first compaction): what taking these prefix hits costs the pool."""
-        reused_free = sum(1 for b in cached if self.bm.ref_count[b] == 0)
-        sole_holders = sum(1 for b in cached if self.bm.ref_count[b] == 1)
-        return reused_free, sole_holders
+        unheld, held_once, _ = self.bm.holder_counts(cached)
+        return unheld, held_once
 
     def admission_pages(self, seq: Sequence, cached: list[int]) -> int:
         """Pages a reservation for a waiting `seq` with these prefix hits must set aside: its own need
-        plus what its hits cost the pool."""
-        live = sum(1 for b in cached if self.bm.ref_count[b] > 0)
-        return self.future_pages(seq, len(cached), live) + sum(self.hit_costs(cached))
+        plus what its hits cost the pool (workers/pages.admission_pages, as the router computes it)."""
+        unheld, held_once = self.hit_costs(cached)
+        return admission_pages(seq.num_tokens, self._end_tokens(seq), self.block_size, seq.budget_blocks,
+                               len(cached), unheld, held_once)
 
     # ---- the step --------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -141,12 +133,13 @@ class Scheduler:
             cached = self.bm.cached_prefix(seq)
             start = len(cached) * self.block_size
             n = min(seq.num_tokens - start, budget)
-            need = _pages(start + n, self.block_size) - len(cached)
+            need = num_pages(start + n, self.block_size) - len(cached)
             avail = self.available_pages()
             reserve = seq.budget_blocks is not None and avail >= self.admission_pages(seq, cached)
             if not reserve and avail - sum(self.hit_costs(cached)) < need:
                 break
             self.waiting.popleft()
+            seq.num_computed_tokens = seq.num_cached_prompt_tokens = start
             self.bm.allocate(seq, cached, n)
             seq.reserved = reserve
             if seq.budget_blocks is not None:
@@ -218,8 +211,14 @@ class Scheduler:
         elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
         self._release_slot(seq)
-        self.bm.free(seq)
+        self._free(seq)
         seq.status = Status.FINISHED
+
+    def _free(self, seq: Sequence) -> None:
+        """Its pages back to the pool; it restarts from nothing computed (if it runs again)."""
+        self.bm.free(seq)
+        seq.num_computed_tokens = 0
+        seq.decoding = False
 
     def _release_slot(self, seq: Sequence) -> None:
         if seq.window_slot is not None:
@@ -230,7 +229,7 @@ class Scheduler:
         assert not seq.compressed, "a compressed request cannot be recomputed"
         self.running.remove(seq)
         self._release_slot(seq)
-        self.bm.free(seq)
+        self._free(seq)
         seq.status = Status.WAITING
         seq.reserved = False
         seq.num_preemptions += 1
