@@ -1,20 +1,25 @@
-"""Long-reasoning throughput on one GPU: zipserve compressed vs zipserve full KV vs transformers' continuous
-batching, same model (random bf16 weights, identical across systems), same workload, same KV pool.
+"""Long-reasoning throughput on one GPU: zipserve compressed vs zipserve full KV vs vLLM (its own process) vs
+transformers' continuous batching, same model shape (random bf16 weights), same requests.
 
-Workload: N requests, prompts of 100-500 tokens (half share a 200-token system prompt), each generating
-exactly L tokens (ignore_eos). The pool is N x (budget + 1) pages, so the compressed engine runs all N at
-once while full KV holds only about pool / (prompt + L) requests near the end of their lives.
+Workload (benchmarks/closed_loop.Workload): prompts of 100-500 tokens (half share a 200-token system
+prompt), each generating exactly L tokens (ignore_eos), or with --mixed a long-tailed L per request.
 
-The ceiling: when both engines are bound by memory bandwidth and full KV packs its pool perfectly,
-compressed / full tokens/s is about L / (2 b), b = budget x page + page / 2 (the mean tokens a compressed
-request keeps). Each system's bandwidth floor is the bytes its steps must read (weights once per step plus
-every running request's K/V) over the card's measured copy bandwidth.
+Pools. `--pool whole` (the headline): every system sizes its KV pool from GPU memory as a user would
+(gpu_memory_utilization 0.9), N requests offered at once (N large enough that compressed fills its slots).
+`--pool budget`: every system gets N x (budget + 1) pages, so compressed runs all N at once while full KV
+holds about pool / (prompt + L); it isolates the mechanism, and its ceiling is compressed / full tokens/s
+of about L / (2 b), b = budget x page + page / 2 (the mean tokens a compressed request keeps).
 
-    python -m benchmarks.throughput --shape qwen3-0.6b --lengths 8192,16384 --requests 32
+Modes (--mode): `complete` runs the N requests to the end; `window` keeps N in flight (a new request as one
+finishes) and counts tokens over --window seconds after --warmup, the same window for every system: for
+runs that would not fit one sitting. Each system's bandwidth floor is the bytes its steps must read
+(weights once per step plus the K/V of its running requests) over the card's measured copy bandwidth.
+
+    python -m benchmarks.throughput --shape qwen3-8b --pool whole --requests 256 --lengths 8192 \
+        --mode window --warmup 60 --window 120 --systems compressed,full,vllm --vllm-site /tmp/vsite
     zipserve bench throughput ...   (the same)
 
-transformers' engine is far slower; it runs the same requests for at most --hf-seconds and its tokens/s is
-measured over that window (it is said in the output when it did not finish).
+transformers' engine is far slower; it runs the same requests for at most --hf-seconds (budget pool only).
 """
 
 from __future__ import annotations
@@ -24,108 +29,81 @@ import gc
 import json
 import logging
 import os
-import random
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
 
+from benchmarks.closed_loop import Engine, Workload, drive, percentiles, thin
 from benchmarks.decode_step import SHAPES, card_tag, config_folder, copy_bandwidth
 from benchmarks.provenance import write_result
 
 log = logging.getLogger("benchmarks.throughput")
 
 
-def workload(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
-    """N prompts of 100-500 tokens; even-numbered ones start with one shared 200-token system prompt."""
-    rng = random.Random(seed)
-    lo = min(1000, vocab // 4)  # clear of special tokens
-    system = [rng.randrange(lo, vocab - lo) for _ in range(200)]
-    prompts = []
-    for i in range(n):
-        if i % 2 == 0:
-            prompts.append(system + [rng.randrange(lo, vocab - lo) for _ in range(rng.randint(100, 300))])
-        else:
-            prompts.append([rng.randrange(lo, vocab - lo) for _ in range(rng.randint(100, 500))])
-    return prompts
+def prompts_of(workload: Workload, n: int) -> list[list[int]]:
+    return [workload.request(i)[0] for i in range(n)]
 
 
-def _percentiles(xs: list[float]) -> dict:
-    if not xs:
-        return {}
-    xs = sorted(xs)
-    return {f"p{p}": xs[min(len(xs) - 1, int(p / 100 * len(xs)))] for p in (50, 90, 99)} | {"mean": sum(xs) / len(xs)}
+def _model_bytes(shape: str) -> tuple[float, float]:
+    """(weight bytes a decode step reads, K/V bytes per cached token) of a bf16 model of this shape."""
+    s = SHAPES[shape]
+    head_dim = s.get("head_dim", s["hidden_size"] // s["num_attention_heads"])
+    q, kv = s["num_attention_heads"] * head_dim, s["num_key_value_heads"] * head_dim
+    h = s["hidden_size"]
+    per_layer = h * (q + 2 * kv) + q * h + 3 * h * s["intermediate_size"]
+    weights = 2 * (s["num_hidden_layers"] * per_layer + h * s["vocab_size"])  # + lm_head
+    return weights, 2 * 2 * s["num_hidden_layers"] * kv
 
 
-def run_zipserve(system: str, path: str, prompts, L: int, *, budget: int, pool_pages: int, block_size: int,
-                 bandwidth: float, max_seconds: float) -> dict:
-    """One engine run; the timeline samples (time, running, tokens) every step. system: "compressed" or
-    "full", with "-sync" for the engine without async scheduling (the host work between steps exposed)."""
+def run_zipserve(system: str, path: str, workload: Workload, a, *, pool_pages: int | None, bandwidth: float,
+                 max_len: int) -> dict:
+    """One engine, driven by benchmarks.closed_loop. system: "compressed" or "full", with "-sync" for the
+    engine without async scheduling (the host work between steps exposed)."""
     from zipserve.workers import LLM, SamplingParams
     from zipserve.workers.gpu_clock import GpuClock
 
     compressed = system.startswith("compressed")
     overlap = not system.endswith("-sync")
-    max_len = max(map(len, prompts)) + L + block_size
-    llm = LLM(path, load_format="dummy", block_size=block_size, num_blocks=pool_pages, max_num_seqs=len(prompts),
+    bs, budget = a.block_size, a.budget
+    llm = LLM(path, load_format="dummy", block_size=bs, num_blocks=pool_pages, max_num_seqs=a.requests,
               max_model_len=max_len, budget_blocks=budget if compressed else None, async_scheduling=overlap)
     eng = llm.engine
     # Warm up (Triton compiles, graph pools), including a compression at prefill end and one in decode.
-    warm_prompt = [7] * ((budget + 1) * block_size + 17 if compressed else 300)
-    llm.generate([warm_prompt, prompts[0]], SamplingParams(temperature=0, max_tokens=block_size + 32, ignore_eos=True),
-                 use_tqdm=False)
+    warm_prompt = [7] * ((budget + 1) * bs + 17 if compressed else 300)
+    llm.generate([warm_prompt, workload.request(0)[0]], SamplingParams(temperature=0, max_tokens=bs + 32,
+                 ignore_eos=True), use_tqdm=False)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     weight_bytes = sum(p.numel() * p.element_size() for n, p in eng.runner.model.named_parameters()
                        if "embed_tokens" not in n)
-    kv_token_bytes = eng.runner.bytes_per_block / block_size
+    kv_token_bytes = eng.runner.bytes_per_block / bs
     eng.runner.clock = clock = GpuClock()
-    params = SamplingParams(temperature=0, max_tokens=L, ignore_eos=True)
-    gen0, steps0 = eng.num_generated_tokens, eng.num_steps
-    comp0 = eng.stats().get("compressions", 0)
-    preempt0 = eng.scheduler.num_preemptions
-    t0 = time.perf_counter()
-    for i, p in enumerate(prompts):
-        eng.add_request(f"r{i}", p, params)
-    first, last, gaps, timeline = {}, {}, [], []
-    floor_s = 0.0
-    incomplete = False
-    while eng.has_unfinished_requests():
-        running = eng.scheduler.running
-        kv = sum(s.kv_len for s in running)
-        floor_s += (weight_bytes + kv * kv_token_bytes) / bandwidth
-        outs = eng.step()
-        t = time.perf_counter() - t0
-        n_tok = 0
-        for o in outs:
-            n_tok += len(o.new_token_ids)
-            rid = o.request_id
-            if rid not in first:
-                first[rid] = t
-            else:
-                gaps.append(t - last[rid])
-            last[rid] = t
-        timeline.append((t, len(running), n_tok))
-        if t > max_seconds:
-            incomplete = True
-            for rid in list(eng.requests):
-                eng.abort_request(rid)
+    comp0, preempt0 = eng.stats().get("compressions", 0), eng.scheduler.num_preemptions
+
+    def step():
+        return [(o.request_id, len(o.new_token_ids), o.finished) for o in eng.step()]
+
+    def floor():
+        kv = sum(s.kv_len for s in eng.scheduler.running)
+        return (weight_bytes + kv * kv_token_bytes) / bandwidth
+
+    engine = Engine(add=lambda rid, p, n: eng.add_request(rid, p, SamplingParams(temperature=0, max_tokens=n,
+                                                                                  ignore_eos=True)),
+                    step=step, has_work=eng.has_unfinished_requests, running=lambda: len(eng.scheduler.running),
+                    step_floor_s=floor, abort=eng.abort_request)
+    result = drive(engine, workload, a.requests, a.mode, a.warmup, a.window, a.max_seconds)
     torch.cuda.synchronize()
-    wall = time.perf_counter() - t0
-    tokens = eng.num_generated_tokens - gen0
     gpu = clock.totals_ms()
-    stats = eng.stats()
-    running = [r for _, r, _ in timeline]
-    result = {
-        "system": f"zipserve {system}", "async_scheduling": overlap, "requests": len(prompts), "output_len": L, "complete": not incomplete,
-        "output_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "steps": eng.num_steps - steps0,
-        "mean_running": sum(running) / len(running), "peak_running": max(running),
-        "ttft_s": _percentiles(list(first.values())), "itl_ms": {k: 1e3 * v for k, v in _percentiles(gaps).items()},
+    result |= {
+        "system": f"zipserve {system}", "async_scheduling": overlap, "pool_pages": eng.block_manager.num_blocks,
         "gpu_forward_s": gpu.get("forward", 0.0) / 1e3, "gpu_compression_s": gpu.get("compression", 0.0) / 1e3,
         "compression_share_of_gpu_time": gpu.get("compression", 0.0) / max(1e-9, sum(gpu.values())),
-        "compressions": stats.get("compressions", 0) - comp0, "preemptions": eng.scheduler.num_preemptions - preempt0,
+        "compressions": eng.stats().get("compressions", 0) - comp0,
+        "preemptions": eng.scheduler.num_preemptions - preempt0,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "bandwidth_floor_s": floor_s, "floor_fraction": floor_s / wall,
-        "timeline": _thin(timeline),
     }
     del llm, eng
     gc.collect()
@@ -133,18 +111,29 @@ def run_zipserve(system: str, path: str, prompts, L: int, *, budget: int, pool_p
     return result
 
 
-def _thin(timeline, points: int = 400):
-    """About `points` samples of (t, running, tokens/s over the interval)."""
-    if not timeline:
-        return []
-    stride = max(1, len(timeline) // points)
-    out, prev_t, acc = [], 0.0, 0
-    for i, (t, r, n) in enumerate(timeline):
-        acc += n
-        if (i + 1) % stride == 0 or i == len(timeline) - 1:
-            out.append((round(t, 3), r, acc / max(1e-9, t - prev_t)))
-            prev_t, acc = t, 0
-    return out
+def run_vllm(path: str, workload: Workload, a, *, bandwidth: float, max_len: int) -> dict:
+    """vLLM 0.26 offline in its own process (benchmarks/vllm_engine.py), whole GPU, the same driver."""
+    if not a.vllm_site:
+        raise ValueError("--systems vllm needs --vllm-site (vLLM's unpacked site packages)")
+    if a.pool != "whole":
+        raise ValueError("vLLM sizes its pool from GPU memory: run it with --pool whole")
+    weights, kv_bytes = _model_bytes(a.shape)
+    spec = {"model": path, "gpu_memory_utilization": 0.9, "max_num_seqs": a.requests, "max_model_len": max_len,
+            "workload": workload.describe() | {"vocab": workload.vocab}, "concurrency": a.requests, "mode": a.mode,
+            "warmup_s": a.warmup, "window_s": a.window, "max_seconds": a.max_seconds, "bandwidth": bandwidth,
+            "weight_bytes": weights, "kv_bytes_per_token": kv_bytes}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=f"{a.vllm_site}:{root}", VLLM_USE_FLASHINFER_SAMPLER="0",
+               VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TVM_FFI_DISABLE_TORCH_C_DLPACK="1")
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, out_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
+        with open(spec_path, "w") as f:
+            json.dump(spec, f)
+        subprocess.run([sys.executable, "-m", "benchmarks.vllm_engine", spec_path, out_path], env=env, check=True,
+                       timeout=a.max_seconds + 900)
+        with open(out_path) as f:
+            return json.load(f)
 
 
 def hf_model(path: str, device: str = "cuda", dtype=torch.bfloat16):
@@ -223,8 +212,8 @@ def run_transformers(path: str, prompts, L: int, *, pool_pages: int, block_size:
         "system": "transformers CB", "transformers_version": transformers.__version__, "requests": len(prompts),
         "output_len": L, "complete": len(finished) == len(prompts), "finished_requests": len(finished),
         "output_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-        "ttft_s": _percentiles(list(first.values())), "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "timeline": _thin(timeline),
+        "ttft_s": percentiles(list(first.values())), "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "timeline": thin(timeline),
     }
     del model, manager
     gc.collect()
@@ -234,14 +223,22 @@ def run_transformers(path: str, prompts, L: int, *, pool_pages: int, block_size:
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--shape", default="qwen3-0.6b", choices=sorted(SHAPES))
-    ap.add_argument("--lengths", default="8192,16384", help="output lengths L, comma-separated")
-    ap.add_argument("--requests", type=int, default=32, help="N: the compressed engine's slot count")
+    ap.add_argument("--lengths", default="8192,16384", help="output lengths L, comma-separated (with --mixed: "
+                    "the median of the long-tailed lengths)")
+    ap.add_argument("--mixed", action="store_true", help="a long-tailed output length per request (2k-32k)")
+    ap.add_argument("--requests", type=int, default=32, help="N: requests offered at once (the slot count)")
+    ap.add_argument("--pool", default="budget", choices=("whole", "budget"),
+                    help="whole: each system sizes its pool from GPU memory; budget: N x (budget + 1) pages")
+    ap.add_argument("--mode", default="complete", choices=("complete", "window"))
+    ap.add_argument("--warmup", type=float, default=60.0, help="window mode: seconds before the window")
+    ap.add_argument("--window", type=float, default=120.0, help="window mode: seconds counted")
     ap.add_argument("--budget", type=int, default=8, help="compressed budget in pages")
     ap.add_argument("--block-size", type=int, default=256)
     ap.add_argument("--systems", default="compressed,full,transformers",
-                    help="of compressed, full, transformers, compressed-sync, full-sync (no async scheduling)")
+                    help="of compressed, full, vllm, transformers, compressed-sync, full-sync (no async scheduling)")
+    ap.add_argument("--vllm-site", help="vLLM's unpacked site packages (for --systems vllm)")
     ap.add_argument("--tag", default="", help="suffix of the result files' names")
-    ap.add_argument("--max-seconds", type=float, default=300, help="abort a zipserve run after this long")
+    ap.add_argument("--max-seconds", type=float, default=300, help="stop a run after this long")
     ap.add_argument("--hf-seconds", type=float, default=90, help="transformers' measurement window")
     ap.add_argument("--out", default="benchmarks/results")
 
@@ -253,52 +250,59 @@ def run(args: argparse.Namespace) -> dict:
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev)
     path = config_folder(args.shape)
-    prompts = workload(args.requests, SHAPES[args.shape]["vocab_size"])
-    pool = args.requests * (args.budget + 1)
+    vocab = SHAPES[args.shape]["vocab_size"]
+    pool = args.requests * (args.budget + 1) if args.pool == "budget" else None
     b = args.budget * args.block_size + args.block_size / 2
     card = torch.cuda.get_device_name(dev)
     results = {"benchmark": "throughput", "device": card, "shape": args.shape, "requests": args.requests,
-               "budget_blocks": args.budget, "block_size": args.block_size, "pool_pages": pool,
-               "copy_bandwidth_GBps": bw / 1e9, "prompt_tokens": sum(map(len, prompts)), "lengths": []}
+               "budget_blocks": args.budget, "block_size": args.block_size, "pool": args.pool, "pool_pages": pool,
+               "mode": args.mode, "copy_bandwidth_GBps": bw / 1e9, "lengths": []}
     for L in [int(x) for x in args.lengths.split(",")]:
-        row = {"output_len": L, "ceiling_compressed_over_full": L / (2 * b),
-               "full_kv_concurrency_at_end": pool * args.block_size / (sum(map(len, prompts)) / len(prompts) + L),
-               "systems": {}}
+        workload = Workload(vocab, L, mixed=args.mixed)
+        prompts = prompts_of(workload, args.requests)
+        max_len = max(map(len, prompts)) + (workload.max_len if args.mixed else L) + args.block_size
+        row = {"output_len": L, "mixed": args.mixed, "prompt_tokens": sum(map(len, prompts)), "systems": {}}
+        results["lengths"].append(row)
+        if pool is not None and not args.mixed:
+            row |= {"ceiling_compressed_over_full": L / (2 * b),
+                    "full_kv_concurrency_at_end": pool * args.block_size / (row["prompt_tokens"] / len(prompts) + L)}
         for system in args.systems.split(","):
-            log.info("L=%d: running %s", L, system)
+            log.info("L=%d%s: running %s", L, " (mixed)" if args.mixed else "", system)
             if system in ("compressed", "full", "compressed-sync", "full-sync"):
-                r = run_zipserve(system, path, prompts, L, budget=args.budget, pool_pages=pool,
-                                 block_size=args.block_size, bandwidth=bw, max_seconds=args.max_seconds)
+                r = run_zipserve(system, path, workload, args, pool_pages=pool, bandwidth=bw, max_len=max_len)
+            elif system == "vllm":
+                r = run_vllm(path, workload, args, bandwidth=bw, max_len=max_len)
             elif system == "transformers":
+                if pool is None or args.mixed:
+                    raise ValueError("transformers runs with --pool budget and a fixed L only")
                 r = run_transformers(path, prompts, L, pool_pages=pool, block_size=args.block_size,
                                      max_seconds=args.hf_seconds)
             else:
                 raise ValueError(f"unknown system {system!r}")
             row["systems"][system] = r
             print(f"L={L:6d} {r['system']:>20}: {r['tokens_per_s']:9.0f} tok/s  {r['output_tokens']:8d} tokens in "
-                  f"{r['wall_s']:6.1f} s  mean/peak running {r.get('mean_running', 0):5.1f}/{r.get('peak_running', 0):3d}"
-                  f"  {'' if r['complete'] else 'INCOMPLETE'}"
-                  + (f"  floor {100 * r['floor_fraction']:.0f}%  compression {100 * r['compression_share_of_gpu_time']:.1f}%"
-                     f" of GPU time" if "floor_fraction" in r else ""), flush=True)
-        s = row["systems"]
-        if "compressed" in s and "full" in s:
-            row["compressed_over_full"] = s["compressed"]["tokens_per_s"] / s["full"]["tokens_per_s"]
-            row["fraction_of_ceiling"] = row["compressed_over_full"] / row["ceiling_compressed_over_full"]
-            print(f"L={L}: compressed / full KV = {row['compressed_over_full']:.2f}x "
-                  f"(ceiling {row['ceiling_compressed_over_full']:.2f}x, {100 * row['fraction_of_ceiling']:.0f}% of it)")
-        for name in ("compressed", "full"):
-            if name in s and f"{name}-sync" in s:
-                row[f"{name}_async_over_sync"] = s[name]["tokens_per_s"] / s[f"{name}-sync"]["tokens_per_s"]
-                print(f"L={L}: {name}: async scheduling / synchronous = {row[f'{name}_async_over_sync']:.2f}x")
-        if "compressed" in s and "transformers" in s:
-            row["compressed_over_transformers"] = s["compressed"]["tokens_per_s"] / s["transformers"]["tokens_per_s"]
-            print(f"L={L}: compressed / transformers CB = {row['compressed_over_transformers']:.1f}x")
-        results["lengths"].append(row)
-        _write(results, args.out, args.tag)
+                  f"{r.get('span_s', r.get('wall_s', 0)):6.1f} s  mean/peak running {r.get('mean_running', 0):5.1f}/"
+                  f"{r.get('peak_running', 0):3d}  {'' if r['complete'] else 'INCOMPLETE'}"
+                  + (f"  floor {100 * r['floor_fraction']:.0f}%" if "floor_fraction" in r else "")
+                  + (f"  compression {100 * r['compression_share_of_gpu_time']:.1f}% of GPU time"
+                     if "compression_share_of_gpu_time" in r else ""), flush=True)
+            _ratios(row)
+            _write(results, args.out, args.tag)  # after every system: a later one may not fit the call
     return results
 
 
-_SETUP = ("shape", "device", "requests", "budget_blocks", "block_size", "pool_pages")
+def _ratios(row: dict) -> None:
+    """Every system's tokens/s over every other's that the row holds (compressed / vllm, ...)."""
+    s = row["systems"]
+    for x in ("compressed", "full", "compressed-sync", "full-sync"):
+        for y in ("full", "vllm", "transformers", "compressed-sync", "full-sync"):
+            if x != y and x in s and y in s and (x, y) != ("full", "compressed-sync"):
+                row[f"{x}_over_{y}"] = s[x]["tokens_per_s"] / max(1e-9, s[y]["tokens_per_s"])
+    if "compressed_over_full" in row and "ceiling_compressed_over_full" in row:
+        row["fraction_of_ceiling"] = row["compressed_over_full"] / row["ceiling_compressed_over_full"]
+
+
+_SETUP = ("shape", "device", "requests", "budget_blocks", "block_size", "pool", "pool_pages", "mode")
 
 
 def _write(results: dict, out: str, tag: str = "") -> None:
@@ -311,9 +315,10 @@ def _write(results: dict, out: str, tag: str = "") -> None:
         with open(name + ".json") as f:
             old = json.load(f)
         if all(old.get(k) == results.get(k) for k in _SETUP):
-            new_lengths = {row["output_len"] for row in results["lengths"]}
-            kept = [row for row in old["lengths"] if row["output_len"] not in new_lengths]
-            merged = dict(results, lengths=sorted(kept + results["lengths"], key=lambda r: r["output_len"]))
+            key = lambda row: (row.get("mixed", False), row["output_len"])  # noqa: E731
+            new = {key(row) for row in results["lengths"]}
+            kept = [row for row in old["lengths"] if key(row) not in new]
+            merged = dict(results, lengths=sorted(kept + results["lengths"], key=key))
     write_result(name + ".json", merged, indent=1)
     plot(merged, name + ".png")
 
@@ -336,13 +341,16 @@ def plot(results: dict, path: str) -> None:
             t = [p[0] for p in tl]
             axes[0][j].plot(t, [p[2] for p in tl], label=f"{r['system']} ({r['tokens_per_s']:.0f} tok/s)")
             axes[1][j].plot(t, [p[1] for p in tl], label=r["system"])
-        ratio = row.get("compressed_over_full")
-        axes[0][j].set(title=f"L = {row['output_len']}" + (f": {ratio:.2f}x full KV (ceiling "
-                       f"{row['ceiling_compressed_over_full']:.2f}x)" if ratio else ""), ylabel="output tokens/s")
+        title = f"L ~ {row['output_len']} (mixed)" if row.get("mixed") else f"L = {row['output_len']}"
+        ratios = [f"{row[k]:.2f}x {k.split('_over_')[1]}" for k in ("compressed_over_vllm", "compressed_over_full")
+                  if k in row]
+        axes[0][j].set(title=title + (": compressed " + ", ".join(ratios) if ratios else ""), ylabel="output tokens/s")
         axes[1][j].set(xlabel="seconds", ylabel="running requests")
         axes[0][j].legend(fontsize=7)
-    fig.suptitle(f"{results['shape']} (random bf16), {results['requests']} requests, pool {results['pool_pages']} x "
-                 f"{results['block_size']}, budget {results['budget_blocks']} pages, {results['device']}")
+    pool = "whole GPU" if results.get("pool") == "whole" else f"pool {results['pool_pages']} x {results['block_size']}"
+    mode = results.get("mode", "complete")
+    fig.suptitle(f"{results['shape']} (random bf16), {results['requests']} requests ({mode}), {pool}, "
+                 f"budget {results['budget_blocks']} x {results['block_size']}, {results['device']}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

@@ -1,0 +1,166 @@
+"""One step-loop driver for every engine in the throughput benchmark (ours in process, vLLM in its own
+process), so their figures come from the same code: the same requests, the same clock, the same counts.
+
+Two modes. `complete`: N requests at once, run to the end. `window`: closed loop, N requests in flight (a new
+one as one finishes), tokens counted over a fixed window after a warm-up: for runs too long to finish in
+one sitting, and for mixed lengths, where the steady state is what a server sees. Requests are made by
+index from a seed, so every system gets the same sequence of prompts and lengths. No torch, no zipserve:
+vLLM's process imports this with its own site packages.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Prompts of 100-500 tokens (even-numbered ones start with one shared 200-token system prompt), output
+    length `output_len`, or with `mixed` a long-tailed length per request: log-normal around
+    `output_len`, clipped to [min_len, max_len] (chains of thought are mostly medium with a long tail)."""
+
+    vocab: int
+    output_len: int
+    mixed: bool = False
+    min_len: int = 2048
+    max_len: int = 32768
+    sigma: float = 0.8
+    seed: int = 0
+
+    def _tokens(self, rng: random.Random, n: int) -> list[int]:
+        lo = min(1000, self.vocab // 4)  # clear of special tokens
+        return [rng.randrange(lo, self.vocab - lo) for _ in range(n)]
+
+    def request(self, i: int) -> tuple[list[int], int]:
+        """(prompt token ids, output length) of request i."""
+        system = self._tokens(random.Random(self.seed), 200)
+        rng = random.Random(f"{self.seed}:{i}")
+        if i % 2 == 0:
+            prompt = system + self._tokens(rng, rng.randint(100, 300))
+        else:
+            prompt = self._tokens(rng, rng.randint(100, 500))
+        if not self.mixed:
+            return prompt, self.output_len
+        length = rng.lognormvariate(math.log(self.output_len), self.sigma)
+        return prompt, int(min(self.max_len, max(self.min_len, length)))
+
+    def describe(self) -> dict:
+        return {"output_len": self.output_len, "mixed": self.mixed, "seed": self.seed} | (
+            {"min_len": self.min_len, "max_len": self.max_len, "sigma": self.sigma} if self.mixed else {})
+
+
+def percentiles(xs: list[float]) -> dict:
+    if not xs:
+        return {}
+    xs = sorted(xs)
+    return {f"p{p}": xs[min(len(xs) - 1, int(p / 100 * len(xs)))] for p in (50, 90, 99)} | {"mean": sum(xs) / len(xs)}
+
+
+@dataclass
+class Engine:
+    """What the driver needs of an engine. `step` returns (request id, new tokens, finished) per request that
+    changed; `running` the requests in its running batch now; `step_floor_s` the bandwidth floor of the step
+    about to run (its weights and K/V bytes over the card's copy bandwidth), or None if unknown."""
+
+    add: Callable[[str, list[int], int], None]
+    step: Callable[[], list[tuple[str, int, bool]]]
+    has_work: Callable[[], bool]
+    running: Callable[[], int]
+    step_floor_s: Callable[[], float | None] = lambda: None
+    abort: Callable[[str], None] = lambda rid: None
+
+
+def drive(engine: Engine, workload: Workload, concurrency: int, mode: str = "complete", warmup_s: float = 60.0,
+          window_s: float = 120.0, max_seconds: float = 600.0, timeline_points: int = 400) -> dict:
+    """Run the workload; the figures in the result are over the whole run (`complete`) or the window."""
+    if mode not in ("complete", "window"):
+        raise ValueError(f"mode must be 'complete' or 'window', got {mode!r}")
+    t0 = time.perf_counter()
+    added, first, last = {}, {}, {}
+    ttft, gaps, timeline, ended = [], [], [], set()
+    nxt = 0
+
+    def add_next():
+        nonlocal nxt
+        prompt, length = workload.request(nxt)
+        rid = f"r{nxt}"
+        added[rid] = time.perf_counter() - t0
+        engine.add(rid, prompt, length)
+        nxt += 1
+
+    for _ in range(concurrency):
+        add_next()
+    lo, hi = (0.0, math.inf) if mode == "complete" else (warmup_s, warmup_s + window_s)
+    tokens = finished = steps = 0
+    floor_s, floor_known, running_sum, running_n, peak_running = 0.0, True, 0, 0, 0
+    incomplete = False
+    while engine.has_work():
+        floor = engine.step_floor_s()
+        t_before = time.perf_counter() - t0
+        running = engine.running()
+        outs = engine.step()
+        t = time.perf_counter() - t0
+        n_step = 0
+        for rid, n_new, done in outs:
+            if n_new:
+                n_step += n_new
+                if rid not in first:
+                    first[rid] = t
+                    if lo <= added[rid] < hi:
+                        ttft.append(t - added[rid])
+                elif lo <= t < hi:
+                    gaps += [(t - last[rid]) / n_new] * n_new  # per token: a merged output shares its gap
+                last[rid] = t
+            if done:
+                ended.add(rid)
+                finished += lo <= t < hi
+                if mode == "window" and t < hi:
+                    add_next()
+        if lo <= t_before and t < hi:
+            tokens += n_step
+            steps += 1
+            running_sum += running
+            running_n += 1
+            peak_running = max(peak_running, running)
+            if floor is None:
+                floor_known = False
+            else:
+                floor_s += floor
+        timeline.append((round(t, 3), running, n_step))
+        if mode == "window" and t >= hi:
+            break
+        if t > max_seconds:
+            incomplete = True
+            break
+    for rid in [r for r in added if r not in ended]:  # the window's end (or the time limit) cut them off
+        engine.abort(rid)
+    span = (time.perf_counter() - t0 if mode == "complete" else min(time.perf_counter() - t0, hi) - lo)
+    result = {
+        "mode": mode, "concurrency": concurrency, "workload": workload.describe(), "complete": not incomplete,
+        "output_tokens": tokens, "span_s": span, "tokens_per_s": tokens / span if span > 0 else 0.0,
+        "requests_finished": finished, "requests_started": nxt, "steps": steps,
+        "mean_running": running_sum / running_n if running_n else 0.0, "peak_running": peak_running,
+        "ttft_s": percentiles(ttft), "itl_ms": {k: 1e3 * v for k, v in percentiles(gaps).items()},
+        "timeline": thin(timeline, timeline_points),
+    } | ({"window": [lo, hi]} if mode == "window" else {})
+    if floor_known and steps:
+        result |= {"bandwidth_floor_s": floor_s, "floor_fraction": floor_s / span}
+    return result
+
+
+def thin(timeline: list, points: int = 400) -> list:
+    """At most `points` (time, running, tokens/s) samples: tokens summed over each bucket of steps."""
+    if not timeline:
+        return []
+    k = max(1, -(-len(timeline) // points))
+    out, prev_t = [], 0.0
+    for i in range(0, len(timeline), k):
+        chunk = timeline[i : i + k]
+        t = chunk[-1][0]
+        out.append((t, chunk[-1][1], sum(c[2] for c in chunk) / max(1e-9, t - prev_t)))
+        prev_t = t
+    return out
