@@ -75,11 +75,13 @@ class Engine:
 
 
 def drive(engine: Engine, workload: Workload, concurrency: int, mode: str = "complete", warmup_s: float = 60.0,
-          window_s: float = 120.0, max_seconds: float = 600.0, timeline_points: int = 400) -> dict:
-    """Run the workload; the figures in the result are over the whole run (`complete`) or the window."""
+          window_s: float = 120.0, max_seconds: float = 600.0, timeline_points: int = 400,
+          clock: Callable[[], float] = time.perf_counter) -> dict:
+    """Run the workload; the figures in the result are over the whole run (`complete`) or the window: the
+    steps that start and end inside it, over the time from the first one's start to the last one's end."""
     if mode not in ("complete", "window"):
         raise ValueError(f"mode must be 'complete' or 'window', got {mode!r}")
-    t0 = time.perf_counter()
+    t0 = clock()
     added, first, last = {}, {}, {}
     ttft, gaps, timeline, ended = [], [], [], set()
     nxt = 0
@@ -88,7 +90,7 @@ def drive(engine: Engine, workload: Workload, concurrency: int, mode: str = "com
         nonlocal nxt
         prompt, length = workload.request(nxt)
         rid = f"r{nxt}"
-        added[rid] = time.perf_counter() - t0
+        added[rid] = clock() - t0
         engine.add(rid, prompt, length)
         nxt += 1
 
@@ -98,12 +100,13 @@ def drive(engine: Engine, workload: Workload, concurrency: int, mode: str = "com
     tokens = finished = steps = 0
     floor_s, floor_known, running_sum, running_n, peak_running = 0.0, True, 0, 0, 0
     incomplete = False
+    first_start = last_end = None  # of the steps counted
     while engine.has_work():
         floor = engine.step_floor_s()
-        t_before = time.perf_counter() - t0
+        t_before = clock() - t0
         running = engine.running()
         outs = engine.step()
-        t = time.perf_counter() - t0
+        t = clock() - t0
         n_step = 0
         for rid, n_new, done in outs:
             if n_new:
@@ -112,15 +115,17 @@ def drive(engine: Engine, workload: Workload, concurrency: int, mode: str = "com
                     first[rid] = t
                     if lo <= added[rid] < hi:
                         ttft.append(t - added[rid])
-                elif lo <= t < hi:
+                elif lo <= t <= hi:
                     gaps += [(t - last[rid]) / n_new] * n_new  # per token: a merged output shares its gap
                 last[rid] = t
             if done:
                 ended.add(rid)
-                finished += lo <= t < hi
+                finished += lo <= t <= hi
                 if mode == "window" and t < hi:
                     add_next()
-        if lo <= t_before and t < hi:
+        if lo <= t_before and t <= hi:
+            first_start = t_before if first_start is None else first_start
+            last_end = t
             tokens += n_step
             steps += 1
             running_sum += running
@@ -138,7 +143,7 @@ def drive(engine: Engine, workload: Workload, concurrency: int, mode: str = "com
             break
     for rid in [r for r in added if r not in ended]:  # the window's end (or the time limit) cut them off
         engine.abort(rid)
-    span = (time.perf_counter() - t0 if mode == "complete" else min(time.perf_counter() - t0, hi) - lo)
+    span = last_end - first_start if steps else 0.0  # the time the counted steps took
     result = {
         "mode": mode, "concurrency": concurrency, "workload": workload.describe(), "complete": not incomplete,
         "output_tokens": tokens, "span_s": span, "tokens_per_s": tokens / span if span > 0 else 0.0,

@@ -1,0 +1,56 @@
+"""The throughput benchmark's driver counts what the engine produced: every token of a complete run, and in
+window mode exactly the steps inside the window, with a new request as each one ends."""
+
+import pytest
+
+from benchmarks.closed_loop import Engine, Workload, drive
+
+
+class _FakeEngine:
+    """Runs at most `slots` requests, one token each per step; each step takes one second of a fake clock."""
+
+    def __init__(self, slots: int):
+        self.slots, self.now, self.left, self.order, self.added = slots, 0.0, {}, [], []
+
+    def clock(self) -> float:
+        return self.now
+
+    def add(self, rid, prompt, length):
+        self.left[rid] = length
+        self.order.append(rid)
+        self.added.append((rid, len(prompt), length))
+
+    def step(self):
+        self.now += 1.0
+        out = []
+        for rid in self.order[: self.slots]:
+            self.left[rid] -= 1
+            out.append((rid, 1, self.left[rid] == 0))
+        self.order = [r for r in self.order if self.left[r] > 0]
+        return out
+
+    def engine(self) -> Engine:
+        return Engine(self.add, self.step, lambda: bool(self.order), lambda: min(self.slots, len(self.order)),
+                      step_floor_s=lambda: 0.25, abort=lambda rid: self.order.remove(rid))
+
+
+def test_a_complete_run_counts_every_token_of_every_request():
+    fake = _FakeEngine(slots=3)
+    w = Workload(vocab=32000, output_len=40, mixed=True, min_len=5, max_len=60)
+    r = drive(fake.engine(), w, concurrency=5, mode="complete", clock=fake.clock)
+    lengths = [n for _, _, n in fake.added]
+    assert r["output_tokens"] == sum(lengths) and r["requests_finished"] == 5 and r["complete"]
+    assert r["steps"] == fake.now and r["span_s"] == fake.now
+    assert r["floor_fraction"] == pytest.approx(0.25)
+    assert len(set(lengths)) > 1 and all(5 <= n <= 60 for n in lengths)  # mixed: long-tailed, clipped
+    assert [p for _, p, _ in fake.added] == [len(w.request(i)[0]) for i in range(5)]
+
+
+def test_a_window_counts_only_its_steps_and_keeps_the_engine_full():
+    fake = _FakeEngine(slots=4)
+    r = drive(fake.engine(), Workload(vocab=32000, output_len=7), concurrency=4, mode="window", warmup_s=10,
+              window_s=20, clock=fake.clock)
+    assert r["steps"] == 20 and r["output_tokens"] == 4 * 20  # steps ending at 11..30, four tokens each
+    assert r["tokens_per_s"] == pytest.approx(4.0) and r["mean_running"] == 4
+    assert r["requests_started"] > 4 and not fake.order  # replaced as they ended; the rest aborted at the end
+    assert r["itl_ms"]["p50"] == pytest.approx(1000.0)
