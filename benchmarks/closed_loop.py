@@ -21,7 +21,14 @@ from dataclasses import dataclass
 class Workload:
     """Prompts of 100-500 tokens (even-numbered ones start with one shared 200-token system prompt), output
     length `output_len`, or with `mixed` a long-tailed length per request: log-normal around
-    `output_len`, clipped to [min_len, max_len] (chains of thought are mostly medium with a long tail)."""
+    `output_len`, clipped to [min_len, max_len] (chains of thought are mostly medium with a long tail).
+
+    `aged`: a closed loop reaches its steady state (requests of every age, so every cache size) only after
+    a whole request lifetime. Starting the first requests part-way through their lives gets there at once:
+    request i < aged carries a history of age_i = length x (i + 1/2) / aged tokens as extra prompt and
+    generates the rest. To every engine a prefilled history costs the same memory as a generated one (a
+    compressed engine compresses a long prompt to its budget when its prefill ends, as it would have
+    compressed the generated history); only the warm-up's prefill work differs, and it is not counted."""
 
     vocab: int
     output_len: int
@@ -30,6 +37,7 @@ class Workload:
     max_len: int = 32768
     sigma: float = 0.8
     seed: int = 0
+    aged: int = 0  # the first `aged` requests start part-way through their lives (see `request`)
 
     def _tokens(self, rng: random.Random, n: int) -> list[int]:
         lo = min(1000, self.vocab // 4)  # clear of special tokens
@@ -43,13 +51,17 @@ class Workload:
             prompt = system + self._tokens(rng, rng.randint(100, 300))
         else:
             prompt = self._tokens(rng, rng.randint(100, 500))
-        if not self.mixed:
-            return prompt, self.output_len
-        length = rng.lognormvariate(math.log(self.output_len), self.sigma)
-        return prompt, int(min(self.max_len, max(self.min_len, length)))
+        length = self.output_len
+        if self.mixed:
+            drawn = rng.lognormvariate(math.log(self.output_len), self.sigma)
+            length = int(min(self.max_len, max(self.min_len, drawn)))
+        if i < self.aged:  # its history so far as prompt: ages spread evenly over [0, length)
+            age = int(length * (i + 0.5) / self.aged)
+            prompt, length = prompt + self._tokens(rng, age), length - age
+        return prompt, length
 
     def describe(self) -> dict:
-        return {"output_len": self.output_len, "mixed": self.mixed, "seed": self.seed} | (
+        return {"output_len": self.output_len, "mixed": self.mixed, "seed": self.seed, "aged": self.aged} | (
             {"min_len": self.min_len, "max_len": self.max_len, "sigma": self.sigma} if self.mixed else {})
 
 

@@ -230,7 +230,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--pool", default="budget", choices=("whole", "budget"),
                     help="whole: each system sizes its pool from GPU memory; budget: N x (budget + 1) pages")
     ap.add_argument("--mode", default="complete", choices=("complete", "window"))
-    ap.add_argument("--warmup", type=float, default=60.0, help="window mode: seconds before the window")
+    ap.add_argument("--warmup", type=float, default=60.0, help="window mode: seconds before the window (the N "
+                    "first requests start part-way through their lives, so the loop starts in its steady state)")
     ap.add_argument("--window", type=float, default=120.0, help="window mode: seconds counted")
     ap.add_argument("--budget", type=int, default=8, help="compressed budget in pages")
     ap.add_argument("--block-size", type=int, default=256)
@@ -258,9 +259,9 @@ def run(args: argparse.Namespace) -> dict:
                "budget_blocks": args.budget, "block_size": args.block_size, "pool": args.pool, "pool_pages": pool,
                "mode": args.mode, "copy_bandwidth_GBps": bw / 1e9, "lengths": []}
     for L in [int(x) for x in args.lengths.split(",")]:
-        workload = Workload(vocab, L, mixed=args.mixed)
+        workload = Workload(vocab, L, mixed=args.mixed, aged=args.requests if args.mode == "window" else 0)
         prompts = prompts_of(workload, args.requests)
-        max_len = max(map(len, prompts)) + (workload.max_len if args.mixed else L) + args.block_size
+        max_len = 500 + (workload.max_len if args.mixed else L) + args.block_size  # an aged prompt + rest <= L
         row = {"output_len": L, "mixed": args.mixed, "prompt_tokens": sum(map(len, prompts)), "systems": {}}
         results["lengths"].append(row)
         if pool is not None and not args.mixed:

@@ -54,3 +54,13 @@ def test_a_window_counts_only_its_steps_and_keeps_the_engine_full():
     assert r["tokens_per_s"] == pytest.approx(4.0) and r["mean_running"] == 4
     assert r["requests_started"] > 4 and not fake.order  # replaced as they ended; the rest aborted at the end
     assert r["itl_ms"]["p50"] == pytest.approx(1000.0)
+
+
+def test_aged_requests_carry_their_history_as_prompt_and_generate_the_rest():
+    fresh, aged = Workload(vocab=32000, output_len=1000), Workload(vocab=32000, output_len=1000, aged=4)
+    ages = []
+    for i in range(6):
+        (p0, n0), (p1, n1) = fresh.request(i), aged.request(i)
+        assert p1[: len(p0)] == p0 and len(p1) - len(p0) + n1 == n0 == 1000
+        ages.append(len(p1) - len(p0))
+    assert ages == [125, 375, 625, 875, 0, 0]  # spread evenly over a lifetime; later requests start fresh
