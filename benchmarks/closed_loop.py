@@ -25,8 +25,9 @@ class Workload:
 
     `aged`: a closed loop reaches its steady state (requests of every age, so every cache size) only after
     a whole request lifetime. Starting the first requests part-way through their lives gets there at once:
-    request i < aged carries a history of age_i = length x (i + 1/2) / aged tokens as extra prompt and
-    generates the rest. To every engine a prefilled history costs the same memory as a generated one (a
+    request i < aged carries a history of age_i = length x (aged - i - 1/2) / aged tokens as extra prompt
+    and generates the rest. Oldest first, as a first-come-first-served queue holds them in a steady state
+    (an engine that cannot hold them all admits the oldest, which finish first). To every engine a prefilled history costs the same memory as a generated one (a
     compressed engine compresses a long prompt to its budget when its prefill ends, as it would have
     compressed the generated history); only the warm-up's prefill work differs, and it is not counted."""
 
@@ -55,8 +56,8 @@ class Workload:
         if self.mixed:
             drawn = rng.lognormvariate(math.log(self.output_len), self.sigma)
             length = int(min(self.max_len, max(self.min_len, drawn)))
-        if i < self.aged:  # its history so far as prompt: ages spread evenly over [0, length)
-            age = int(length * (i + 0.5) / self.aged)
+        if i < self.aged:  # its history so far as prompt: ages spread evenly over [0, length), oldest first
+            age = int(length * (self.aged - i - 0.5) / self.aged)
             prompt, length = prompt + self._tokens(rng, age), length - age
         return prompt, length
 

@@ -63,4 +63,4 @@ def test_aged_requests_carry_their_history_as_prompt_and_generate_the_rest():
         (p0, n0), (p1, n1) = fresh.request(i), aged.request(i)
         assert p1[: len(p0)] == p0 and len(p1) - len(p0) + n1 == n0 == 1000
         ages.append(len(p1) - len(p0))
-    assert ages == [125, 375, 625, 875, 0, 0]  # spread evenly over a lifetime; later requests start fresh
+    assert ages == [875, 625, 375, 125, 0, 0]  # spread over a lifetime, oldest first; later ones start fresh
