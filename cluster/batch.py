@@ -29,65 +29,96 @@ import socket
 import threading
 import time
 import uuid
+from typing import Annotated, Any, ClassVar
+
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError,
+                      ValidationInfo, create_model, model_validator)
+from pydantic_core import PydanticCustomError
+
+from zipserve.workers.config_model import ConfigModel, error_summary
+from zipserve.workers.sampling_params import SamplingParams
 
 log = logging.getLogger("zipserve.batch")
 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
                    "ignore_eos", "include_stop_str_in_output")
-ROW_FIELDS = {"id", "prompt", "messages", "n"} | set(SAMPLING_FIELDS)
+MAX_N = 16  # samples per row
+TokenId = Annotated[int, Field(ge=0)]
+# Text or token ids, told apart by type so an error names the one meant.
+Prompt = Annotated[Annotated[str, Field(min_length=1), Tag("text")]
+                   | Annotated[list[TokenId], Field(min_length=1), Tag("token ids")],
+                   Discriminator(lambda v: "text" if isinstance(v, str) else "token ids")]
+
+
+class ChatTurn(BaseModel):
+    """A row's chat message: role and content strings; other keys reach the chat template as given."""
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+    role: str
+    content: str
+
+
+def _row_id(v) -> str:
+    if v is None or isinstance(v, bool) or not isinstance(v, (str, int)):
+        raise PydanticCustomError("missing_id", "missing id (a string or integer)")
+    return str(v)
+
+
+class _Row(ConfigModel):
+    key_kind: ClassVar[str] = "field"
+
+    id: Annotated[str, BeforeValidator(_row_id)] = Field(None, validate_default=True)
+    # Absent (None) unless given; a given null is refused like any other bad value.
+    prompt: Prompt = None
+    messages: list[ChatTurn] = Field(None, min_length=1)
+    n: int = Field(1, ge=1, le=MAX_N)
+
+    @model_validator(mode="after")
+    def _one_prompt_and_valid_params(self, info: ValidationInfo):
+        """max_model_len, when the validation context has it, bounds max_tokens."""
+        if ("prompt" in self.model_fields_set) == ("messages" in self.model_fields_set):
+            raise ValueError("give exactly one of prompt or messages")
+        params = SamplingParams(**self.sampling_params())  # raises ValueError naming the bad field
+        max_model_len = (info.context or {}).get("max_model_len")
+        if max_model_len is not None and params.max_tokens >= max_model_len:
+            raise ValueError(f"max_tokens must be < max_model_len ({max_model_len})")
+        return self
+
+    def sampling_params(self) -> dict:
+        """The row's SamplingParams fields, as given."""
+        return self.model_dump(include=set(SAMPLING_FIELDS), exclude_unset=True)
+
+
+# The sampling fields are SamplingParams' (workers/sampling_params.py), which checks them.
+BatchRow = create_model("BatchRow", __base__=_Row, **{name: (Any, None) for name in SAMPLING_FIELDS})
 
 
 def read_rows(path: str, done: set[str], max_model_len: int | None = None) -> tuple[list[dict], list[dict]]:
     """(good rows not yet done, errors). Every row gets a reason if it is refused."""
-    from zipserve.workers.sampling_params import SamplingParams
-
     good, errors, seen = [], [], set()
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                raw = json.loads(line)
             except json.JSONDecodeError as e:
                 errors.append({"line": lineno, "id": None, "error": f"malformed JSON: {e}"})
                 continue
-            rid = row.get("id") if isinstance(row, dict) else None
+            rid = raw.get("id") if isinstance(raw, dict) else None
+            rid = rid if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
             try:
-                if not isinstance(row, dict):
-                    raise ValueError("a row must be a JSON object")
-                if rid is None or not isinstance(rid, (str, int)) or isinstance(rid, bool):
-                    raise ValueError("missing id (a string or integer)")
-                rid = str(rid)
-                if rid in seen:
-                    raise ValueError(f"duplicate id {rid!r}")
-                unknown = sorted(set(row) - ROW_FIELDS)
-                if unknown:
-                    raise ValueError(f"unknown field(s): {', '.join(unknown)}")
-                has_prompt, has_messages = "prompt" in row, "messages" in row
-                if has_prompt == has_messages:
-                    raise ValueError("give exactly one of prompt or messages")
-                p = row.get("prompt")
-                if has_prompt and not (isinstance(p, str) and p or isinstance(p, list) and p and
-                                       all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in p)):
-                    raise ValueError("prompt must be a non-empty string or list of token ids")
-                m = row.get("messages")
-                if has_messages and not (isinstance(m, list) and m and all(
-                        isinstance(x, dict) and isinstance(x.get("role"), str) and isinstance(x.get("content"), str)
-                        for x in m)):
-                    raise ValueError("messages must be a non-empty list of {role, content} strings")
-                n = row.get("n", 1)
-                if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 16:
-                    raise ValueError("n must be an integer in [1, 16]")
-                params = {k: row[k] for k in SAMPLING_FIELDS if k in row}
-                SamplingParams(**params)  # raises ValueError naming the bad field
-                if max_model_len is not None and params.get("max_tokens", 16) >= max_model_len:
-                    raise ValueError(f"max_tokens must be < max_model_len ({max_model_len})")
-            except (ValueError, TypeError) as e:
-                errors.append({"line": lineno, "id": rid if isinstance(rid, (str, int)) else None, "error": str(e)})
+                row = BatchRow.model_validate(raw, context={"max_model_len": max_model_len})
+                if row.id in seen:
+                    raise ValueError(f"duplicate id {row.id!r}")
+            except ValidationError as e:
+                errors.append({"line": lineno, "id": rid, "error": error_summary(e)})
                 continue
-            seen.add(rid)
-            if rid not in done:
-                good.append({"id": rid, "request": json.dumps(row)})
+            except (ValueError, TypeError) as e:
+                errors.append({"line": lineno, "id": rid, "error": str(e)})
+                continue
+            seen.add(row.id)
+            if row.id not in done:
+                good.append({"id": row.id, "request": row.model_dump_json(exclude_unset=True)})
     return good, errors
 
 
@@ -119,22 +150,20 @@ class BatchEngine:
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def __call__(self, batch: dict) -> dict:
-        from zipserve.workers import SamplingParams
-
-        rows = [json.loads(r) for r in batch["request"]]
+        rows = [BatchRow.model_validate_json(r) for r in batch["request"]]
         tok = self.llm.tokenizer
         prompts, params, owners = [], [], []
         for i, row in enumerate(rows):
-            if "messages" in row:
-                prompt = tok.encode(tok.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=False),
+            if row.messages is not None:
+                chat = [m.model_dump() for m in row.messages]
+                prompt = tok.encode(tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False),
                                     add_special_tokens=False)
             else:
-                prompt = row["prompt"]
-            p = {k: row[k] for k in SAMPLING_FIELDS if k in row}
-            n = row.get("n", 1)
-            for j in range(n):
+                prompt = row.prompt
+            p = row.sampling_params()
+            for j in range(row.n):
                 sp = dict(p)
-                if n > 1 and sp.get("seed") is not None:
+                if row.n > 1 and sp.get("seed") is not None:
                     sp["seed"] += j
                 prompts.append(prompt)
                 params.append(SamplingParams(**sp))
@@ -142,7 +171,7 @@ class BatchEngine:
         before = self.llm.engine.stats().get("compressions", 0)
         outs = self.llm.generate(prompts, params, use_tqdm=False)
         compressions = self.llm.engine.stats().get("compressions", 0) - before
-        results = [{"id": str(r["id"]), "choices": [], "prompt_tokens": 0, "completion_tokens": 0, "worker": self.worker}
+        results = [{"id": r.id, "choices": [], "prompt_tokens": 0, "completion_tokens": 0, "worker": self.worker}
                    for r in rows]
         for (i, j), o in zip(owners, outs):
             res = results[i]
@@ -209,12 +238,12 @@ def run(input_path: str, output_path: str, *, model: str | None = None, engine: 
     import ray
     from tqdm import tqdm
 
-    from zipserve.cluster.app import gpus_per_engine, resolve_config
+    from zipserve.cluster.app import gpus_per_engine, load_app_config
 
-    cfg = resolve_config({"model": model, "engine": engine or {}, "engine_config": engine_config})
-    engine_cfg = dict(cfg["engine"], model=cfg["model"])
-    if cfg.get("engine_config"):
-        engine_cfg["config_file"] = cfg["engine_config"]
+    app, resolved_engine = load_app_config({"model": model, "engine": engine or {}, "engine_config": engine_config})
+    engine_cfg = dict(app.engine, model=app.model)
+    if app.engine_config:
+        engine_cfg["config_file"] = app.engine_config
     if not 1 <= min_workers <= max_workers:
         raise ValueError(f"need 1 <= min_workers ({min_workers}) <= max_workers ({max_workers})")
     done = written_ids(output_path)
@@ -237,7 +266,7 @@ def run(input_path: str, output_path: str, *, model: str | None = None, engine: 
         out = ds.map_batches(
             BatchEngine, fn_constructor_kwargs={"engine_config": engine_cfg}, batch_size=batch_size,
             batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=min_workers, max_size=max_workers),
-            num_gpus=gpus_per_engine(num_gpus, cfg["engine"]), num_cpus=num_cpus, max_restarts=-1,
+            num_gpus=gpus_per_engine(num_gpus, resolved_engine.to_dict()), num_cpus=num_cpus, max_restarts=-1,
             max_task_retries=-1)
         bar = tqdm(total=len(rows), unit="req", disable=not progress, desc="zipserve batch")
         written, workers = set(), set()

@@ -10,7 +10,6 @@ cancels the worker call, which aborts the request and frees its pages.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
@@ -18,7 +17,8 @@ import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
@@ -32,13 +32,22 @@ from zipserve.cluster.tool_calls import ToolCallParser, parse_tool_calls, struct
 from zipserve.scheduler import state_board
 from zipserve.scheduler.policy import RouteRequest
 from zipserve.scheduler.router import route_request_to_dict
-from zipserve.workers.block_manager import page_hashes
+from zipserve.workers.pages import page_hashes
 from zipserve.workers.grammar import validate_structured
 from zipserve.workers.tokenizer import load_tokenizer, token_piece
 
 log = logging.getLogger("zipserve.ingress")
 
 app = FastAPI(title="zipserve", description="OpenAI-compatible API over Compressed PagedAttention workers")
+
+
+def _json(body: BaseModel, status: int = 200, headers: dict | None = None) -> Response:
+    """A response model as the HTTP answer (serialised by pydantic, not revalidated by FastAPI)."""
+    return Response(body.model_dump_json(), status_code=status, headers=headers, media_type="application/json")
+
+
+def _error(err: oa.APIError) -> Response:
+    return _json(err.body(), err.status, err.headers)
 
 
 @app.exception_handler(RequestValidationError)
@@ -54,7 +63,7 @@ async def _validation_error(request: Request, exc: RequestValidationError):
         msg = f"unknown field {loc!r}"
     elif loc and first.get("type") != "refused":
         msg = f"{loc}: {msg}"
-    return JSONResponse(oa.APIError(400, msg, param=loc or None).body(), status_code=400)
+    return _error(oa.APIError(400, msg, param=loc or None))
 
 
 MAX_BODY_BYTES = 4 << 20  # the largest request body accepted (a 128k-token prompt as text fits easily)
@@ -66,14 +75,13 @@ async def _limit_body(request: Request, call_next):
     is counted as it arrives)."""
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-        return JSONResponse(oa.APIError(413, f"request body over {MAX_BODY_BYTES} bytes").body(), status_code=413)
+        return _error(oa.APIError(413, f"request body over {MAX_BODY_BYTES} bytes"))
     if length is None and request.method == "POST":
         body = b""
         async for part in request.stream():
             body += part
             if len(body) > MAX_BODY_BYTES:
-                return JSONResponse(oa.APIError(413, f"request body over {MAX_BODY_BYTES} bytes").body(),
-                                    status_code=413)
+                return _error(oa.APIError(413, f"request body over {MAX_BODY_BYTES} bytes"))
         request._body = body  # starlette re-reads the cached body
     return await call_next(request)
 
@@ -83,13 +91,12 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
     """FastAPI's own errors (unparseable body, unknown path, wrong method) in OpenAI's format."""
     status = exc.status_code
     kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse(oa.APIError(status, str(exc.detail), type_=kind).body(), status_code=status,
-                        headers=getattr(exc, "headers", None))
+    return _error(oa.APIError(status, str(exc.detail), type_=kind, headers=getattr(exc, "headers", None)))
 
 
 @app.exception_handler(oa.APIError)
 async def _api_error(request: Request, exc: oa.APIError):
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+    return _error(exc)
 
 
 class IngressMetrics:
@@ -135,21 +142,18 @@ class _Format:
         self.tool_parsers: dict[int, ToolCallParser] = {}
         self.called: set[int] = set()  # choices that made tool calls
 
-    def message(self, choice: int, text: str) -> dict:
+    def message(self, choice: int, text: str) -> oa.ChatCompletionMessage:
         """A whole chat answer: content, reasoning_content where the model reasoned, tool_calls where it
         called tools."""
         reasoning, content = split_reasoning(self.reasoning, text) if self.reasoning is not None else (None, text)
-        msg = {"content": content}
-        if reasoning is not None:
-            msg["reasoning_content"] = reasoning
+        calls = None
         if self.tool_mode is not None:
-            msg["content"], calls = parse_tool_calls(content or "")
+            content, calls = parse_tool_calls(content or "")
             if calls:
-                msg["tool_calls"] = calls
                 self.called.add(choice)
-        return msg
+        return oa.ChatCompletionMessage(content=content, reasoning_content=reasoning, tool_calls=calls or None)
 
-    def delta(self, choice: int, text: str, final: bool) -> dict:
+    def delta(self, choice: int, text: str, final: bool) -> oa.ChatDelta:
         """A streamed chat delta for new text (maybe empty: a tag may be held back until it is told apart)."""
         reasoning, content = "", text
         if self.reasoning is not None:
@@ -172,7 +176,8 @@ class _Format:
     def prefix(self, choice: int) -> str:
         return self.echo[choice // self.n] if self.echo else ""
 
-    def logprobs(self, choice: int, token_ids: list[int], logprobs: list[dict], prompt: list | None = None) -> dict | None:
+    def logprobs(self, choice: int, token_ids: list[int], logprobs: list[dict],
+                 prompt: list | None = None) -> oa.ChatLogprobs | oa.CompletionLogprobs | None:
         """The endpoint's logprobs for new tokens; `prompt` (an echoed prompt's logprobs, from its second
         token on) goes first, its offsets from 0."""
         if self.num_logprobs is None or not (token_ids or prompt):
@@ -187,8 +192,11 @@ class _Format:
         return out
 
 
-def _sse_event(obj: dict) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+def _sse_event(data: bytes) -> bytes:
+    return b"data: " + data + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
 
 
 @serve.ingress(app)  # (captures the module's functions now: define helpers above this line)
@@ -226,13 +234,12 @@ class OpenAIIngress:
     async def health(self):
         return {"status": "ok", "in_flight": self.in_flight, "migrated_samples": self.migrated}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=oa.ModelList)
     async def models(self):
         info = await self._model_info()
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
-                                            "owned_by": "zipserve", "max_model_len": info["max_model_len"]}]}
+        return _json(oa.ModelList(data=[oa.ModelCard(id=self.model_name, max_model_len=info["max_model_len"])]))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", response_model=oa.Completion)
     async def completions(self, body: oa.CompletionRequest):
         self._check_model(body.model)
         info = await self._model_info()
@@ -242,7 +249,7 @@ class OpenAIIngress:
                 for p in body.prompts()] if body.echo else None
         return await self._serve("completions", body, prompts, info, body.max_tokens, echo)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=oa.ChatCompletion)
     async def chat_completions(self, body: oa.ChatCompletionRequest):
         self._check_model(body.model)
         info = await self._model_info()
@@ -260,7 +267,7 @@ class OpenAIIngress:
         return await self._serve("chat", body, [self._encode(ids, info)], info, body.requested_max_tokens,
                                  constraint=constraint)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", response_model=oa.TokenizeResponse)
     async def tokenize(self, body: oa.TokenizeRequest):
         """vLLM's: a prompt (or chat messages, through the chat template) as token ids."""
         if body.model is not None:
@@ -273,9 +280,10 @@ class OpenAIIngress:
                 raise oa.APIError(400, "this model has no tokenizer", param="prompt")
             ids = self.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False)
         strs = [self.piece(t)[0] for t in ids] if body.return_token_strs else None
-        return {"count": len(ids), "max_model_len": info["max_model_len"], "tokens": ids, "token_strs": strs}
+        return _json(oa.TokenizeResponse(count=len(ids), max_model_len=info["max_model_len"], tokens=ids,
+                                         token_strs=strs))
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", response_model=oa.DetokenizeResponse)
     async def detokenize(self, body: oa.DetokenizeRequest):
         if body.model is not None:
             self._check_model(body.model)
@@ -284,7 +292,7 @@ class OpenAIIngress:
             raise oa.APIError(400, "this model has no tokenizer", param="tokens")
         if any(not 0 <= t < info["vocab_size"] for t in body.tokens):
             raise oa.APIError(400, f"tokens must be in [0, {info['vocab_size']})", param="tokens")
-        return {"prompt": self.tokenizer.decode(body.tokens)}
+        return _json(oa.DetokenizeResponse(prompt=self.tokenizer.decode(body.tokens)))
 
     def _chat_ids(self, body) -> list[int]:
         """A chat request's messages through the model's chat template, as token ids."""
@@ -320,7 +328,7 @@ class OpenAIIngress:
         params = body.sampling_params(max_tokens)
         if constraint is not None:
             params["structured"] = constraint
-        rid = oa.new_id("chatcmpl" if endpoint == "chat" else "cmpl")
+        rid, created = oa.new_id("chatcmpl" if endpoint == "chat" else "cmpl"), int(time.time())
         fmt = _Format(endpoint, params["logprobs"], self.piece, echo, body.n, self.reasoning_parser,
                       getattr(body, "tool_mode", None), prompts)
         calls = []
@@ -332,11 +340,12 @@ class OpenAIIngress:
         self._admit(len(prompts))
         if body.stream:
             opts = body.stream_options
-            return StreamingResponse(self._sse(endpoint, rid, calls, body.n, bool(opts and opts.include_usage),
-                                               len(prompts), bool(opts and opts.continuous_usage_stats), fmt),
+            return StreamingResponse(self._sse(endpoint, rid, created, calls, body.n,
+                                               bool(opts and opts.include_usage), len(prompts),
+                                               bool(opts and opts.continuous_usage_stats), fmt),
                                      media_type="text/event-stream")
         try:
-            return await self._collect(endpoint, rid, calls, body.n, fmt)
+            return _json(await self._collect(endpoint, rid, created, calls, body.n, fmt))
         finally:
             self._release(len(prompts))
 
@@ -455,7 +464,8 @@ class OpenAIIngress:
         except BaseException as e:  # noqa: BLE001 -- handed to the request
             chunks.put_nowait(e)
 
-    async def _collect(self, endpoint: str, rid: str, calls, n: int, fmt: "_Format"):
+    async def _collect(self, endpoint: str, rid: str, created: int, calls, n: int,
+                       fmt: "_Format") -> oa.ChatCompletion | oa.Completion:
         t0 = time.monotonic()
         texts, reasons, completion, prompt_tokens, cached, tokens, lps, plps = {}, {}, {}, {}, {}, {}, {}, {}
         try:
@@ -475,24 +485,28 @@ class OpenAIIngress:
                     reasons[idx] = oa.finish_reason(c["finish_reason"])
         except Exception as e:
             raise self._worker_error(endpoint, e) from e
-        messages = {i: fmt.message(i, texts.get(i, "")) for i in range(len(calls) * n)} if endpoint == "chat" else {}
-        choices = [{"index": i, "text": fmt.prefix(i) + texts.get(i, ""),
-                    "finish_reason": fmt.finish_reason(i, reasons.get(i, "stop")), "message": messages.get(i),
-                    "logprobs": fmt.logprobs(i, tokens.get(i, []), lps.get(i, []), plps.get(i))}
-                   for i in range(len(calls) * n)]
         use = oa.usage(sum(prompt_tokens.values()), sum(completion.values()), sum(cached.values()))
+        chat, choices = endpoint == "chat", []
+        for i in range(len(calls) * n):
+            message = fmt.message(i, texts.get(i, "")) if chat else None  # first: its tool calls set the reason
+            reason = fmt.finish_reason(i, reasons.get(i, "stop"))
+            lp = fmt.logprobs(i, tokens.get(i, []), lps.get(i, []), plps.get(i))
+            choices.append(oa.ChatChoice(index=i, message=message, finish_reason=reason, logprobs=lp) if chat
+                           else oa.CompletionChoice(index=i, text=fmt.prefix(i) + texts.get(i, ""),
+                                                    finish_reason=reason, logprobs=lp))
         self.metrics.requests.inc(tags={"endpoint": endpoint, "status": "200"})
-        build = oa.chat_response if endpoint == "chat" else oa.completion_response
-        return build(rid, self.model_name, choices, use)
+        response = oa.ChatCompletion if chat else oa.Completion
+        return response(id=rid, created=created, model=self.model_name, choices=choices, usage=use)
 
-    async def _sse(self, endpoint: str, rid: str, calls, n: int, include_usage: bool, k: int,
+    async def _sse(self, endpoint: str, rid: str, created: int, calls, n: int, include_usage: bool, k: int,
                    continuous_usage: bool, fmt: "_Format"):
         t0 = time.monotonic()
         first = True
         started: set[int] = set()
         completion, prompt_tokens, cached = {}, {}, {}
         status = "200"
-        chunk_of = oa.chat_chunk if endpoint == "chat" else oa.completion_chunk
+        chat, model = endpoint == "chat", self.model_name
+        dump = oa.CHAT_CHUNK.dump_json if chat else oa.COMPLETION_CHUNK.dump_json
         try:
             async for idx, c in self._events(calls, n):
                 if first:
@@ -506,35 +520,37 @@ class OpenAIIngress:
                        if continuous_usage else None)
                 lp = fmt.logprobs(idx, c["token_ids"], c.get("logprobs") or [],
                                   c.get("prompt_logprobs") if idx not in started else None)
-                if endpoint == "chat":
+                if chat:
                     if idx not in started:
                         started.add(idx)
                         opening = use and dict(use, completion_tokens=0, total_tokens=use["prompt_tokens"])
-                        yield _sse_event(oa.chat_chunk(rid, self.model_name, idx, {"role": "assistant", "content": ""},
-                                                       None, opening))
+                        yield _sse_event(dump(oa.chat_chunk(rid, created, model, idx,
+                                                            {"role": "assistant", "content": ""}, None, opening)))
                     delta = fmt.delta(idx, c["text"], reason is not None)
                     reason = fmt.finish_reason(idx, reason)
                     if delta or reason or lp:
-                        yield _sse_event(oa.chat_chunk(rid, self.model_name, idx, delta, reason, use, lp))
+                        yield _sse_event(dump(oa.chat_chunk(rid, created, model, idx, delta, reason, use, lp)))
                 else:
                     text = c["text"]
                     if idx not in started:
                         started.add(idx)
                         text = fmt.prefix(idx) + text
                     if text or reason or lp:
-                        yield _sse_event(oa.completion_chunk(rid, self.model_name, idx, text, reason, use, lp))
+                        yield _sse_event(dump(oa.completion_chunk(rid, created, model, idx, text, reason, use, lp)))
             if include_usage:
                 use = oa.usage(sum(prompt_tokens.values()), sum(completion.values()), sum(cached.values()))
-                yield _sse_event(chunk_of(rid, self.model_name, -1, {} if endpoint == "chat" else "", None, use))
-            yield "data: [DONE]\n\n"
+                closing = (oa.chat_chunk(rid, created, model, -1, {}, None, use) if chat
+                           else oa.completion_chunk(rid, created, model, -1, "", None, use))
+                yield _sse_event(dump(closing))
+            yield SSE_DONE
         except asyncio.CancelledError:
             status = "cancelled"
             raise
         except Exception as e:  # the response has started: report the error in the stream
             err = self._worker_error(endpoint, e, count=False)
             status = str(err.status)
-            yield _sse_event(err.body())
-            yield "data: [DONE]\n\n"
+            yield _sse_event(err.body().model_dump_json().encode())
+            yield SSE_DONE
         finally:
             self._release(k)
             self.metrics.requests.inc(tags={"endpoint": endpoint, "status": status})

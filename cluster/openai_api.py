@@ -1,4 +1,4 @@
-"""OpenAI-compatible request schemas and response shapes (pure: no Ray, no HTTP server).
+"""OpenAI-compatible request and response schemas (pure: no Ray, no HTTP server).
 
 Requests are validated with pydantic, unknown fields rejected (a misspelled option must not be silently
 ignored). OpenAI fields with no effect on a self-hosted server (`store`, `metadata`, `service_tier`,
@@ -12,12 +12,12 @@ fields: `top_k`, `min_p`, `ignore_eos`, `stop_token_ids`, `include_stop_str_in_o
 
 from __future__ import annotations
 
-import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, field_validator, model_validator
 from pydantic_core import PydanticCustomError
+from typing_extensions import Required, TypedDict  # pydantic needs typing_extensions' TypedDict before 3.12
 
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20  # chat (OpenAI's limit); completions take at most 5
@@ -37,8 +37,8 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.headers = headers or {}
 
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+    def body(self) -> ErrorResponse:
+        return ErrorResponse(error=ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code))
 
 
 class StreamOptions(BaseModel):
@@ -429,45 +429,226 @@ class DetokenizeRequest(BaseModel):
 
 
 # ---- responses -------------------------------------------------------------------------------------
+# OpenAI's response schema. Whole bodies (completions, chat, models, errors) are pydantic models, checked
+# once per response. Streamed chunks, one per token or merged tokens, are TypedDicts of the same shapes
+# serialised by a TypeAdapter (`CHAT_CHUNK`, `COMPLETION_CHUNK`): typed, but never validated per chunk.
+# Pieces both share (usage, logprobs, tool calls) are TypedDicts, which models validate as fields.
+
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
+def _is_none(v) -> bool:
+    return v is None
+
+
+class PromptTokensDetails(TypedDict):
+    cached_tokens: int
+
+
+class Usage(TypedDict):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class TopLogprob(TypedDict):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(TypedDict):
+    content: list[TokenLogprob] | None
+    refusal: list[TokenLogprob] | None
+
+
+class CompletionLogprobs(TypedDict):
+    """The legacy completions shape: one entry per token in each list (None: nothing predicts it)."""
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class FunctionCallOut(TypedDict):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallOut(TypedDict):
+    id: str
+    type: Literal["function"]
+    function: FunctionCallOut
+
+
+class FunctionCallDelta(TypedDict, total=False):
+    name: str
+    arguments: str
+
+
+class ToolCallDelta(TypedDict, total=False):
+    """A streamed tool call: its first delta has id, type and the name; later ones more arguments."""
+    index: Required[int]
+    id: str
+    type: Literal["function"]
+    function: FunctionCallDelta
+
+
+class ChatDelta(TypedDict, total=False):
+    role: Literal["assistant"]
+    content: str
+    reasoning_content: str
+    tool_calls: list[ToolCallDelta]
+
+
+class ChatChunkChoice(TypedDict):
+    index: int
+    delta: ChatDelta
+    finish_reason: FinishReason | None
+    logprobs: ChatLogprobs | None
+
+
+class ChatCompletionChunk(TypedDict):
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]  # empty in the closing usage chunk
+    usage: Usage | None
+
+
+class CompletionChunkChoice(TypedDict):
+    index: int
+    text: str
+    finish_reason: FinishReason | None
+    logprobs: CompletionLogprobs | None
+
+
+class CompletionChunk(TypedDict):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None
+
+
+CHAT_CHUNK = TypeAdapter(ChatCompletionChunk)
+COMPLETION_CHUNK = TypeAdapter(CompletionChunk)
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelled field of ours fails here, not in a client
+
+
+class CompletionChoice(_Response):
+    index: int
+    text: str
+    finish_reason: FinishReason
+    logprobs: CompletionLogprobs | None = None
+
+
+class Completion(_Response):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ChatCompletionMessage(_Response):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    refusal: str | None = None
+    reasoning_content: str | None = Field(None, exclude_if=_is_none)  # vLLM's, where the model reasoned
+    tool_calls: list[ToolCallOut] | None = Field(None, exclude_if=_is_none)  # where it called tools
+
+
+class ChatChoice(_Response):
+    index: int
+    message: ChatCompletionMessage
+    finish_reason: FinishReason
+    logprobs: ChatLogprobs | None = None
+
+
+class ChatCompletion(_Response):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(_Response):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "zipserve"
+    max_model_len: int  # vLLM's
+
+
+class ModelList(_Response):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(_Response):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(_Response):
+    error: ErrorDetail
+
+
+class TokenizeResponse(_Response):
+    """vLLM's /tokenize answer."""
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(_Response):
+    prompt: str
+
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def finish_reason(engine_reason: str | None) -> str | None:
+def finish_reason(engine_reason: str | None) -> FinishReason | None:
     return None if engine_reason is None else "length" if engine_reason == "length" else "stop"
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def completion_response(rid: str, model: str, choices: list[dict], use: dict) -> dict:
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": c["index"], "text": c["text"], "finish_reason": c["finish_reason"],
-                         "logprobs": c.get("logprobs")} for c in choices], "usage": use}
-
-
-def completion_chunk(rid: str, model: str, index: int, text: str, reason: str | None, use: dict | None = None,
-                     logprobs: dict | None = None) -> dict:
+def completion_chunk(rid: str, created: int, model: str, index: int, text: str, reason: FinishReason | None,
+                     use: Usage | None = None, logprobs: CompletionLogprobs | None = None) -> CompletionChunk:
+    """One streamed completion chunk (index < 0: none of the choices, as the closing usage chunk)."""
     choices = [] if index < 0 else [{"index": index, "text": text, "finish_reason": reason, "logprobs": logprobs}]
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model, "choices": choices,
+    return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
             "usage": use}
 
 
-def chat_response(rid: str, model: str, choices: list[dict], use: dict) -> dict:
-    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": c["index"], "message": {"role": "assistant", **c.get("message", {"content": c["text"]})},
-                         "finish_reason": c["finish_reason"], "logprobs": c.get("logprobs")} for c in choices],
-            "usage": use}
-
-
-def chat_chunk(rid: str, model: str, index: int, delta: dict, reason: str | None, use: dict | None = None,
-               logprobs: dict | None = None) -> dict:
+def chat_chunk(rid: str, created: int, model: str, index: int, delta: ChatDelta, reason: FinishReason | None,
+               use: Usage | None = None, logprobs: ChatLogprobs | None = None) -> ChatCompletionChunk:
+    """One streamed chat chunk (index < 0: none of the choices, as the closing usage chunk)."""
     choices = [] if index < 0 else [{"index": index, "delta": delta, "finish_reason": reason, "logprobs": logprobs}]
-    return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": choices, "usage": use}
+    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices,
+            "usage": use}
 
 
 # ---- logprobs --------------------------------------------------------------------------------------
@@ -479,7 +660,7 @@ def _top(lp: dict[int, float], n: int) -> list[tuple[int, float]]:
     return sorted(lp.items(), key=lambda kv: -kv[1])[:n]
 
 
-def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, float]], n: int, piece) -> dict:
+def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, float]], n: int, piece) -> ChatLogprobs:
     content = []
     for tok, lp in zip(token_ids, logprobs):
         text, raw = piece(tok)
@@ -490,7 +671,7 @@ def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, float]], n: int
 
 
 def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, float] | None], n: int, piece,
-                        offset: int) -> dict:
+                        offset: int) -> CompletionLogprobs:
     """The legacy shape; top_logprobs holds the sampled token and the n most likely (as vLLM's). A None entry
     (an echoed prompt's first token, which nothing predicts) is null in both lists."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}

@@ -4,8 +4,8 @@ stream their outputs.
 The loop runs either in a thread of this process or, for serving (`separate_process=True`), in a child
 process of its own. A server's event loop spends Python time on every message it streams (Ray Serve's
 streaming, metrics, SSE); in a thread, that work and the step loop's host work share one GIL and slow
-each other down (on an H200, a Qwen3-8B-shaped worker stepped at 135 ms instead of 25 ms under 256
-streams). In its own process the loop steps at full speed and sends each step's outputs as one message.
+each other down, most under many streams. In its own process the loop steps at full speed and sends each
+step's outputs as one message.
 
 Only the loop touches the engine. Callers hand it commands (add, abort) and receive `RequestOutput`s on
 per-request asyncio queues, so a slow or cancelled client never blocks a step, and an abort frees the

@@ -1,7 +1,9 @@
 """The engine step loop: schedule -> run the model -> sample -> append, detokenize, stop -> free.
 
 This is the API the serving worker drives: `add_request`, `step` (returns what changed), `abort_request`
-(frees the request's pages at once) and `stats`. `LLM` (workers/llm.py) is a thin offline wrapper.
+(frees the request's pages at once) and `stats`. `LLM` (workers/llm.py) is a thin offline wrapper. The
+engine decides when a request ends by its tokens; its text, stop strings and outputs are the output
+processor's (workers/output_processor.py).
 
 Async scheduling (`async_scheduling`, on by default): a step's sampled tokens stay on the device; the next
 step is scheduled and launched first (its inputs read those tokens on the device), and only then are they
@@ -27,18 +29,20 @@ import torch
 
 from zipserve.workers.bad_words import apply_bad_words, needs_known_tokens, tokenize_bad_words
 from zipserve.workers.block_manager import BlockManager
+from zipserve.workers.compaction_queue import CompactionQueue
 from zipserve.workers.grammar import GrammarBook, validate_structured
 from zipserve.workers.config import EngineConfig
 from zipserve.workers.model_runner import ModelRunner
 from zipserve.workers.models import read_model_args
-from zipserve.workers.outputs import RequestOutput, SpanView
+from zipserve.workers.output_processor import OutputProcessor
+from zipserve.workers.outputs import RequestOutput
 from zipserve.workers.parallel import TPGroup
 from zipserve.workers.penalties import PenaltyState
 from zipserve.workers.sampler import LogprobRows, SamplingError, sample, sample_on_device
 from zipserve.workers.sampling_params import SamplingParams
 from zipserve.workers.scheduler import Scheduler
 from zipserve.workers.sequence import Sequence, Status
-from zipserve.workers.tokenizer import detokenize_step, init_detokenizer, load_tokenizer, text_decoder
+from zipserve.workers.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +85,10 @@ class LLMEngine:
             self.max_model_len = pool_tokens
         self.block_manager = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_cache)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len)
-        self.pages_freed_by_compression = 0
-        self.in_flight: list[tuple[object, list]] = []  # (event, plans) of overlapped compressions
-        self.deferred: list = []  # plans made at the end of a step, launched beside the next step's forward
+        self.compactions = CompactionQueue(self.runner, self.block_manager, land_in_lockstep=tp.size > 1)
         self.pending: PendingStep | None = None  # the last step's tokens, still on the device
         self.tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
-        self.decode = text_decoder(self.tokenizer) if self.tokenizer is not None else None
+        self.output_processor = OutputProcessor(self.tokenizer)  # text, stop strings, outputs
         self.eos_token_ids = set(args.eos_token_ids)
         if not self.eos_token_ids and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids = {self.tokenizer.eos_token_id}
@@ -134,11 +136,8 @@ class LLMEngine:
             seq.generator = torch.Generator().manual_seed(params.seed)
         if params.bad_words:
             seq.bad_word_ids = tokenize_bad_words(self.tokenizer, params.bad_words)
-        init_detokenizer(seq)
-        for t in resume:
-            seq.token_ids.append(t)
-            if self.tokenizer is not None:
-                detokenize_step(self.decode, seq)
+        seq.token_ids += resume
+        self.output_processor.add_request(seq)  # (replays the resumed tokens' text)
         self.requests[request_id] = seq
         if params.structured is not None:
             self.grammars.submit(seq)  # scheduled once its grammar has compiled (step: _admit_constrained)
@@ -162,6 +161,7 @@ class LLMEngine:
             return False
         seq.finish_reason = "abort"
         self._retire(seq)
+        self.output_processor.discard(request_id)
         return True
 
     def _retire(self, seq: Sequence) -> None:
@@ -173,22 +173,22 @@ class LLMEngine:
             self.scheduler.finish(seq)
 
     def has_unfinished_requests(self) -> bool:
-        return (self.scheduler.has_work() or bool(self.in_flight) or bool(self.deferred) or bool(self.grammars.compiling)
+        return (self.scheduler.has_work() or self.compactions.busy or bool(self.grammars.compiling)
                 or (self.pending is not None and bool(self.requests)))  # (else it holds aborted requests only)
 
     # ---- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; returns an output for every request that changed (under async
         scheduling: the tokens of the step before, whose values arrive while this one runs)."""
-        self._land_compressions()
+        self._landed(self.compactions.land())
         failed = self._admit_constrained()
         sched = self.scheduler.schedule()
-        self._compress(sched.compactions)  # early compressions (pages ran short), before the forward
+        self._landed(self.compactions.run_now(sched.compactions))  # early ones (pages ran short): before the forward
         if not sched.chunks:
             outputs = failed + self._resolve_pending()
-            self._launch_deferred()
-            if self.in_flight and not outputs:  # only compressions left to wait for: wait for the oldest
-                self.in_flight[0][0].synchronize()
+            self.compactions.launch_deferred()
+            if not outputs:  # only compressions left to wait for: wait for the oldest
+                self.compactions.wait_oldest()
             return outputs
         data_ready = self.runner.mark()  # everything the deferred compressions read is written by now
         last_tokens = self.pending.tokens if self.pending is not None else None
@@ -196,7 +196,7 @@ class LLMEngine:
         if self.runner.prompt_spans:  # prompt logprobs (evaluation): this step waits for their values
             for seq, first, rows in self.runner.score_prompts():
                 seq.prompt_logprobs.extend(rows.by_row(seq.token_ids[first : first + len(rows.rows)]).values())
-        self._launch_deferred(after=data_ready)  # last step's compressions, on their own stream, beside it
+        self.compactions.launch_deferred(after=data_ready)  # last step's, on their own stream, beside it
         samplers = [c.seq for c in sched.chunks if c.samples]
         for c in sched.chunks:
             if not c.samples:
@@ -222,17 +222,12 @@ class LLMEngine:
         # Compression stage: requests whose cache reached budget + 1 full pages (or a long prompt ended).
         # On CUDA it is launched beside the next step's forward, on its own stream; the requests it
         # compacts sit out until it has landed. Elsewhere it runs now.
-        plans = []
-        for seq in samplers:
-            if seq.status is Status.RUNNING:
-                plan = self.scheduler.plan_compression(seq)
-                if plan is not None:
-                    plan.seq.compressing = True
-                    plans.append(plan)
+        plans = [self.scheduler.plan_compression(s) for s in samplers if s.status is Status.RUNNING]
+        plans = [p for p in plans if p is not None]
         if self.runner.device.type == "cuda":
-            self.deferred += plans
+            self.compactions.defer(plans)
         else:
-            self._compress(plans)
+            self._landed(self.compactions.run_now(plans))
         self.num_steps += 1
         return outputs
 
@@ -348,7 +343,7 @@ class LLMEngine:
         nothing else to do waits a little for the oldest compile rather than spin."""
         if not self.grammars.compiling:
             return []
-        idle = not self.scheduler.has_work() and self.pending is None and not self.in_flight
+        idle = not self.scheduler.has_work() and self.pending is None and not self.compactions.running
         outputs = []
         wait = None if self.tp.size > 1 else 0.05 if idle else 0.0  # (ranks step in lockstep)
         for seq, why in self.grammars.ready(wait_s=wait):
@@ -366,43 +361,19 @@ class LLMEngine:
         seq.num_pending, seq.pending_row = 0, None
         self._retire(seq)
         self.requests.pop(seq.request_id, None)
-        return self._output(seq, [], "")
+        return self.output_processor.output(seq, [])
 
-    def _compress(self, plans, overlap: bool = False, after=None) -> None:
-        if not plans:
-            return
-        event = self.runner.compact(plans, overlap, after)
+    def _landed(self, plans) -> None:
+        """Requests that ended (or were aborted) while their compaction ran are retired once it has landed."""
         for plan in plans:
-            plan.seq.compressing = True
-        self.in_flight.append((event, plans))
-        if event is None:
-            self._land_compressions()
-
-    def _launch_deferred(self, after=None) -> None:
-        plans, self.deferred = self.deferred, []
-        self._compress(plans, overlap=True, after=after)
-
-    def _land_compressions(self) -> None:
-        """Finish compactions whose data has moved: free the replaced pages, resume the requests."""
-        bm = self.block_manager
-        if self.tp.size > 1:  # land at the same step on every rank (a query() result depends on timing)
-            for event, _ in self.in_flight:
-                if event is not None:
-                    event.synchronize()
-        while self.in_flight and (self.in_flight[0][0] is None or self.in_flight[0][0].query()):
-            _, plans = self.in_flight.pop(0)
-            for plan in plans:
-                self.pages_freed_by_compression += sum(1 for b in plan.release if bm.ref_count[b] == 1) - plan.num_fresh
-                bm.release(plan.release)
-                plan.seq.compressing = False
-                if plan.seq.finish_reason is not None:  # it ended (or was aborted) while compacting
-                    self._retire(plan.seq)
+            if plan.seq.finish_reason is not None:
+                self._retire(plan.seq)
 
     def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
         seq.token_ids.append(token)
         self.num_generated_tokens += 1
         p = seq.params
-        new_text = detokenize_step(self.decode, seq) if self.tokenizer is not None else ""
+        new_text = self.output_processor.new_text(seq)  # (what the stop strings are looked for in)
         grammar = self.grammars.accept(seq.request_id, token) if p.structured is not None else None
         if grammar == "rejected":  # (the mask allows only tokens the grammar accepts: a bug if seen)
             log.error("request %s: token %d breaks its grammar; ended with finish_reason 'error'", seq.request_id, token)
@@ -414,62 +385,16 @@ class LLMEngine:
         elif token in p.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", token
         elif p.stop and new_text:
-            new_text = self._check_stop_strings(seq, new_text)
+            self.output_processor.check_stop_strings(seq, new_text)
         known = len(seq.token_ids)  # (tokens sampled after this one may be pending)
         if seq.finish_reason is None and (known - seq.num_prompt_tokens >= p.max_tokens or known >= self.max_model_len):
             seq.finish_reason = "length"
         if seq.finish_reason is not None:
-            if seq.stop_reason is None or not isinstance(seq.stop_reason, str):  # flush held-back bytes
-                new_text += detokenize_step(self.decode, seq, final=True) if self.tokenizer is not None else ""
+            self.output_processor.flush(seq)  # held-back bytes (none after a stop string)
             seq.num_pending, seq.pending_row = 0, None  # tokens sampled after this one are dropped
             self._retire(seq)
             del self.requests[seq.request_id]
-        return self._output(seq, [token], new_text)
-
-    def _check_stop_strings(self, seq: Sequence, new_text: str) -> str:
-        """End `seq` at the first stop string that the new text completes; returns the new text kept."""
-        longest = max(len(s) for s in seq.params.stop)
-        window_start = max(0, len(seq.text) - len(new_text) - longest + 1)
-        best = None
-        for s in seq.params.stop:
-            i = seq.text.find(s, window_start)
-            if i >= 0 and (best is None or i < best[0]):
-                best = (i, s)
-        if best is None:
-            return new_text
-        i, s = best
-        cut = i + len(s) if seq.params.include_stop_str_in_output else i
-        old_len = len(seq.text) - len(new_text)
-        seq.text = seq.text[:cut]
-        seq.finish_reason, seq.stop_reason = "stop", s
-        return seq.text[old_len:]
-
-    def _output(self, seq: Sequence, new_tokens: list[int], new_text: str) -> RequestOutput:
-        n_prompt = seq.num_prompt_tokens
-        done = seq.finish_reason is not None  # (its pages may still wait for a compaction to land)
-        # final outputs own their lists; intermediate ones get O(1) views
-        return RequestOutput(
-            request_id=seq.request_id,
-            prompt_token_ids=seq.token_ids[:n_prompt] if done else SpanView(seq.token_ids, 0, n_prompt),
-            token_ids=seq.output_token_ids if done else SpanView(seq.token_ids, n_prompt),
-            text=seq.text,
-            finished=done,
-            finish_reason=seq.finish_reason,
-            stop_reason=seq.stop_reason,
-            new_token_ids=new_tokens,
-            new_text=new_text,
-            num_cached_tokens=seq.num_cached_prompt_tokens,
-            logprobs=None if seq.params.logprobs is None else list(seq.logprobs) if done else SpanView(seq.logprobs, 0),
-            prompt_logprobs=self._take_prompt_logprobs(seq) if new_tokens else None,
-        )
-
-    @staticmethod
-    def _take_prompt_logprobs(seq: Sequence) -> list | None:
-        """The prompt's logprobs, once: on the output with the request's first token."""
-        if seq.params.prompt_logprobs is None or seq.prompt_logprobs_sent:
-            return None
-        seq.prompt_logprobs_sent = True
-        return list(seq.prompt_logprobs)
+        return self.output_processor.output(seq, [token])
 
     # ---- observability -------------------------------------------------------------------
     def stats(self) -> dict:
@@ -503,7 +428,9 @@ class LLMEngine:
             "budget_blocks": self.config.budget_blocks, "healthy": True, "timestamp": time.time(),
         }
         if with_hashes:
-            state["cached"] = [h.hex() for h in bm.hash_to_block]
+            cached, unheld, held_once = bm.cached_hashes()
+            state.update(cached=[h.hex() for h in cached], unheld=[h.hex() for h in unheld],
+                         held_once=[h.hex() for h in held_once])
         return state
 
     def _compression_stats(self) -> dict:
@@ -518,7 +445,7 @@ class LLMEngine:
             "reserved_requests": sum(s.reserved for s in sched.running),
             "compressed_requests": sum(s.compressed for s in sched.running),
             "early_compressions": sched.num_early_compressions,
-            "pages_freed_by_compression": self.pages_freed_by_compression,
+            "pages_freed_by_compression": self.compactions.pages_freed,
             "compression_scratch_bytes": self.runner.compression_scratch_bytes,
             **self.runner.compressor.stats(),
         }
@@ -526,8 +453,7 @@ class LLMEngine:
     def check_invariants(self) -> None:
         """Page pool and per-request invariants (tests call this after every step)."""
         sched, bs = self.scheduler, self.config.block_size
-        pending = [b for _, plans in self.in_flight for p in plans for b in p.release]
-        pending += [b for p in self.deferred for b in p.release]
+        pending = self.compactions.pending_release()
         self.block_manager.check_invariants(sched.running + list(sched.waiting), pending)
         for s in sched.waiting:
             assert not s.block_table and s.status is Status.WAITING and s.window_slot is None

@@ -57,10 +57,7 @@ class Sequence:
     bad_word_ids: list[list[int]] = field(default_factory=list)  # params.bad_words as token sequences
     generator: object | None = None  # torch.Generator for seeded sampling
     created: float = field(default_factory=time.monotonic)
-    # Detokenization state (workers/tokenizer.py detokenize_step)
-    text: str = ""
-    read_offset: int = 0
-    prefix_offset: int = 0
+    # Its text, and the state that streams it, live in workers/output_processor.py (OutputProcessor.texts).
 
     @property
     def num_tokens(self) -> int:

@@ -16,7 +16,6 @@ One tensor-parallel engine per process at a time (it uses torch.distributed's de
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -42,7 +41,7 @@ def make_engine(config: EngineConfig) -> LLMEngine:
 
 def _rank_config(cfg: EngineConfig, rank: int) -> EngineConfig:
     if cfg.torch_device.type == "cuda":
-        return dataclasses.replace(cfg, device=f"cuda:{rank}")
+        return cfg.model_copy(update={"device": f"cuda:{rank}"})
     return cfg
 
 
