@@ -185,51 +185,69 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         self._landed(self.compactions.run_now(sched.compactions))  # early ones (pages ran short): before the forward
         if not sched.chunks:
-            outputs = failed + self._resolve_pending()
-            self.compactions.launch_deferred()
-            if not outputs:  # only compressions left to wait for: wait for the oldest
-                self.compactions.wait_oldest()
-            return outputs
+            return failed + self._idle()
+        samplers, logits = self._execute(sched)
+        outputs = failed + self._sample(samplers, logits)
+        self._compression_stage(sched, samplers)
+        self.num_steps += 1
+        return outputs
+
+    def _idle(self) -> list[RequestOutput]:
+        """Nothing to run: the last tokens come back, deferred compressions start (or are waited for)."""
+        outputs = self._resolve_pending()
+        self.compactions.launch_deferred()
+        if not outputs:  # only compressions left to wait for: wait for the oldest
+            self.compactions.wait_oldest()
+        return outputs
+
+    def _execute(self, sched) -> tuple[list[Sequence], torch.Tensor]:
+        """Queue the forward (not waited for), the last step's compressions beside it; returns the requests
+        that sample this step and their logits."""
         data_ready = self.runner.mark()  # everything the deferred compressions read is written by now
         last_tokens = self.pending.tokens if self.pending is not None else None
-        logits = self.runner.execute(sched.chunks, last_tokens)  # queued on the main stream; not waited for yet
+        logits = self.runner.execute(sched.chunks, last_tokens)
         if self.runner.prompt_spans:  # prompt logprobs (evaluation): this step waits for their values
             for seq, first, rows in self.runner.score_prompts():
                 seq.prompt_logprobs.extend(rows.by_row(seq.token_ids[first : first + len(rows.rows)]).values())
-        self.compactions.launch_deferred(after=data_ready)  # last step's, on their own stream, beside it
-        samplers = [c.seq for c in sched.chunks if c.samples]
+        self.compactions.launch_deferred(after=data_ready)  # on their own stream, beside this forward
+        samplers = [c.seq for c in sched.chunks if c.samples]  # (before the chunks count as computed)
         for c in sched.chunks:
             if not c.samples:
                 self.num_prompt_tokens_computed += c.num_new_tokens
             c.seq.num_computed_tokens += c.num_new_tokens
+        return samplers, logits
+
+    def _sample(self, samplers: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
+        """This step's tokens: left on the device for the next step to feed (async scheduling), or taken now.
+        Returns the outputs of the tokens whose values are known (the step before's, under async)."""
         if self._overlaps(samplers) and self._reads_tokens(samplers):
             # A grammar's mask (or a multi-token bad word) needs the step before's tokens: append them first
             # (while the GPU runs this step's forward), then mask and sample; requests they ended sample nothing.
-            outputs = failed + self._resolve_pending()
+            outputs = self._resolve_pending()
             keep = [i for i, s in enumerate(samplers) if s.finish_reason is None]
             if len(keep) < len(samplers):
                 samplers, logits = [samplers[i] for i in keep], logits[keep]
             self.pending = self._sample_async(samplers, logits) if samplers else None
-        elif self._overlaps(samplers):
+            return outputs
+        if self._overlaps(samplers):
             pending = self._sample_async(samplers, logits)
-            outputs = failed + self._resolve_pending()  # the step before's tokens, while the GPU runs this one
+            outputs = self._resolve_pending()  # the step before's tokens, while the GPU runs this one
             self.pending = pending
-        else:
-            outputs = failed + self._resolve_pending()
-            outputs += self._sample_now(samplers, logits)
+            return outputs
+        return self._resolve_pending() + self._sample_now(samplers, logits)
+
+    def _compression_stage(self, sched, samplers: list[Sequence]) -> None:
+        """Requests whose cache reached budget + 1 full pages (or a long prompt ended) are compressed. On CUDA
+        it is launched beside the next step's forward, on its own stream; the requests it compacts sit out
+        until it has landed. Elsewhere it runs now."""
         for c in sched.chunks:  # page hashes need token values: the step before's are all known now
             self.block_manager.commit_full_blocks(c.seq)
-        # Compression stage: requests whose cache reached budget + 1 full pages (or a long prompt ended).
-        # On CUDA it is launched beside the next step's forward, on its own stream; the requests it
-        # compacts sit out until it has landed. Elsewhere it runs now.
         plans = [self.scheduler.plan_compression(s) for s in samplers if s.status is Status.RUNNING]
         plans = [p for p in plans if p is not None]
         if self.runner.device.type == "cuda":
             self.compactions.defer(plans)
         else:
             self._landed(self.compactions.run_now(plans))
-        self.num_steps += 1
-        return outputs
 
     def _overlaps(self, samplers: list[Sequence]) -> bool:
         """Whether this step's tokens may stay on the device until the next step is launched."""
