@@ -1,7 +1,8 @@
 """Compression scoring and selection for Compressed PagedAttention (plain-torch references).
 
 For one request and a group of layers, every cached token gets a score per (layer, KV head), and the
-best `keep` are kept, in their original order. All math is fp32. The pieces (each switchable):
+best `keep` are kept, in their original order. All math is fp32. Rows of the leading (layers) dimension
+never mix, so B requests of one length are scored as one of B * Lg layers. The pieces (each switchable):
 
   A  window attention: the post-RoPE queries of the last Q cache entries attend (causally) over the
      whole cache; softmax over tokens, max over the GQA group, mean over the window.
@@ -27,8 +28,10 @@ except ImportError:  # no Triton (e.g. macOS): the references still work
     triton = tl = None
 
 # Request-dependent int arguments: lengths, and the strides of a tensor sized by them (the placeholder
-# score tensor of a first compression has strides H * N, N).
-_LENGTHS = ("N", "keep", "num_prev", "num_sink", "tail", "sg_l", "sg_h", "sg_n")
+# score tensor of a first compression has strides H * N, N; a batch's page tables and kept indices have
+# rows of its page counts and keep).
+_LENGTHS = ("N", "keep", "num_prev", "num_sink", "tail", "sg_l", "sg_h", "sg_n",
+            "sp_b", "sd_b", "si_b", "si_l", "si_h")
 
 
 def _jit(fn):
@@ -43,13 +46,20 @@ def _jit(fn):
 _REDUNDANCY_ROW_TILE = 1024  # rows of the similarity matrix per tile (bounds scratch to tile x N)
 
 
+def _per_layer(fn, *xs: torch.Tensor) -> torch.Tensor:
+    """fn over the leading (layers) dimension, stacked. A matrix product's rounding may depend on how many
+    rows share its launch; layer by layer, a request's scores do not depend on the batch it is scored in."""
+    return torch.stack([fn(*(x[i] for x in xs)) for i in range(xs[0].shape[0])])
+
+
 def window_attention_ref(q_win: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """q_win: [L, Q, H_q, D] queries of cache entries N-Q .. N-1; k: [L, N, H_kv, D].
     Returns A: [L, H_kv, N] fp32 (each row a mean of probability distributions)."""
     L, Q, h_q, d = q_win.shape
     N, h_kv = k.shape[1], k.shape[2]
     g = h_q // h_kv
-    logits = torch.einsum("lqhgd,lnhd->lhgqn", q_win.float().view(L, Q, h_kv, g, d), k.float()) * scale
+    logits = _per_layer(lambda q, k: torch.einsum("qhgd,nhd->hgqn", q, k),
+                        q_win.float().view(L, Q, h_kv, g, d), k.float()) * scale
     q_idx = torch.arange(N - Q, N, device=k.device)
     causal = torch.arange(N, device=k.device)[None, :] <= q_idx[:, None]  # [Q, N]
     probs = logits.masked_fill(~causal, float("-inf")).softmax(-1)
@@ -64,7 +74,7 @@ def redundancy_ref(k: torch.Tensor, threshold: float, temperature: float, block_
         nb = -(-N // block_size)
         pad = nb * block_size - N
         kp = torch.nn.functional.pad(kn, (0, 0, 0, pad)).view(L, H, nb, block_size, -1)
-        sim = kp @ kp.transpose(-1, -2)  # [L, H, nb, bs, bs]; padded keys have zero vectors -> sim 0
+        sim = _per_layer(torch.matmul, kp, kp.transpose(-1, -2))  # [L, H, nb, bs, bs]; padding: zeros, sim 0
         real = (torch.arange(nb * block_size, device=k.device) < N).view(nb, block_size)
         r = _row_sums_excusing_latest(sim, threshold, real).reshape(L, H, nb * block_size)[..., :N]
         norm = block_size
@@ -76,7 +86,7 @@ def redundancy_ref(k: torch.Tensor, threshold: float, temperature: float, block_
         r = torch.empty(L, H, N, device=k.device)
         for m0 in range(0, N, _REDUNDANCY_ROW_TILE):
             rows = torch.arange(m0, min(N, m0 + _REDUNDANCY_ROW_TILE), device=k.device)
-            sim = kn[:, :, rows] @ kn.transpose(-1, -2)  # [L, H, tile, N]
+            sim = _per_layer(torch.matmul, kn[:, :, rows], kn.transpose(-1, -2))  # [L, H, tile, N]
             sim[:, :, torch.arange(len(rows)), rows] = 0.0
             r[:, :, rows] = sim.sum(-1)
             hit = sim > threshold
@@ -168,6 +178,21 @@ def compact_ref(cache: torch.Tensor, src_pages: torch.Tensor, n: int, idx: torch
     old = c[:, src_pages].reshape(lg, -1, h, d)[:, :n]  # a copy: safe in place
     kept = old.transpose(1, 2).gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, d)).transpose(1, 2)
     c[:, dest_pages] = kept.reshape(lg, keep // bs, bs, h, d)
+
+
+def compact_batched_ref(cache: torch.Tensor, src_pages: torch.Tensor, n: int, idx: torch.Tensor,
+                        dest_pages: torch.Tensor) -> None:
+    """compact_ref for B requests of one length and one keep at once (one gather, one write, not B of each).
+
+    src_pages: [B, ceil(n / bs)] each request's source pages; idx: [B, Lg, H_kv, keep]; dest_pages:
+    [B, keep // bs]. Every read comes before any write, so a request's dest may reuse its own src pages;
+    two requests may share source pages (a cached prefix) but never write a page another one reads."""
+    c = cache if cache.dim() == 5 else cache.unsqueeze(-1)
+    lg, _, bs, h, d = c.shape
+    B, keep = idx.shape[0], idx.shape[-1]
+    old = c[:, src_pages].reshape(lg, B, -1, h, d)[:, :, :n]  # a copy: safe in place
+    kept = old.permute(1, 0, 3, 2, 4).gather(3, idx.unsqueeze(-1).expand(-1, -1, -1, -1, d))  # [B, lg, h, keep, d]
+    c[:, dest_pages] = kept.permute(1, 0, 3, 2, 4).reshape(lg, B, keep // bs, bs, h, d)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -483,48 +508,56 @@ def select_keep_triton(scores: torch.Tensor, keep: int) -> torch.Tensor:
 
 
 @_jit
-def _compact_gather_kernel(cache_ptr, pages_ptr, idx_ptr, buf_ptr, keep, H, BS, sc_l, sc_b, sc_s, sc_h,
-                           si_l, si_h, si_j, D: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr):
-    """Grid (Lg * H, keep tiles): buf[l, h, j] = entry idx[l, h, j] of the source pages."""
-    lh, t = tl.program_id(0), tl.program_id(1)
-    l, h = (lh // H).to(tl.int64), lh % H  # l * sc_l passes 2**31 elements in a pool of ~100 GB
+def _compact_gather_kernel(cache_ptr, pages_ptr, idx_ptr, buf_ptr, keep, H, LG, BS, sc_l, sc_b, sc_s, sc_h,
+                           sp_b, sp_p, si_b, si_l, si_h, si_j, D: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr):
+    """Grid (B * Lg * H, keep tiles): buf[b, l, h, j] = entry idx[b, l, h, j] of request b's source pages."""
+    blh, t = tl.program_id(0).to(tl.int64), tl.program_id(1)  # l * sc_l passes 2**31 elements in a ~100 GB pool
+    b, l, h = blh // H // LG, blh // H % LG, blh % H
     j = t * BJ + tl.arange(0, BJ)
     d = tl.arange(0, BD)
     mask = (j[:, None] < keep) & (d[None, :] < D)
-    i = tl.load(idx_ptr + l * si_l + h * si_h + j * si_j, mask=j < keep, other=0).to(tl.int64)
-    page = tl.load(pages_ptr + i // BS, mask=j < keep, other=0).to(tl.int64)
+    i = tl.load(idx_ptr + b * si_b + l * si_l + h * si_h + j * si_j, mask=j < keep, other=0).to(tl.int64)
+    page = tl.load(pages_ptr + b * sp_b + (i // BS) * sp_p, mask=j < keep, other=0).to(tl.int64)
     src = cache_ptr + l * sc_l + h * sc_h + (page * sc_b + (i % BS) * sc_s)[:, None] + d[None, :]
-    tl.store(buf_ptr + (lh * keep + j[:, None]) * D + d[None, :], tl.load(src, mask=mask), mask=mask)
+    tl.store(buf_ptr + (blh * keep + j[:, None]) * D + d[None, :], tl.load(src, mask=mask), mask=mask)
 
 
 @_jit
-def _compact_write_kernel(cache_ptr, pages_ptr, buf_ptr, keep, H, BS, sc_l, sc_b, sc_s, sc_h,
+def _compact_write_kernel(cache_ptr, pages_ptr, buf_ptr, keep, H, LG, BS, sc_l, sc_b, sc_s, sc_h, sd_b, sd_p,
                           D: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr):
-    """Grid (Lg * H, keep tiles): entry j of the destination pages = buf[l, h, j]."""
-    lh, t = tl.program_id(0), tl.program_id(1)
-    l, h = (lh // H).to(tl.int64), lh % H  # l * sc_l passes 2**31 elements in a pool of ~100 GB
+    """Grid (B * Lg * H, keep tiles): entry j of request b's destination pages = buf[b, l, h, j]."""
+    blh, t = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    b, l, h = blh // H // LG, blh // H % LG, blh % H
     j = t * BJ + tl.arange(0, BJ)
     d = tl.arange(0, BD)
     mask = (j[:, None] < keep) & (d[None, :] < D)
-    page = tl.load(pages_ptr + j // BS, mask=j < keep, other=0).to(tl.int64)
+    page = tl.load(pages_ptr + b * sd_b + (j // BS) * sd_p, mask=j < keep, other=0).to(tl.int64)
     dst = cache_ptr + l * sc_l + h * sc_h + (page * sc_b + (j % BS) * sc_s)[:, None] + d[None, :]
-    tl.store(dst, tl.load(buf_ptr + (lh * keep + j[:, None]) * D + d[None, :], mask=mask), mask=mask)
+    tl.store(dst, tl.load(buf_ptr + (blh * keep + j[:, None]) * D + d[None, :], mask=mask), mask=mask)
 
 
 def compact_triton(cache: torch.Tensor, src_pages: torch.Tensor, n: int, idx: torch.Tensor,
                    dest_pages: torch.Tensor) -> None:
-    """Same as compact_ref. A gather into scratch, then a parallel write: the second launch starts
-    only after every read of the first, so dest pages may alias src pages in any order.
-    Scratch: Lg * H_kv * keep * D elements of cache's dtype (D = 1 for scores)."""
+    """Same as compact_ref: compact_batched_triton with one request (the same kernels, compiled once)."""
+    compact_batched_triton(cache, src_pages.unsqueeze(0), n, idx.unsqueeze(0), dest_pages.unsqueeze(0))
+
+
+def compact_batched_triton(cache: torch.Tensor, src_pages: torch.Tensor, n: int, idx: torch.Tensor,
+                           dest_pages: torch.Tensor) -> None:
+    """Same as compact_batched_ref. A gather of every request's kept entries into scratch, then a parallel
+    write: the second launch starts only after every read of the first, so dest pages may alias src pages
+    in any order. Scratch: B * Lg * H_kv * keep * D elements of cache's dtype (D = 1 for scores)."""
     c = cache if cache.dim() == 5 else cache.unsqueeze(-1)
     lg, _, bs, h, d = c.shape
-    keep = idx.shape[-1]
+    B, keep = idx.shape[0], idx.shape[-1]
     assert c.stride(-1) == 1 or d == 1
-    if keep == 0:
+    assert src_pages.shape[0] == dest_pages.shape[0] == B and idx.shape[1:3] == (lg, h)
+    if keep == 0 or B == 0:
         return
-    buf = _empty((lg, h, keep, d), c.dtype, c.device)
+    buf = _empty((B, lg, h, keep, d), c.dtype, c.device)
     BJ, BD = 64, triton.next_power_of_2(d)
-    grid = (lg * h, triton.cdiv(keep, BJ))
+    grid = (B * lg * h, triton.cdiv(keep, BJ))
     strides = c.stride()[:4]
-    _compact_gather_kernel[grid](c, src_pages, idx, buf, keep, h, bs, *strides, *idx.stride(), D=d, BJ=BJ, BD=BD)
-    _compact_write_kernel[grid](c, dest_pages, buf, keep, h, bs, *strides, D=d, BJ=BJ, BD=BD)
+    _compact_gather_kernel[grid](c, src_pages, idx, buf, keep, h, lg, bs, *strides, *src_pages.stride(), *idx.stride(),
+                                 D=d, BJ=BJ, BD=BD)
+    _compact_write_kernel[grid](c, dest_pages, buf, keep, h, lg, bs, *strides, *dest_pages.stride(), D=d, BJ=BJ, BD=BD)

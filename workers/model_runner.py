@@ -52,7 +52,8 @@ class ModelRunner:
             scores = (torch.zeros(a.num_layers, self.num_blocks, self.block_size, a.num_kv_heads, device=dev)
                       if self.global_scores else None)
             self.compressor = Compressor(cfg.compression, self.kv_cache, q_window, scores, self.block_size,
-                                         a.head_dim**-0.5, backend=cfg.resolved_backend)
+                                         a.head_dim**-0.5, backend=cfg.resolved_backend,
+                                         max_batch_tokens=self.compression_batch_tokens)
         self.clock = None  # a GpuClock when a benchmark measures GPU time per region
         self.graphs = None
         self.prompt_spans, self.prompt_hidden = [], None  # prompt positions to score (execute -> score_prompts)
@@ -88,13 +89,20 @@ class ModelRunner:
                 * torch.finfo(self.dtype).bits // 8)
 
     @property
+    def compression_batch_tokens(self) -> int:
+        """Cache entries the compressor scores at once: one request of max_model_len (a long prompt at its
+        end-of-prefill compression), or a batch of requests due in one step with as many entries in all;
+        at least eight page-boundary compressions, so that a short max_model_len still batches them."""
+        return max(self.max_model_len, 8 * ((self.cfg.budget_blocks or 0) + 1) * self.block_size)
+
+    @property
     def compression_scratch_bytes(self) -> int:
-        """Upper bound of the compressor's temporaries for one request (the longest cache: a prompt of
-        max_model_len at its end-of-prefill compression), per layer group, fp32."""
+        """Upper bound of the compressor's temporaries for one batch of compression_batch_tokens entries
+        (scratch grows with the entries, whichever requests hold them), per layer group, fp32."""
         if not self.compressing:
             return 0
         a, c = self.args, self.cfg.compression
-        n, lg = self.max_model_len, min(c.layer_group, a.num_layers)
+        n, lg = self.compression_batch_tokens, min(c.layer_group, a.num_layers)
         logits = 2 * lg * a.num_heads * c.query_window * n * 4  # window logits + probabilities
         gathered = 3 * lg * n * a.num_kv_heads * a.head_dim * 4  # K, V copies and normalised keys
         per_token = 6 * lg * a.num_kv_heads * n * 4  # A, G, S, R, sort keys and indices
