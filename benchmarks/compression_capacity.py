@@ -63,7 +63,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--budget", type=int, default=4)
     ap.add_argument("--pages", type=int, default=256)
     args = ap.parse_args(argv)
-    from tests.tiny_models import build_model_folder
+    from zipserve.workers.models.random_folder import build_model_folder
 
     path = build_model_folder(tempfile.mkdtemp(), "qwen3", max_pos=4096)
     system = list(range(3, 3 + 40))

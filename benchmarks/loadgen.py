@@ -124,13 +124,20 @@ async def _drive(url: str, model: str, prompts: list[str], slots: int, max_token
     return records
 
 
-def _process_main(args: tuple, out) -> None:
+def _process_main(args: tuple, conn) -> None:
+    """A load process: say "ready" once started (a spawned interpreter takes seconds on a busy machine), take
+    the common clock (t_start, stop_at) from the parent, drive, send the records back."""
     try:
-        out.send(("ok", asyncio.run(_drive(*args))))
+        import aiohttp  # noqa: F401 -- imported before "ready": the import is not part of the run
+
+        conn.send(("ready", None))
+        t_start, stop_at = conn.recv()
+        out = asyncio.run(_drive(*args[:6], t_start, stop_at, *args[6:]))
+        conn.send(("ok", out))
     except BaseException as e:  # noqa: BLE001 -- the parent reports it
-        out.send(("error", repr(e)))
+        conn.send(("error", repr(e)))
     finally:
-        out.close()
+        conn.close()
 
 
 def run(url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int, mode: str = "requests",
@@ -144,27 +151,36 @@ def run(url: str, model: str, prompts: list[str], concurrency: int, max_tokens: 
     if mode not in ("requests", "window"):
         raise ValueError(f"mode must be 'requests' or 'window', not {mode!r}")
     processes = max(1, min(processes, concurrency))
-    t_start = time.monotonic() + 0.5  # every process starts its streams on the same clock
-    stop_at = t_start + (warmup_s + window_s if mode == "window" else max_s)
     ctx = multiprocessing.get_context("spawn")
     procs, pipes = [], []
     for p in range(processes):
         slots = concurrency // processes + (p < concurrency % processes)
-        recv, send = ctx.Pipe(duplex=False)
+        mine, theirs = ctx.Pipe()
         proc = ctx.Process(target=_process_main, daemon=True, args=(
-            (url, model, prompts, slots, max_tokens, mode, t_start, stop_at, ramp_s, p, processes,
-             continuous_usage), send))
+            (url, model, prompts, slots, max_tokens, mode, ramp_s, p, processes, continuous_usage), theirs))
         proc.start()
-        send.close()
+        theirs.close()
         procs.append(proc)
-        pipes.append(recv)
-    records, errors = [], []
-    for recv in pipes:
+        pipes.append(mine)
+
+    def receive(conn) -> tuple:
         try:
-            kind, payload = recv.recv()
+            return conn.recv()
         except EOFError:
-            kind, payload = "error", "a load process died"
-        (records.extend if kind == "ok" else errors.append)(payload)
+            return "error", "a load process died"
+
+    records, errors = [], []
+    started = [receive(conn) for conn in pipes]  # every process up before the clock starts
+    errors += [payload for kind, payload in started if kind != "ready"]
+    t_start = time.monotonic() + 0.5  # every process starts its streams on the same clock
+    stop_at = t_start + (warmup_s + window_s if mode == "window" else max_s)
+    for conn, (kind, _) in zip(pipes, started):
+        if kind == "ready":
+            conn.send((t_start, stop_at))
+    for conn, (kind, _) in zip(pipes, started):
+        if kind == "ready":
+            kind, payload = receive(conn)
+            (records.extend if kind == "ok" else errors.append)(payload)
     for proc in procs:
         proc.join(10)
     if errors:

@@ -20,6 +20,7 @@ events a second.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 
@@ -118,6 +119,13 @@ class WorkerLostError(RuntimeError):
     """The stream from a worker replica broke: its requests move elsewhere (cluster/ingress.py)."""
 
 
+def _lost(replica: str, cause: BaseException) -> WorkerLostError:
+    log.warning("stream from worker %s broke: %r", replica, cause)
+    err = WorkerLostError(f"the stream from worker {replica} broke: {cause!r}")
+    err.__cause__ = cause
+    return err
+
+
 class Subscriptions:
     """Ingress side: reads each worker replica's stream for this ingress and routes chunks by request id.
 
@@ -147,7 +155,13 @@ class Subscriptions:
         self.replica_of[rid] = replica
         reader = self.readers.get(replica)
         if reader is None or reader.done():
-            self.readers[replica] = asyncio.get_running_loop().create_task(self._read(replica))
+            self._start_reader(replica)
+
+    def _start_reader(self, replica: str) -> None:
+        # In a fresh context: a task copies its creator's, here a request's (Ray Serve's request context), and
+        # Serve cancels a cancelled request's calls -- this stream, which the other requests on it share.
+        self.readers[replica] = asyncio.get_running_loop().create_task(self._read(replica),
+                                                                       context=contextvars.Context())
 
     async def _read(self, replica: str) -> None:
         stream = self.open_stream(replica)
@@ -159,13 +173,13 @@ class Subscriptions:
                     q = self.queues.get(chunk["rid"])
                     if q is not None:
                         q.put_nowait(chunk)
-        except asyncio.CancelledError:
-            raise
+        except asyncio.CancelledError as e:
+            if asyncio.current_task().cancelling():  # close(): this reader is cancelled
+                raise
+            self._fail(replica, _lost(replica, e))  # the stream's call was cancelled under it
+            return
         except BaseException as e:  # noqa: BLE001 -- every request on that replica must hear of it
-            log.warning("stream from worker %s broke: %r", replica, e)
-            err = WorkerLostError(f"the stream from worker {replica} broke: {e!r}")
-            err.__cause__ = e
-            self._fail(replica, err)
+            self._fail(replica, _lost(replica, e))
             return
         finally:
             cancel = getattr(stream, "cancel", None)
@@ -173,7 +187,7 @@ class Subscriptions:
                 cancel()
         # The worker ended the stream (idle): requests that attached since then need a new reader.
         if any(r == replica for r in self.replica_of.values()):
-            self.readers[replica] = asyncio.get_running_loop().create_task(self._read(replica))
+            self._start_reader(replica)
 
     def _fail(self, replica: str, error: BaseException) -> None:
         for rid, r in list(self.replica_of.items()):

@@ -8,6 +8,7 @@ import signal
 
 import pytest
 
+from tests.waiting import wait_until, wait_until_async
 from zipserve.workers import LLM, SamplingParams
 from zipserve.workers.async_engine import AsyncEngine, EngineDeadError
 from zipserve.workers.config import EngineConfig
@@ -55,12 +56,12 @@ def test_cancelled_generation_frees_pages(engine):
         await agen.aclose()  # what a disconnecting client does
 
     asyncio.run(run())
-    for _ in range(200):
+
+    def idle():
         s = engine.snapshot["stats"]
-        if s["running"] == 0 and s["free_pages"] == s["total_pages"]:
-            break
-        asyncio.run(asyncio.sleep(0.02))
-    assert s["running"] == 0 and s["free_pages"] == s["total_pages"], s
+        return s["running"] == 0 and s["free_pages"] == s["total_pages"] and s
+
+    s = wait_until(idle, timeout=60, interval=0.02, message=lambda: f"every page back: {engine.snapshot['stats']}")
     assert s["generated_tokens"] < 200
 
 
@@ -109,19 +110,32 @@ def test_outputs_carry_prompt_tokens_text_and_logprobs(engine, qwen3_path):
 
 
 def test_a_slow_consumer_gets_merged_outputs_with_every_token_and_character(engine, qwen3_path):
-    """Outputs that pile up while a caller is busy arrive merged: fewer messages, same tokens and text."""
+    """Outputs that pile up while a caller is busy arrive merged: fewer messages, same tokens and text.
+
+    The caller is busy until the engine has generated `ahead` tokens past what the caller has received, not
+    for a fixed time: on a loaded machine a step can outlast any fixed pause, and then nothing piles up."""
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
     want = LLM(qwen3_path, **CFG).generate([PROMPT, PROMPT], params, use_tqdm=False)[0]
+    total, ahead = 2 * 48, 8  # 8 tokens = 4 steps of both samples: each merged pair of messages carries >= 6
+
+    def generated() -> int:
+        return engine.snapshot["stats"]["generated_tokens"]
 
     async def run():
         tokens, text, messages, finished = {0: [], 1: []}, {0: "", 1: ""}, 0, []
+        before = generated()
         async for i, out in engine.generate("slow", PROMPT, params, n=2):
             messages += 1
             tokens[i] += out.new_token_ids
             text[i] += out.new_text
             if out.finished:
                 finished.append(i)
-            await asyncio.sleep(0.05)  # a busy event loop: the engine steps on meanwhile
+            target = min(len(tokens[0]) + len(tokens[1]) + ahead, total)  # a busy caller; the engine steps on
+            await wait_until_async(lambda: generated() - before >= target, timeout=60,
+                                   message=f"{target} tokens generated ({messages} messages so far)")
+            # The snapshot is published just before its step's outputs are handed to this loop, and those of
+            # the steps before it are already queued as callbacks: one turn of the loop puts them in the queue.
+            await asyncio.sleep(0)
         return tokens, text, messages, finished
 
     tokens, text, messages, finished = asyncio.run(run())
@@ -132,34 +146,45 @@ def test_a_slow_consumer_gets_merged_outputs_with_every_token_and_character(engi
 
 @pytest.mark.parametrize("mode", ["thread", "process"])
 def test_stream_interval_bounds_the_message_rate_and_finishes_at_once(mode, qwen3_path):
-    # 900 tokens (about 1-3 s here): enough intervals that the engine, in its own process, cannot run ahead and
-    # finish within one interval of the first message, which would leave nothing paced to check.
-    cfg = dict(CFG, max_model_len=1024)
-    params = SamplingParams(temperature=0, max_tokens=900, ignore_eos=True)
-    want = LLM(qwen3_path, **cfg).generate([PROMPT], params, use_tqdm=False)[0]
+    """stream_interval_s: after the first output, outputs are gathered for the interval and handed over merged;
+    a finish is handed over at once. Checked without racing the clock (on a loaded machine the caller's own
+    stamps lag the generator's by tens of ms, so gaps between them say little):
+    - an interval longer than any run here gives exactly two messages: the first output, then all the rest
+      with the finish, at once (had the finish waited out the interval, the run would pass its deadline);
+    - under a 100 ms interval every paced message is handed over inside the span the caller measures around
+      the whole stream, n of them at least 100 ms apart, so (n - 1) x 100 ms <= that span however loaded the
+      machine is (load only stretches the span). Unpaced, a message would come every step: 400 of them."""
+    cfg = dict(CFG, max_model_len=512)
+    params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+    short = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+    want, want_short = LLM(qwen3_path, **cfg).generate([PROMPT, PROMPT], [params, short], use_tqdm=False)
     engine = AsyncEngine(EngineConfig.from_kwargs(qwen3_path, **cfg), separate_process=mode == "process")
 
-    async def run():
+    async def run(rid, stream_params, interval_s):
         loop = asyncio.get_running_loop()
         t0, stamps, tokens, text = loop.time(), [], [], ""
-        async for _, out in engine.generate("paced", PROMPT, params, stream_interval_s=0.1):
+        async for _, out in engine.generate(rid, PROMPT, stream_params, stream_interval_s=interval_s):
             stamps.append((loop.time() - t0, out.finished))
             tokens += out.new_token_ids
             text += out.new_text
-        return stamps, tokens, text
+        return stamps, tokens, text, loop.time() - t0
+
+    async def both():
+        held = await asyncio.wait_for(run("held", short, 3600.0), timeout=120)
+        return held, await asyncio.wait_for(run("paced", params, 0.1), timeout=300)
 
     try:
-        stamps, tokens, text = asyncio.run(run())
+        held, paced_run = asyncio.run(both())
     finally:
         engine.shutdown()
+    stamps, tokens, text, _ = held
+    assert tokens == want_short.token_ids and text == want_short.text
+    assert [fin for _, fin in stamps] == [False, True], f"not the first output then the rest at once: {stamps}"
+    stamps, tokens, text, span = paced_run
     assert tokens == want.token_ids and text == want.text
     paced = [t for t, fin in stamps if not fin]
-    # The generator hands over a message no sooner than 100 ms after the last, so n paced messages span at least
-    # (n - 1) x 100 ms. The consumer's stamps add its own scheduling delay (on a loaded 2-core machine tens of ms,
-    # more across a process boundary), so single gaps may shrink; the count over the whole span allows 100 ms of
-    # it. Unpaced, a message comes every step, a few ms apart: hundreds of messages a second.
-    assert len(paced) >= 2 and len(paced) - 1 <= (paced[-1] - paced[0]) / 0.1 + 1, f"closer than the interval: {paced}"
-    assert stamps[-1][1]  # the finish is handed over at once, not after an interval
+    assert len(paced) >= 2 and (len(paced) - 1) * 0.1 <= span + 1e-6, f"closer than the interval: {paced}"
+    assert stamps[-1][1]  # the finish ends the stream (at once: the held run above)
     assert len(stamps) < len(tokens), "outputs were not merged"  # (how many depends on the step time vs 100 ms)
 
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-ray = pytest.importorskip("ray")
+pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 
 from zipserve.cluster.batch import run  # noqa: E402
@@ -20,10 +20,10 @@ ENGINE = {"block_size": 16, "num_blocks": 512, "max_model_len": 256, "max_num_se
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    ray.init(address="local", num_cpus=3, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
-    yield
-    ray.shutdown()
+def ray_session(local_ray):
+    """Three CPUs: up to three engine actors of one CPU each (the pool-growth test)."""
+    with local_ray(num_cpus=3):
+        yield
 
 
 def _rows(n, seed=0):

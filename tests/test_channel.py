@@ -8,6 +8,7 @@ import random
 
 import pytest
 
+from tests.waiting import wait_until_async
 from zipserve.cluster.channel import Subscriptions, WorkerChannel, WorkerLostError, flush_interval, merge_chunks
 
 
@@ -137,8 +138,8 @@ def test_subscriptions_dispatch_by_request_and_fail_only_the_broken_workers_requ
         assert (await qc.get())["token_ids"] == [4]
         # A worker that ends its stream (idle) while a request is attached is read again.
         w.queues["w2"].put_nowait(None)
-        await asyncio.sleep(0.05)
-        assert w.opened.count("w2") == 2
+        await wait_until_async(lambda: w.opened.count("w2") == 2, timeout=10,
+                               message=lambda: f"w2's stream opened again (opened: {w.opened})")
         subs.release("c")
         subs.close()
 

@@ -64,6 +64,27 @@ def test_no_module_imports_a_source_folder_by_its_bare_name():
     assert not offenders, offenders
 
 
+def test_benchmarks_never_import_the_tests():
+    """Benchmarks run from an installed package too, where tests/ is absent: what both need (a random model
+    folder, say) lives in the package (zipserve.workers.models.random_folder)."""
+    offenders = []
+    for path in (ROOT / "benchmarks").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            offenders += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names if n.split(".")[0] == "tests"]
+    assert not offenders, offenders
+
+
+def test_the_models_package_does_not_load_the_random_folder_builder():
+    """zipserve.workers.models is what serving imports; the builder would pull transformers along."""
+    code = ("import sys, zipserve.workers.models; "
+            "print(sorted(m for m in ('transformers', 'zipserve.workers.models.random_folder') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
 def test_engine_config_from_yaml(qwen3_path, tmp_path):
     import pytest
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from tests.dense_reference import DenseCompressedReference
 from tests.engine_driver import run_checked
-from tests.tiny_models import hf_greedy
+from tests.hf_oracle import hf_greedy
 from zipserve.workers import LLM, SamplingParams
 from zipserve.workers.config import CompressionConfig
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from tests.tiny_models import build_model_folder
 from zipserve.workers import LLM, SamplingParams
+from zipserve.workers.models.random_folder import build_model_folder
 
 pytestmark = pytest.mark.gpu
 

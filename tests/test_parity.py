@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.tiny_models import hf_greedy
+from tests.hf_oracle import hf_greedy
 from zipserve.workers import LLM, SamplingParams
 
 # Mixed lengths crossing several 16-token pages; with max_num_batched_tokens=24 every prompt longer

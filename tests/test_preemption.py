@@ -1,6 +1,6 @@
 """Preemption by recompute under a tiny page pool yields the same greedy outputs."""
 
-from tests.tiny_models import hf_greedy
+from tests.hf_oracle import hf_greedy
 from tests.engine_driver import run_checked
 from zipserve.workers import LLM, SamplingParams
 

@@ -11,7 +11,8 @@ from ray.serve.config import RequestRouterConfig  # noqa: E402
 
 from zipserve.scheduler.policy import RouteRequest  # noqa: E402
 from zipserve.scheduler.router import CapacityAffinityRouter, route_request_to_dict  # noqa: E402
-from zipserve.workers.block_manager import page_hashes  # noqa: E402
+from zipserve.workers.pages import page_hashes  # noqa: E402
+from tests.waiting import wait_until  # noqa: E402
 
 BS = 16
 
@@ -65,13 +66,11 @@ def _route(prompt, max_tokens=2000):
 
 
 @pytest.fixture(scope="module")
-def app():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
-    control = Control.options(name="zipserve-test-control").remote()
-    handle = serve.run(StubWorker.bind(), name="router-test", route_prefix=None)
-    yield handle, control
-    serve.shutdown()
-    ray.shutdown()
+def app(local_ray):
+    with local_ray(num_cpus=2, serve=True):
+        control = Control.options(name="zipserve-test-control").remote()
+        handle = serve.run(StubWorker.bind(), name="router-test", route_prefix=None)
+        yield handle, control
 
 
 def _call(handle, prompt, hold_s=0.0):
@@ -87,14 +86,55 @@ def _all_replicas(handle, n=3):
     raise AssertionError(f"only saw replicas {seen}")
 
 
+def _router_reports(handle) -> dict[str, dict]:
+    """What the handle's router last heard from each replica (unique id -> its routing stats).
+
+    Ray-private (Serve 2.60: handle -> SingletonThreadRouter -> AsyncioRouter -> our RequestRouter), read
+    only to wait until a report has reached the router instead of sleeping a few poll periods: a report
+    goes replica -> controller -> router, and on a loaded machine that takes longer than any fixed sleep."""
+    router = handle._router._asyncio_router.request_router
+    return {rid.unique_id: r.routing_stats or {} for rid, r in list(router.curr_replicas.items())}
+
+
+def _wait_for_reports(handle, names, condition, what: str):
+    """Wait until the router holds, from every replica in `names`, a report for which condition holds."""
+    def reached():
+        reports = _router_reports(handle)
+        return all(n in reports and reports[n] and condition(reports[n]) for n in names) and reports
+
+    def brief() -> str:
+        reports = {n: {k: v for k, v in r.items() if k != "cached"} for n, r in _router_reports(handle).items()}
+        return f"{what} from each of {sorted(names)} at the router (it holds {reports})"
+
+    # RuntimeError: the router's thread changed its replica dict while we read it.
+    wait_until(reached, timeout=60, message=brief, retry_on=(RuntimeError,))
+
+
+def _idle_since(t: float):
+    """A report taken after t (the stubs stamp theirs with time.time()) showing no request running."""
+    return lambda report: report["timestamp"] > t and report["running"] == 0
+
+
 def test_shared_prefixes_land_together(app):
+    """Equally loaded replicas: a request goes where its 1024-token prefix is cached.
+
+    Each call waits for idle reports first: the router counts a request sent after a replica's last report
+    on top of that report's own running count (the safe side, for up to one poll period), so a call that
+    follows another closely sees the holder as the busiest replica -- and on a loaded machine, where calls
+    take longer than a poll period, that is the rule, not the exception."""
     handle, _ = app
-    _all_replicas(handle)
-    time.sleep(0.5)  # every replica has reported at least once
+    names = _all_replicas(handle)
+    _wait_for_reports(handle, names, _idle_since(time.time()), "an idle report")
     prefix = list(range(1, 1 + 64 * BS))  # 1024 cached tokens: worth routing for
     first = _call(handle, prefix + [1])
-    time.sleep(0.5)  # its report now lists the prefix pages
-    landed = {_call(handle, prefix + [i + 2]) for i in range(10)}
+    prefix_pages = set(_route(prefix)["page_hashes"])
+    landed = set()
+    for i in range(10):
+        done = time.time()
+        _wait_for_reports(handle, names, _idle_since(done), "an idle report")
+        _wait_for_reports(handle, {first}, lambda report: prefix_pages <= set(report.get("cached", ())),
+                          "a report listing the prefix pages")
+        landed.add(_call(handle, prefix + [i + 2]))
     assert landed == {first}
 
 
@@ -102,11 +142,13 @@ def test_full_worker_gets_none_and_unhealthy_is_skipped(app):
     handle, control = app
     names = sorted(_all_replicas(handle))
     ray.get(control.set.remote(full=[names[0]], sick=[names[1]]))
-    time.sleep(0.6)
+    _wait_for_reports(handle, [names[0]], lambda report: report["free_pages"] == 0, "a full report")
+    _wait_for_reports(handle, [names[1]], lambda report: not report["healthy"], "an unhealthy report")
     landed = {_call(handle, [9000 + i] * 40) for i in range(30)}
     assert landed == {names[2]}
     ray.get(control.set.remote())
-    time.sleep(0.6)
+    _wait_for_reports(handle, names, lambda report: report["healthy"] and report["free_pages"] > 0,
+                      "a healthy report with free pages")
 
 
 def test_a_burst_spreads_by_capacity(app):
@@ -116,7 +158,7 @@ def test_a_burst_spreads_by_capacity(app):
 
     handle, _ = app
     names = sorted(_all_replicas(handle))
-    time.sleep(0.5)
+    _wait_for_reports(handle, names, _idle_since(time.time()), "an idle report")
     responses = [handle.remote(_route([21000 + i] * 40), hold_s=2.0) for i in range(60)]
     counts = collections.Counter(r.result(timeout_s=60) for r in responses)
     # Without counting decided-but-not-yet-routed requests this split 16/21/23.
@@ -130,14 +172,21 @@ def test_capacity_posted_on_the_board_overrides_an_older_report(app):
 
     handle, _ = app
     names = sorted(_all_replicas(handle))
-    time.sleep(0.3)
+    _wait_for_reports(handle, names, _idle_since(time.time()), "an idle report")
+    full = {"free_pages": 0, "running": 64, "waiting": 5}
     try:
-        state_board.post(names[0], {"free_pages": 0, "running": 64, "waiting": 5, "timestamp": time.time() + 3})
+        # Stamped newer than every report while the calls run, however long a loaded machine takes for them.
+        state_board.post(names[0], dict(full, timestamp=time.time() + 3600))
         landed = {_call(handle, [17000 + i] * 40) for i in range(20)}
         assert names[0] not in landed and landed <= set(names)
+        state_board.clear()
+        posted_at = time.time()
+        state_board.post(names[0], dict(full, timestamp=posted_at))
+        _wait_for_reports(handle, [names[0]], lambda report: report["timestamp"] > posted_at,
+                          "a report newer than the board's capacity")
+        assert names[0] in {_call(handle, [18000 + i] * 40) for i in range(40)}
     finally:
         state_board.clear()
-    assert names[0] in {_call(handle, [18000 + i] * 40) for i in range(40)}
 
 
 def test_removed_replica_gets_no_more_requests(app):

@@ -5,53 +5,50 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
-ray = pytest.importorskip("ray")
+pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
 from zipserve.cluster.app import build_app  # noqa: E402
-from tests.tiny_models import free_port as _free_port  # noqa: E402
+from tests.waiting import wait_until  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENGINE = {"block_size": 16, "num_blocks": 200, "max_model_len": 256, "max_num_seqs": 16, "budget_blocks": 4,
           "compression": {"query_window": 8}}
 
 
-def test_two_node_cluster_replicas_on_both_nodes_router_spreads(qwen3_path):
+def test_two_node_cluster_replicas_on_both_nodes_router_spreads(qwen3_path, local_ray):
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
     try:
-        ray.init(address=cluster.address, log_to_driver=False)
-        port = _free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        # One CPU per worker replica and one CPU per node: the two replicas must land on different nodes.
-        serve.run(build_app({"model": qwen3_path, "model_name": "tiny", "engine": ENGINE,
-                             "workers": {"num_replicas": 2, "num_cpus": 1}}), name="zipserve", route_prefix="/")
-        with httpx.Client(timeout=120) as c:
-            for i in range(16):
-                r = c.post(f"http://127.0.0.1:{port}/v1/completions",
-                           json={"model": "tiny", "prompt": [5 + i] * (20 + 10 * i), "max_tokens": 24,
-                                 "temperature": 0, "ignore_eos": True})
-                assert r.status_code == 200, r.text
-        handle = serve.get_deployment_handle("EngineWorker", app_name="zipserve")
-        seen = {}
-        deadline = time.time() + 30
-        while len(seen) < 2 and time.time() < deadline:
-            s = handle.stats.remote().result(timeout_s=30)
-            seen[s["replica"]] = s
-        assert len(seen) == 2
-        assert len({s["node"] for s in seen.values()}) == 2, "replicas must be on both nodes"
-        tokens = [s["generated_tokens"] for s in seen.values()]
-        assert sum(tokens) == 16 * 24 and min(tokens) > 0, tokens
+        with local_ray(address=cluster.address, serve=True) as port:
+            # One CPU per worker replica and one CPU per node: the two replicas must land on different nodes.
+            serve.run(build_app({"model": qwen3_path, "model_name": "tiny", "engine": ENGINE,
+                                 "workers": {"num_replicas": 2, "num_cpus": 1}}), name="zipserve", route_prefix="/")
+            with httpx.Client(timeout=120) as c:
+                for i in range(16):
+                    r = c.post(f"http://127.0.0.1:{port}/v1/completions",
+                               json={"model": "tiny", "prompt": [5 + i] * (20 + 10 * i), "max_tokens": 24,
+                                     "temperature": 0, "ignore_eos": True})
+                    assert r.status_code == 200, r.text
+            handle = serve.get_deployment_handle("EngineWorker", app_name="zipserve")
+            seen = {}
+
+            def both_replicas_answered():
+                s = handle.stats.remote().result(timeout_s=30)
+                seen[s["replica"]] = s
+                return len(seen) == 2
+
+            wait_until(both_replicas_answered, timeout=60, interval=0, message=lambda: f"stats of 2 replicas: {seen}")
+            assert len({s["node"] for s in seen.values()}) == 2, "replicas must be on both nodes"
+            tokens = [s["generated_tokens"] for s in seen.values()]
+            assert sum(tokens) == 16 * 24 and min(tokens) > 0, tokens
     finally:
-        serve.shutdown()
-        ray.shutdown()
         cluster.shutdown()
 
 
@@ -63,17 +60,13 @@ def test_serve_run_configs_serve_yaml_comes_up(qwen3_path, tmp_path):
     proc = subprocess.Popen([serve_bin, "run", "configs/serve.yaml"], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.time() + 240
-        while True:
+        def models():
             assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                r = httpx.get("http://127.0.0.1:8000/v1/models", timeout=5)
-                if r.status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
-            time.sleep(2)
+            r = httpx.get("http://127.0.0.1:8000/v1/models", timeout=5)
+            return r.status_code == 200 and r
+
+        r = wait_until(models, timeout=240, interval=1, retry_on=(httpx.HTTPError,),
+                       message=lambda: "the app's /v1/models; log: " + (tmp_path / "serve.log").read_text()[-3000:])
         name = r.json()["data"][0]["id"]
         r = httpx.post("http://127.0.0.1:8000/v1/completions",
                        json={"model": name, "prompt": "hello", "max_tokens": 8, "temperature": 0, "ignore_eos": True},
@@ -89,13 +82,10 @@ def test_serve_run_configs_serve_yaml_comes_up(qwen3_path, tmp_path):
         log.close()
 
 
-def test_workers_autoscale_on_page_pressure(qwen3_path):
+def test_workers_autoscale_on_page_pressure(qwen3_path, local_ray):
     """min 1 / max 2 replicas, a pool of 24 pages: long requests fill the pages, the policy (fed by the
     workers' record_autoscaling_stats) asks for a second replica; when idle it goes back to one."""
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        port = _free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with local_ray(num_cpus=2, serve=True) as port:
         engine = dict(ENGINE, num_blocks=24, max_num_seqs=4, budget_blocks=4)
         serve.run(build_app({"model": qwen3_path, "model_name": "tiny", "engine": engine,
                              "workers": {"num_cpus": 0, "autoscaling": {
@@ -122,24 +112,15 @@ def test_workers_autoscale_on_page_pressure(qwen3_path):
         for t in threads:
             t.start()
         try:
-            deadline = time.time() + 90
-            while replicas() < 2:
-                assert time.time() < deadline, "did not scale up under page pressure"
-                time.sleep(1)
+            wait_until(lambda: replicas() >= 2, timeout=90, interval=1, message="a scale-up under page pressure")
         finally:
             stop.set()
             for t in threads:
                 t.join()
-        deadline = time.time() + 120
-        while replicas() > 1:
-            assert time.time() < deadline, "did not scale back down when idle"
-            time.sleep(1)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+        wait_until(lambda: replicas() <= 1, timeout=120, interval=1, message="a scale-down to 1 replica when idle")
 
 
-def test_node_removed_under_load_loses_no_stream(qwen3_path):
+def test_node_removed_under_load_loses_no_stream(qwen3_path, local_ray):
     """A worker node leaves the cluster (ray.cluster_utils remove_node) while 40 streams run on both
     worker nodes: every stream completes, equal to the healthy greedy output."""
     from ray.cluster_utils import Cluster
@@ -150,24 +131,20 @@ def test_node_removed_under_load_loses_no_stream(qwen3_path):
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "resources": {"head": 1}})
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     try:
-        ray.init(address=cluster.address, log_to_driver=False)
-        port = _free_port()
-        url = f"http://127.0.0.1:{port}"
-        serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-        serve.run(build_app({"model": qwen3_path, "model_name": "tiny", "engine": FULL_KV,
-                             "workers": {"num_replicas": 2, "num_cpus": 1},
-                             "ingress": {"resources": {"head": 0.01}}}), name="zipserve", route_prefix="/")
-        prompts = _prompts(40, seed=5)
-        # Streams of 160 tokens: long enough that the node is gone while its replica still streams (with 64,
-        # a fast machine could finish them all before remove_node took effect, and nothing migrated).
-        want = _expected(qwen3_path, prompts, max_tokens=160)
-        results, _ = _streams_with_disruption(url, prompts, 150, lambda: cluster.remove_node(workers[0]),
-                                              max_tokens=160)
-        bad = _all_complete(results)
-        assert not bad, bad[:3]
-        assert [r[1] for r in results] == want
-        assert httpx.get(url + "/health").json()["migrated_samples"] >= 1
+        with local_ray(address=cluster.address, serve=True, proxy_location="HeadOnly") as port:
+            url = f"http://127.0.0.1:{port}"
+            serve.run(build_app({"model": qwen3_path, "model_name": "tiny", "engine": FULL_KV,
+                                 "workers": {"num_replicas": 2, "num_cpus": 1},
+                                 "ingress": {"resources": {"head": 0.01}}}), name="zipserve", route_prefix="/")
+            prompts = _prompts(40, seed=5)
+            # Streams of 160 tokens: long enough that the node is gone while its replica still streams (with
+            # 64, a fast machine could finish them all before remove_node took effect, and nothing migrated).
+            want = _expected(qwen3_path, prompts, max_tokens=160)
+            results, _ = _streams_with_disruption(url, prompts, 150, lambda: cluster.remove_node(workers[0]),
+                                                  max_tokens=160)
+            bad = _all_complete(results)
+            assert not bad, bad[:3]
+            assert [r[1] for r in results] == want
+            assert httpx.get(url + "/health").json()["migrated_samples"] >= 1
     finally:
-        serve.shutdown()
-        ray.shutdown()
         cluster.shutdown()

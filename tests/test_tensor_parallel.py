@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from tests.tiny_models import build_model_folder
 from zipserve.workers import LLM, SamplingParams
 from zipserve.workers.models.loader import shard_tensor
+from zipserve.workers.models.random_folder import build_model_folder
 from zipserve.workers.parallel import TPGroup
 
 PROMPTS = [[(5 * i + 3) % 250 + 3 for i in range(40)], [7, 9, 11, 13] * 9, list(range(20, 90))]
@@ -102,10 +102,10 @@ def test_the_serving_step_loop_hosts_a_tensor_parallel_engine(qwen3_path, host):
     assert not dist.is_initialized()  # the thread host closed its rank-0 group (a process host never had one here)
 
 
-def test_serve_app_and_batch_job_run_a_tensor_parallel_worker(qwen3_path, tmp_path):
+def test_serve_app_and_batch_job_run_a_tensor_parallel_worker(qwen3_path, tmp_path, local_ray):
     """The Serve app (router, ingress, one TP=2 worker replica) answers over HTTP what TP=1 generates, and a
     batch job on a TP=2 engine actor writes TP=1's tokens; each engine is one actor (CPU here)."""
-    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray")
     pytest.importorskip("ray.data")
     import json
 
@@ -114,7 +114,6 @@ def test_serve_app_and_batch_job_run_a_tensor_parallel_worker(qwen3_path, tmp_pa
 
     from zipserve.cluster.app import build_app, gpus_per_engine
     from zipserve.cluster.batch import run as run_batch
-    from tests.tiny_models import free_port
 
     assert gpus_per_engine(1, {"tensor_parallel_size": 4}) == 4 and gpus_per_engine(0, {"tensor_parallel_size": 4}) == 0
     engine = dict(CFG, budget_blocks=2, compression={"query_window": 8})
@@ -122,10 +121,7 @@ def test_serve_app_and_batch_job_run_a_tensor_parallel_worker(qwen3_path, tmp_pa
     outs = LLM(qwen3_path, **engine).generate(PROMPTS, params, use_tqdm=False)
     want, want_text = [list(o.token_ids) for o in outs], [o.text for o in outs]
     assert len(set(want_text)) == 3
-    port = free_port()
-    ray.init(address="local", num_cpus=3, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with local_ray(num_cpus=3, serve=True) as port:
         serve.run(build_app({"model": qwen3_path, "model_name": "tiny", "engine": dict(engine, tensor_parallel_size=2),
                              "workers": {"num_replicas": 1, "num_cpus": 0}}), name="tp", route_prefix="/")
         for prompt, text in zip(PROMPTS, want_text):
@@ -149,6 +145,3 @@ def test_serve_app_and_batch_job_run_a_tensor_parallel_worker(qwen3_path, tmp_pa
         with open(tmp_path / "out.jsonl") as f:
             got = {o["id"]: o["choices"][0]["token_ids"] for o in map(json.loads, f)}
         assert summary["output_rows"] == 3 and got == {f"r{i}": t for i, t in enumerate(want)}
-    finally:
-        serve.shutdown()
-        ray.shutdown()
