@@ -14,6 +14,7 @@ import logging
 import os
 import time
 import uuid
+import weakref
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -192,6 +193,21 @@ class _Format:
         return out
 
 
+class _Admission:
+    """A response's admitted requests, given back exactly once: when the response ends, or when it is dropped
+    before it started."""
+
+    __slots__ = ("ingress", "k")
+
+    def __init__(self, ingress, k: int):
+        self.ingress, self.k = ingress, k
+
+    def release(self) -> None:
+        k, self.k = self.k, 0
+        if k:
+            self.ingress._release(k)
+
+
 def _sse_event(data: bytes) -> bytes:
     return b"data: " + data + b"\n\n"
 
@@ -340,10 +356,13 @@ class OpenAIIngress:
         self._admit(len(prompts))
         if body.stream:
             opts = body.stream_options
-            return StreamingResponse(self._sse(endpoint, rid, created, calls, body.n,
-                                               bool(opts and opts.include_usage), len(prompts),
-                                               bool(opts and opts.continuous_usage_stats), fmt),
-                                     media_type="text/event-stream")
+            admission = _Admission(self, len(prompts))
+            events = self._sse(endpoint, rid, created, calls, body.n, bool(opts and opts.include_usage), admission,
+                               bool(opts and opts.continuous_usage_stats), fmt)
+            # A client that leaves before the first byte: the server drops the stream unstarted, and an async
+            # generator that never started never runs its `finally`; its admission is released when it goes.
+            weakref.finalize(events, admission.release)
+            return StreamingResponse(events, media_type="text/event-stream")
         try:
             return _json(await self._collect(endpoint, rid, created, calls, body.n, fmt))
         finally:
@@ -498,8 +517,8 @@ class OpenAIIngress:
         response = oa.ChatCompletion if chat else oa.Completion
         return response(id=rid, created=created, model=self.model_name, choices=choices, usage=use)
 
-    async def _sse(self, endpoint: str, rid: str, created: int, calls, n: int, include_usage: bool, k: int,
-                   continuous_usage: bool, fmt: "_Format"):
+    async def _sse(self, endpoint: str, rid: str, created: int, calls, n: int, include_usage: bool,
+                   admission: "_Admission", continuous_usage: bool, fmt: "_Format"):
         t0 = time.monotonic()
         first = True
         started: set[int] = set()
@@ -552,7 +571,7 @@ class OpenAIIngress:
             yield _sse_event(err.body().model_dump_json().encode())
             yield SSE_DONE
         finally:
-            self._release(k)
+            admission.release()
             self.metrics.requests.inc(tags={"endpoint": endpoint, "status": status})
 
     # ---- helpers -------------------------------------------------------------------------
