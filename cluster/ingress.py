@@ -208,6 +208,23 @@ class _Admission:
             self.ingress._release(k)
 
 
+class _EventStream(StreamingResponse):
+    """A streamed response that ends its events and gives back its admission when it is done being served,
+    client gone or not: on a disconnect the server stops reading the generator where it stands (often at a
+    `yield`), and waiting for its garbage collection to run its `finally` can take minutes."""
+
+    def __init__(self, events, admission: _Admission, **kwargs):
+        super().__init__(events, **kwargs)
+        self.admission = admission
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.admission.release()
+            await self.body_iterator.aclose()  # its `finally` now: the workers stop generating for it
+
+
 def _sse_event(data: bytes) -> bytes:
     return b"data: " + data + b"\n\n"
 
@@ -359,10 +376,10 @@ class OpenAIIngress:
             admission = _Admission(self, len(prompts))
             events = self._sse(endpoint, rid, created, calls, body.n, bool(opts and opts.include_usage), admission,
                                bool(opts and opts.continuous_usage_stats), fmt)
-            # A client that leaves before the first byte: the server drops the stream unstarted, and an async
-            # generator that never started never runs its `finally`; its admission is released when it goes.
+            # Dropped before it was served (a client that left before the handler returned): an async generator
+            # that never started never runs its `finally`, so the admission goes back when the generator does.
             weakref.finalize(events, admission.release)
-            return StreamingResponse(events, media_type="text/event-stream")
+            return _EventStream(events, admission, media_type="text/event-stream")
         try:
             return _json(await self._collect(endpoint, rid, created, calls, body.n, fmt))
         finally:
