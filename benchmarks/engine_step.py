@@ -1,0 +1,206 @@
+"""Where an engine step's time goes at a serving batch: host phases, GPU kernels by kind, and the forward alone.
+
+B requests start at contexts spread over [context - spread, context] (so that, compressed, about B / page
+requests reach a page boundary per step, as in a steady state), then decode with the serving benchmarks'
+sampling (temperature 0.6, top-p 0.95 by default). Over --steps decode steps it records:
+
+- wall time per step (the engine's `step()` as a server calls it);
+- host time per phase (schedule, build and launch the forward, launch sampling, append the step before's
+  tokens, plan and launch compressions, land them) and the time the host sat waiting for the GPU (a host
+  that never waits is the bottleneck; one that waits most of the step leaves the GPU the bottleneck);
+- GPU kernel time per step by kind (torch profiler), split into main-stream and compression-stream work;
+- the forward alone, replayed from its CUDA graph at the same batch and context (benchmarks.decode_step).
+
+    python -m benchmarks.engine_step --shape qwen3-8b --batch 256 --context 1024 --systems full,compressed
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import os
+import random
+import statistics
+import time
+
+import torch
+
+from benchmarks.decode_step import SHAPES, card_tag, config_folder, copy_bandwidth, kernel_kind, time_decode
+from benchmarks.provenance import write_result
+
+SAMPLING_KERNELS = ("sort", "radix", "scan", "cumsum", "searchsorted", "softmax", "argmax", "cub", "exponential",
+                    "div", "masked_fill", "scatter", "isfinite", "bitonic")
+
+
+def _kind(name: str) -> str:
+    low = name.lower()
+    if "gemm" not in low and "nvjet" not in low and any(k in low for k in SAMPLING_KERNELS):
+        return "sampling and small ops"
+    return kernel_kind(name)
+
+
+class PhaseTimer:
+    """Host seconds spent inside wrapped callables, by phase (only while `on`)."""
+
+    def __init__(self):
+        self.on = False
+        self.seconds: dict[str, float] = {}
+
+    def wrap(self, owner, attr: str, phase: str) -> None:
+        fn = getattr(owner, attr)
+
+        @functools.wraps(fn)
+        def timed(*a, **k):
+            if not self.on:
+                return fn(*a, **k)
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t
+
+        setattr(owner, attr, timed)
+
+
+def run_system(system: str, a, path: str, bandwidth: float) -> dict:
+    from zipserve.workers import LLM, SamplingParams
+
+    compressed = system == "compressed"
+    bs = a.block_size
+    max_tokens = a.warm_steps + a.steps + 32  # (the profiled steps come after the timed ones)
+    max_len = a.context + max_tokens + bs
+    llm = LLM(path, load_format="dummy", block_size=bs, max_num_seqs=a.batch, max_model_len=max_len,
+              budget_blocks=a.budget if compressed else None)
+    eng = llm.engine
+    rng = random.Random(0)
+    vocab = eng.model_args.vocab_size
+    params = SamplingParams(temperature=a.temperature, top_p=a.top_p, max_tokens=max_tokens, ignore_eos=True)
+    for i in range(a.batch):
+        n = a.context - (a.spread * i) // a.batch
+        eng.add_request(str(i), [rng.randrange(10, vocab) for _ in range(n)], params)
+    t0 = time.perf_counter()
+    started = set()
+    while len(started) < a.batch:  # prefill until every request has its first token
+        for o in eng.step():
+            if o.new_token_ids:
+                started.add(o.request_id)
+    prefill_s = time.perf_counter() - t0
+    for _ in range(a.warm_steps):
+        eng.step()
+
+    timer = PhaseTimer()
+    timer.wrap(eng.scheduler, "schedule", "schedule")
+    timer.wrap(eng.runner, "execute", "forward: inputs + launch")
+    timer.wrap(eng, "_sample_async", "sampling: launch")
+    timer.wrap(eng, "_resolve_pending", "append the step before's tokens (incl. wait)")
+    timer.wrap(eng, "_compression_stage", "compression: plan")
+    timer.wrap(eng.compactions, "launch_deferred", "compression: launch")
+    timer.wrap(eng.compactions, "land", "compression: land")
+    waited = [0.0]
+    real_sync = torch.cuda.Event.synchronize
+
+    def sync(ev):
+        t = time.perf_counter()
+        real_sync(ev)
+        if timer.on:
+            waited[0] += time.perf_counter() - t
+
+    torch.cuda.Event.synchronize = sync
+    comp0 = eng.stats().get("compressions", 0)
+    torch.cuda.synchronize()
+    walls = []
+    timer.on = True
+    for _ in range(a.steps):
+        t = time.perf_counter()
+        eng.step()
+        walls.append(time.perf_counter() - t)
+    timer.on = False
+    torch.cuda.Event.synchronize = real_sync
+    compressions = eng.stats().get("compressions", 0) - comp0
+    running = len(eng.scheduler.running)
+    kv_tokens = sum(s.kv_len for s in eng.scheduler.running)
+
+    from torch.profiler import ProfilerActivity, profile
+
+    n_prof = min(10, a.steps)
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(n_prof):
+            eng.step()
+        torch.cuda.synchronize()
+    kinds: dict[str, float] = {}
+    streams: dict[str, float] = {}
+    count = 0
+    for ev in prof.events():
+        if ev.device_type.name != "CUDA" or ev.device_time <= 0:
+            continue
+        count += 1
+        kinds[_kind(ev.name)] = kinds.get(_kind(ev.name), 0.0) + ev.device_time / 1e3 / n_prof
+        stream = str(getattr(ev, "device_resource_id", "?"))
+        streams[stream] = streams.get(stream, 0.0) + ev.device_time / 1e3 / n_prof
+
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in eng.runner.model.named_parameters()
+                       if "embed_tokens" not in n)
+    kv_bytes = kv_tokens * eng.runner.bytes_per_block / bs
+    step_ms = 1e3 * statistics.median(walls)
+    res = {
+        "system": system, "batch": a.batch, "running": running, "mean_context": kv_tokens / max(1, running),
+        "vocab": vocab, "prefill_s": prefill_s, "steps": a.steps,
+        "step_ms_median": step_ms, "step_ms_mean": 1e3 * statistics.mean(walls),
+        "tokens_per_s": running / step_ms * 1e3,
+        "host_ms_per_step": {k: 1e3 * v / a.steps for k, v in sorted(timer.seconds.items())},
+        "host_waiting_for_gpu_ms_per_step": 1e3 * waited[0] / a.steps,
+        "compressions_per_step": compressions / a.steps,
+        "gpu_kernel_ms_per_step_by_kind": dict(sorted(kinds.items(), key=lambda x: -x[1])),
+        "gpu_kernel_ms_per_step_by_stream": streams,
+        "gpu_kernel_ms_per_step": sum(kinds.values()), "kernels_per_step": count / n_prof,
+        "bandwidth_floor_ms": (weight_bytes + kv_bytes) / bandwidth * 1e3,
+    }
+    # The forward alone, from its graph, at this batch and the mean context (overwrites the cache: last).
+    res["forward_replay_ms"] = time_decode(eng.runner, min(a.batch, running), int(res["mean_context"]))
+    del llm, eng
+    gc.collect()
+    torch.cuda.empty_cache()
+    return res
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="qwen3-8b", choices=sorted(SHAPES))
+    ap.add_argument("--tokenizer-from", default=None, help="a model folder: its tokenizer and vocabulary")
+    ap.add_argument("--systems", default="full,compressed")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--spread", type=int, default=256, help="start contexts spread over this many tokens")
+    ap.add_argument("--budget", type=int, default=8)
+    ap.add_argument("--block-size", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--warm-steps", type=int, default=10)
+    ap.add_argument("--temperature", type=float, default=0.6)
+    ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--out", default="benchmarks/results")
+    a = ap.parse_args(argv)
+    path = config_folder(a.shape, tokenizer_from=a.tokenizer_from)
+    bw = copy_bandwidth(torch.device("cuda"))
+    rows = []
+    for system in a.systems.split(","):
+        r = run_system(system, a, path, bw)
+        rows.append(r)
+        print(f"{system}: {r['running']} running at mean context {r['mean_context']:.0f}: step {r['step_ms_median']:.2f} ms "
+              f"(forward replay {r['forward_replay_ms']:.2f}, GPU kernels {r['gpu_kernel_ms_per_step']:.2f}, "
+              f"floor {r['bandwidth_floor_ms']:.2f}), host waited {r['host_waiting_for_gpu_ms_per_step']:.2f} ms",
+              flush=True)
+        print("   host ms/step: " + ", ".join(f"{k} {v:.2f}" for k, v in r["host_ms_per_step"].items()), flush=True)
+        print("   GPU ms/step: " + ", ".join(f"{k} {v:.2f}" for k, v in r["gpu_kernel_ms_per_step_by_kind"].items())
+              + f"; by stream {r['gpu_kernel_ms_per_step_by_stream']}", flush=True)
+    card = torch.cuda.get_device_name(0)
+    res = {"benchmark": "engine_step", "device": card, "shape": a.shape, "copy_bandwidth_GBps": bw / 1e9,
+           "tokenizer_from": a.tokenizer_from, "args": vars(a), "rows": rows}
+    os.makedirs(a.out, exist_ok=True)
+    write_result(os.path.join(a.out, f"engine_step_{a.shape}_{card_tag(card)}{a.tag}.json"), res, indent=1)
+    return res
+
+
+if __name__ == "__main__":
+    main()
