@@ -178,10 +178,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--warm-steps", type=int, default=10)
     ap.add_argument("--temperature", type=float, default=0.6)
     ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--top-p-by", default="kernel", choices=("kernel", "sort"),
+                    help="sort: top-p by the sort-based torch reference (kernels/sampling.py), for an A/B")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", default="benchmarks/results")
     a = ap.parse_args(argv)
     path = config_folder(a.shape, tokenizer_from=a.tokenizer_from)
+    if a.top_p_by == "sort":
+        from zipserve.kernels.sampling import top_p_threshold_ref
+        from zipserve.workers import sampler
+
+        sampler.top_p_threshold = lambda logits, top_p: top_p_threshold_ref(logits, top_p)
     bw = copy_bandwidth(torch.device("cuda"))
     rows = []
     for system in a.systems.split(","):

@@ -14,32 +14,40 @@ from dataclasses import dataclass
 
 import torch
 
+from zipserve.kernels.sampling import top_p_threshold_ref, top_p_threshold_triton
 from zipserve.workers.sampling_params import SamplingParams
 
 
 def truncate_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Apply temperature, top-k, top-p and min-p to rows of fp32 logits; masked entries get -inf."""
+    """Apply temperature, top-k, top-p and min-p to rows of fp32 logits; masked entries get -inf. Each cut
+    keeps the tokens at or above a value per row (tokens tied with the last one kept are all kept), found
+    without sorting the vocabulary: by torch.topk for top-k and by kernels/sampling.py for top-p."""
     device = logits.device
     temp = to_device([p.temperature for p in params], torch.float32, device).unsqueeze(1)
     logits = logits / temp
-    top_k = [p.top_k for p in params]
+    top_k = [p.top_k if 0 < p.top_k < logits.shape[-1] else 0 for p in params]
     top_p = [p.top_p for p in params]
     min_p = [p.min_p for p in params]
-    if any(k > 0 for k in top_k) or any(p < 1 for p in top_p):
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        rank = torch.arange(logits.shape[-1], device=device).unsqueeze(0)
-        k = to_device([k if k > 0 else logits.shape[-1] for k in top_k], torch.long, device).unsqueeze(1)
-        drop = rank >= k
-        probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
-        before = probs.cumsum(-1) - probs  # mass strictly before each token
-        drop |= before >= to_device(top_p, torch.float32, device).unsqueeze(1)
-        drop[:, 0] = False  # the most likely token always survives
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    if any(top_k):
+        best = logits.topk(max(top_k), dim=-1).values  # [rows, max k], descending
+        k = to_device(top_k, torch.long, device).unsqueeze(1)
+        kth = best.gather(1, (k - 1).clamp(min=0))
+        logits = logits.masked_fill((logits < kth) & (k > 0), float("-inf"))
+    if any(p < 1 for p in top_p):
+        threshold = top_p_threshold(logits, to_device(top_p, torch.float32, device))
+        logits = logits.masked_fill(logits < threshold.unsqueeze(1), float("-inf"))
     if any(m > 0 for m in min_p):
         probs = logits.softmax(-1)
         floor = to_device(min_p, torch.float32, device).unsqueeze(1) * probs.max(-1, keepdim=True).values
         logits = logits.masked_fill(probs < floor, float("-inf"))
     return logits
+
+
+def top_p_threshold(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """The smallest logit each row keeps under top_p: the Triton kernel on CUDA, its torch reference elsewhere."""
+    if logits.is_cuda:
+        return top_p_threshold_triton(logits, top_p)
+    return top_p_threshold_ref(logits, top_p)
 
 
 class SamplingError(RuntimeError):
