@@ -9,6 +9,8 @@ search over the logits' bit patterns finds the same value in nine passes over ea
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:
@@ -34,46 +36,62 @@ def top_p_threshold_ref(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tens
 if triton is not None:
 
     @triton.jit
-    def _top_p_threshold_kernel(x_ptr, p_ptr, out_ptr, V, sx, BLOCK: tl.constexpr):
-        """Grid (rows,). Pass 0: row max m and mass s = sum(exp(x - m)). Then the largest key t with
-        G(t) = sum of exp(x - m) over keys > t at least top_p * s, four bits per pass over 32-bit keys (each
-        pass weighs 16 candidates at once); the threshold is the value of key t + 1, a key some token has."""
-        row = tl.program_id(0).to(tl.int64)
-        base = x_ptr + row * sx
+    def _chunk_stats_kernel(x_ptr, m_ptr, s_ptr, V, sx, C, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+        """Grid (rows, chunks): each chunk's max m_c and sum(exp(x - m_c))."""
+        row, c = tl.program_id(0).to(tl.int64), tl.program_id(1)
         m = tl.full([], float("-inf"), tl.float32)
         s = tl.zeros([], tl.float32)
-        for v0 in range(0, V, BLOCK):
+        for v0 in range(c * CHUNK, c * CHUNK + CHUNK, BLOCK):
             n = v0 + tl.arange(0, BLOCK)
-            x = tl.load(base + n, mask=n < V, other=float("-inf"))
+            x = tl.load(x_ptr + row * sx + n, mask=n < V, other=float("-inf"))
             m_new = tl.maximum(m, tl.max(x, 0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+            live = m_new > float("-inf")  # (a chunk cut away so far: nothing to add, and no -inf - -inf)
+            s = s * tl.where(live, tl.exp(m - m_new), 0.0) + tl.sum(tl.where(live, tl.exp(x - m_new), 0.0), 0)
             m = m_new
-        target = tl.load(p_ptr + row) * s
-        digit = tl.arange(0, 16).to(tl.int64)
-        lo = tl.full([], -1, tl.int64)  # invariant: G(lo) >= target > G(lo + 16 * step)
-        step = tl.full([], 1 << 28, tl.int64)
-        for _ in range(8):
-            cand = lo + digit * step
-            mass = tl.zeros([16], tl.float32)
-            for v0 in range(0, V, BLOCK):
-                n = v0 + tl.arange(0, BLOCK)
-                x = tl.load(base + n, mask=n < V, other=float("-inf"))
-                key = tl.where(n < V, _orderable(x), -1)
-                e = tl.exp(x - m)
-                mass += tl.sum(tl.where(key[:, None] > cand[None, :], e[:, None], 0.0), 0)
-            lo += (tl.sum((mass >= target).to(tl.int64), 0) - 1) * step  # masses fall with the candidate
-            step = step // 16
-        b = (lo + 1 - 2147483648).to(tl.int32)  # the key back to its float (inverse of _orderable)
-        bits = tl.where(b < 0, b ^ 0x7FFFFFFF, b)
-        tl.store(out_ptr + row, bits.to(tl.float32, bitcast=True))
+        tl.store(m_ptr + row * C + c, m)
+        tl.store(s_ptr + row * C + c, s)
+
+    @functools.partial(triton.jit, do_not_specialize=["step"])  # one compile serves every pass
+    def _chunk_mass_kernel(x_ptr, m_ptr, lo_ptr, mass_ptr, V, sx, C, step, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+        """Grid (rows, chunks): for the 16 candidate keys lo + d * step, the chunk's mass sum(exp(x - m)) over
+        the tokens whose key is above the candidate."""
+        row, c = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        m = tl.load(m_ptr + row)
+        cand = tl.load(lo_ptr + row) + tl.arange(0, 16).to(tl.int64) * step
+        mass = tl.zeros([16], tl.float32)
+        for v0 in range(c * CHUNK, c * CHUNK + CHUNK, BLOCK):
+            n = v0 + tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + row * sx + n, mask=n < V, other=float("-inf"))
+            key = tl.where(n < V, _orderable(x), -1)
+            e = tl.exp(x - m)
+            mass += tl.sum(tl.where(key[:, None] > cand[None, :], e[:, None], 0.0), 0)
+        tl.store(mass_ptr + (row * C + c) * 16 + tl.arange(0, 16), mass)
 
 
-def top_p_threshold_triton(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Same as top_p_threshold_ref; one program per row, nine passes over it."""
+def top_p_threshold_triton(logits: torch.Tensor, top_p: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Same as top_p_threshold_ref. Rows are cut into chunks so that a batch fills the GPU: one launch for
+    each chunk's max and mass, then the largest key t with G(t) = (mass over keys > t) >= top_p * total,
+    four bits per launch over 32-bit keys (each weighs 16 candidates per chunk, the chunks' masses summed
+    here); the threshold is the value of key t + 1, a key some token has. Scratch: rows x chunks x 16 fp32."""
     R, V = logits.shape
+    assert chunk >= 16 and chunk & (chunk - 1) == 0, "chunk: a power of two"
     logits = logits.float().contiguous()
     top_p = top_p.float().contiguous()
-    out = torch.empty(R, dtype=torch.float32, device=logits.device)
-    if R:
-        _top_p_threshold_kernel[(R,)](logits, top_p, out, V, logits.stride(0), BLOCK=1024, num_warps=8)
+    if R == 0:
+        return torch.empty(0, dtype=torch.float32, device=logits.device)
+    C = triton.cdiv(V, chunk)
+    m_c = torch.empty(R, C, dtype=torch.float32, device=logits.device)
+    s_c = torch.empty_like(m_c)
+    _chunk_stats_kernel[(R, C)](logits, m_c, s_c, V, logits.stride(0), C, CHUNK=chunk, BLOCK=min(chunk, 1024),
+                              num_warps=4)
+    m = m_c.amax(1)
+    target = top_p * (s_c * (m_c - m[:, None]).exp()).sum(1)
+    lo = torch.full((R,), -1, dtype=torch.int64, device=logits.device)  # invariant: G(lo) >= target
+    mass = torch.empty(R, C, 16, dtype=torch.float32, device=logits.device)
+    for shift in range(28, -1, -4):
+        _chunk_mass_kernel[(R, C)](logits, m, lo, mass, V, logits.stride(0), C, 1 << shift, CHUNK=chunk,
+                                   BLOCK=min(chunk, 512), num_warps=4)
+        lo += ((mass.sum(1) >= target[:, None]).sum(1) - 1) << shift  # masses fall with the candidate
+    b = (lo + 1 - 2**31).to(torch.int32)  # the key back to its float (inverse of _orderable)
+    out = torch.where(b < 0, b ^ 0x7FFFFFFF, b).view(torch.float32)
     return torch.where(top_p >= 1, torch.full_like(out, float("-inf")), out)

@@ -86,14 +86,14 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
 
 
-def run_shadowed(path, backend, block_size, budget, ccfg, **engine):
+def run_shadowed(path, comp_backend, block_size, budget, ccfg, **engine):
     """The engine's model runs on torch on the CPU (the interpreter would make the forward the test's cost);
-    its compressor on `backend`."""
+    its compressor on `comp_backend`."""
     llm = LLM(path, block_size=block_size, budget_blocks=budget, compression=ccfg, num_blocks=96,
               max_num_batched_tokens=256, **engine)
     comp = llm.engine.runner.compressor
-    comp.scores_fn, comp.select_fn, comp.compact_fn, comp.compact_batch_fn = BACKENDS[backend]
-    shadowed = Shadowed(comp, backend)
+    comp.scores_fn, comp.select_fn, comp.compact_fn, comp.compact_batch_fn = BACKENDS[comp_backend]
+    shadowed = Shadowed(comp, comp_backend)
     prompts, arrive = workload(block_size, budget)
     params = SamplingParams(temperature=0, max_tokens=(budget + 1) * block_size + 2, ignore_eos=True)
     run_checked(llm, prompts, params, arrive_at=arrive)

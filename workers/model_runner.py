@@ -18,6 +18,7 @@ from zipserve.workers.compressor import Compressor
 from zipserve.workers.cuda_graph import DecodeGraphs
 from zipserve.workers.models import load_model
 from zipserve.workers.parallel import TPGroup
+from zipserve.workers.sampler import to_device, top_p_threshold
 from zipserve.workers.scheduler import ScheduledChunk
 
 log = logging.getLogger(__name__)
@@ -250,10 +251,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _warm_up(self) -> None:
-        """Compile the attention variants eager steps need before the first request arrives (a kernel
-        compiled while requests wait is added to their time to first token): a ragged prefill, and mixed
-        batches of one prefill chunk beside a few decode rows (split-K launch) and beside max_num_seqs decode
-        rows (one partition each). No K/V is written (slot -1); the outputs are dropped."""
+        """Compile the attention variants eager steps need before the first request arrives (a kernel compiled
+        while requests wait is added to their time to first token): a ragged prefill, and mixed batches of one
+        prefill chunk beside a few decode rows (split-K launch) and beside max_num_seqs decode rows (one
+        partition each); then compressions and top-p. No K/V is written (slot -1); the outputs are dropped."""
         bs, top = self.block_size, self.max_model_len
         few = [(1, min(top, 3 * bs - 5))] * 2
         many = [(1, min(top, bs - 3))] * max(1, self.cfg.max_num_seqs - 1)
@@ -272,6 +273,8 @@ class ModelRunner:
                                 [qsl[-1] - 1])
         if self.compressor is not None:
             self.compressor.warm_up(self.cfg.budget_blocks, self.compressor.q_window.shape[1] - 1, 37)
+        top_p_threshold(torch.randn(2, self.args.vocab_size, device=self.device), to_device([0.5, 0.9], torch.float32,
+                                                                                             self.device))
         torch.cuda.synchronize(self.device)
 
     def _eager_forward(self, ids, pos, slots, tables, qsl, kv_lens, win_rows, win_slots, win_pos, sample_rows, fill=None):
