@@ -16,8 +16,6 @@ import torch
 try:
     import triton
     import triton.language as tl
-
-    from zipserve.kernels.compress import _orderable
 except ImportError:  # no Triton: the reference still works
     triton = tl = None
 
@@ -51,27 +49,34 @@ if triton is not None:
         tl.store(m_ptr + row * C + c, m)
         tl.store(s_ptr + row * C + c, s)
 
+    @triton.jit
+    def _key(x):
+        """fp32 -> int32 with the same order (-0.0 made +0.0 so that it ties with +0.0)."""
+        bits = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
+        return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
     @functools.partial(triton.jit, do_not_specialize=["step"])  # one compile serves every pass
     def _chunk_mass_kernel(x_ptr, m_ptr, lo_ptr, mass_ptr, V, sx, C, step, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
         """Grid (rows, chunks): for the 16 candidate keys lo + d * step, the chunk's mass sum(exp(x - m)) over
-        the tokens whose key is above the candidate."""
+        the tokens whose key is above the candidate. The sums stay per lane until the chunk's end (one
+        reduction per chunk, not one per block)."""
         row, c = tl.program_id(0).to(tl.int64), tl.program_id(1)
         m = tl.load(m_ptr + row)
         cand = tl.load(lo_ptr + row) + tl.arange(0, 16).to(tl.int64) * step
-        mass = tl.zeros([16], tl.float32)
+        cand = tl.minimum(tl.maximum(cand, -2147483648), 2147483647).to(tl.int32)
+        acc = tl.zeros([BLOCK, 16], tl.float32)
         for v0 in range(c * CHUNK, c * CHUNK + CHUNK, BLOCK):
             n = v0 + tl.arange(0, BLOCK)
             x = tl.load(x_ptr + row * sx + n, mask=n < V, other=float("-inf"))
-            key = tl.where(n < V, _orderable(x), -1)
-            e = tl.exp(x - m)
-            mass += tl.sum(tl.where(key[:, None] > cand[None, :], e[:, None], 0.0), 0)
-        tl.store(mass_ptr + (row * C + c) * 16 + tl.arange(0, 16), mass)
+            e = tl.exp(x - m)  # (0 past the row's end)
+            acc += tl.where(_key(x)[:, None] > cand[None, :], e[:, None], 0.0)
+        tl.store(mass_ptr + (row * C + c) * 16 + tl.arange(0, 16), tl.sum(acc, 0))
 
 
 def top_p_threshold_triton(logits: torch.Tensor, top_p: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     """Same as top_p_threshold_ref. Rows are cut into chunks so that a batch fills the GPU: one launch for
     each chunk's max and mass, then the largest key t with G(t) = (mass over keys > t) >= top_p * total,
-    four bits per launch over 32-bit keys (each weighs 16 candidates per chunk, the chunks' masses summed
+    four bits per launch over the 32-bit keys (each weighs 16 candidates per chunk, the chunks' masses summed
     here); the threshold is the value of key t + 1, a key some token has. Scratch: rows x chunks x 16 fp32."""
     R, V = logits.shape
     assert chunk >= 16 and chunk & (chunk - 1) == 0, "chunk: a power of two"
@@ -86,12 +91,12 @@ def top_p_threshold_triton(logits: torch.Tensor, top_p: torch.Tensor, chunk: int
                               num_warps=4)
     m = m_c.amax(1)
     target = top_p * (s_c * (m_c - m[:, None]).exp()).sum(1)
-    lo = torch.full((R,), -1, dtype=torch.int64, device=logits.device)  # invariant: G(lo) >= target
+    lo = torch.full((R,), -2**31 - 1, dtype=torch.int64, device=logits.device)  # invariant: G(lo) >= target
     mass = torch.empty(R, C, 16, dtype=torch.float32, device=logits.device)
     for shift in range(28, -1, -4):
         _chunk_mass_kernel[(R, C)](logits, m, lo, mass, V, logits.stride(0), C, 1 << shift, CHUNK=chunk,
                                    BLOCK=min(chunk, 512), num_warps=4)
         lo += ((mass.sum(1) >= target[:, None]).sum(1) - 1) << shift  # masses fall with the candidate
-    b = (lo + 1 - 2**31).to(torch.int32)  # the key back to its float (inverse of _orderable)
+    b = (lo + 1).to(torch.int32)  # the key back to its float (inverse of _key)
     out = torch.where(b < 0, b ^ 0x7FFFFFFF, b).view(torch.float32)
     return torch.where(top_p >= 1, torch.full_like(out, float("-inf")), out)
