@@ -18,7 +18,7 @@ Systems:
                   requests added and stepped directly (what the serving path costs, as a ratio)
   vllm            `vllm.entrypoints.openai.api_server` (--vllm-site: where the vLLM bundle is unpacked)
 Also: --headroom (the client against benchmarks/sse_server.py, at a fixed rate) and --vllm-bench (vLLM's
-own `vllm bench serve` against the vLLM server at one point, as a second client). Each call writes one
+own `vllm bench serve` at one point against every HTTP system, after our client's points: a second client). Each call writes one
 part; --merge joins parts into one JSON + PNG.
 """
 
@@ -119,6 +119,8 @@ def run_zipserve(a, model_dir: str, points: list[dict], full_kv: bool, throughpu
     if killer is not None:
         res["killed"] = killer.result()
         res["killed"]["migrated_samples"] = _get_json(url + "/health").get("migrated_samples")
+    if a.vllm_bench:  # vLLM's own client as a second opinion, after our client's points, as for vLLM's server
+        res["vllm_bench"] = vllm_bench(a, _vllm_env(a), url, model, model_dir, parse_point(a.vllm_bench))
     res["worker_stats"] = serve.get_deployment_handle("EngineWorker", app_name="zipserve").stats.remote().result()
     res["env"] = {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE")}
     res["url"] = url
@@ -231,10 +233,15 @@ def run_direct(a, model_dir: str, points: list[dict]) -> dict:
     return {"points": out, "engine_stats": stats}
 
 
+def _vllm_env(a) -> dict:
+    """The environment vLLM's server and its `vllm bench serve` client run in (its unpacked bundle alone)."""
+    return dict(os.environ, PYTHONPATH=a.vllm_site, VLLM_USE_FLASHINFER_SAMPLER="0", VLLM_NO_USAGE_STATS="1",
+                DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TVM_FFI_DISABLE_TORCH_C_DLPACK="1")
+
+
 def run_vllm(a, model_dir: str, points: list[dict]) -> dict:
     port = _free_port()
-    env = dict(os.environ, PYTHONPATH=a.vllm_site, VLLM_USE_FLASHINFER_SAMPLER="0", VLLM_NO_USAGE_STATS="1",
-               DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TVM_FFI_DISABLE_TORCH_C_DLPACK="1")
+    env = _vllm_env(a)
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
            "--served-model-name", "vllm-" + os.path.basename(model_dir), "--load-format", "dummy",
            "--dtype", "bfloat16", "--max-num-seqs", str(a.vllm_max_num_seqs), "--host", "127.0.0.1",
@@ -411,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--headroom", default=None, help="concurrency:interval_ms:seconds against the fixed-rate server")
     p.add_argument("--vllm-site", default="/tmp/vsite")
     p.add_argument("--vllm-max-num-seqs", type=int, default=256)
-    p.add_argument("--vllm-bench", default=None, help="a point for `vllm bench serve` (requests mode)")
+    p.add_argument("--vllm-bench", default=None, help="a point for `vllm bench serve` (requests mode), against "
+                                                       "every system that serves HTTP")
     p.add_argument("--vllm-bench-timeout-s", type=float, default=300)
     p.add_argument("--replicas", type=int, default=1, help="zipserve worker replicas sharing the GPU")
     p.add_argument("--kv-gb", type=float, default=40.0, help="KV pool per replica when --replicas > 1")

@@ -63,13 +63,12 @@ if triton is not None:
         row, c = tl.program_id(0).to(tl.int64), tl.program_id(1)
         m = tl.load(m_ptr + row)
         cand = tl.load(lo_ptr + row) + tl.arange(0, 16).to(tl.int64) * step
-        cand = tl.minimum(tl.maximum(cand, -2147483648), 2147483647).to(tl.int32)
+        cand = tl.minimum(tl.maximum(cand, -2147483648), 2147483647).to(tl.int32)[None, :]
         acc = tl.zeros([BLOCK, 16], tl.float32)
         for v0 in range(c * CHUNK, c * CHUNK + CHUNK, BLOCK):
-            n = v0 + tl.arange(0, BLOCK)
+            n = v0 + tl.arange(0, BLOCK)[:, None]  # loaded as a column: broadcast across the 16 candidates in place
             x = tl.load(x_ptr + row * sx + n, mask=n < V, other=float("-inf"))
-            e = tl.exp(x - m)  # (0 past the row's end)
-            acc += tl.where(_key(x)[:, None] > cand[None, :], e[:, None], 0.0)
+            acc += tl.where(_key(x) > cand, tl.exp(x - m), 0.0)  # (exp is 0 past the row's end)
         tl.store(mass_ptr + (row * C + c) * 16 + tl.arange(0, 16), tl.sum(acc, 0))
 
 
