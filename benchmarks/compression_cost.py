@@ -3,10 +3,10 @@
 N requests are due at once, each with a cache of budget + 1 pages of random K/V, query windows and global
 scores (a later compression: global scores decayed and carried), compressed into its first budget pages.
 One Compressor.run of the N plans is timed with CUDA events (warm-up runs first, then the median of
-`--reps`), plan by plan (`batched=False`) and batched; the torch profiler counts what one run launches
-(kernels and copies) and splits their time by phase (by kernel name; torch's indexing kernels all count
-as the gather). Each phase's floor is the bytes it must move (every tensor it reads or writes, once) over
-the card's measured copy bandwidth.
+`--reps`), plan by plan (`batched=False`), batched, and batched replaying captured CUDA graphs (`graphs`,
+CUDA only); the torch profiler counts what one run launches (kernels and copies) and splits their time by
+phase (by kernel name; torch's indexing kernels all count as the gather). Each phase's floor is the bytes
+it must move (every tensor it reads or writes, once) over the card's measured copy bandwidth.
 
     python -m benchmarks.compression_cost [--shape qwen3-8b] [--requests 1,16,64,256] [--budget 8] \
         [--block-size 256] [--scoring default] [--batch-tokens 40960]
@@ -188,8 +188,10 @@ def main(argv=None):
     for N in [int(x) for x in args.requests.split(",")]:
         comp = make_compressor(sh, args, N, device, dtype)
         plans = make_plans(args, N)
-        for mode in ("per-request", "batched"):
-            comp.batched = mode == "batched"
+        for mode in ("per-request", "batched") + (() if cpu else ("graphs",)):
+            comp.batched = mode != "per-request"
+            if mode == "graphs":  # replays of captured batches of 4, 2 and 1 (its warm-up writes pages 0 .. budget)
+                comp.capture_graphs(args.budget, N, sizes=(1, 2, 4), stream=torch.cuda.Stream(device))
             ms, host_ms = time_run(comp, plans, device, args.warm, args.reps)
             row = {"requests": N, "mode": mode, "run_ms": ms, "ms_per_compression": ms / N,
                    "host_ms_per_compression": host_ms / N, "fraction_of_floor": sum(floor.values()) / (ms / N),
@@ -223,7 +225,7 @@ def _plot(results, path):
     except ImportError:  # the GPU image may lack matplotlib: the JSON is the record
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    for mode in ("per-request", "batched"):
+    for mode in ("per-request", "batched", "graphs"):
         rows = [r for r in results["rows"] if r["mode"] == mode]
         ax.plot([r["requests"] for r in rows], [r["ms_per_compression"] for r in rows], "o-", label=mode)
     ax.axhline(results["floor_ms_per_compression"], color="k", ls="--", label="memory floor")

@@ -7,11 +7,17 @@ only after `run` has returned (on GPU: after its event).
 The plans of one call that the kernels treat alike (same lengths, same resolved knobs) run as one batch:
 per layer group one gather, one set of scoring launches, one selection and one compaction for all of
 them, instead of one set per request (launch-bound, and a lone request fills few of the GPU's cores).
+On CUDA the steady-state batches (a later compression of budget + 1 full pages, at a few batch sizes) are
+also captured as CUDA graphs (`capture_graphs`): a batch then costs one copy of its page tables and one
+replay instead of a hundred launches, which is most of a compression's cost.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -20,6 +26,8 @@ from zipserve.kernels.compress import (compact_batched_ref, compact_batched_trit
                                        select_keep_triton)
 from zipserve.workers.block_manager import CompactionPlan
 from zipserve.workers.config import CompressionConfig
+
+log = logging.getLogger(__name__)
 
 # backend -> (scores, select, compact, batched compact): the plain-torch references or their Triton versions.
 BACKENDS = {
@@ -37,16 +45,40 @@ def _index(values: list[int], device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def _upload(arrays: list[list[int]], device: torch.device) -> list[torch.Tensor]:
-    """Several index arrays in one host-to-device copy. Each starts on a 16-element boundary: Triton
-    specializes on a pointer's alignment, and a batch's sizes must not pick the kernel variant."""
-    starts, flat = [], []
+def _layout(arrays: list[list[int]]) -> tuple[list[int], list[slice]]:
+    """Several index arrays as one flat list, and where each lies. Each starts on a 16-element boundary:
+    Triton specializes on a pointer's alignment, and a batch's sizes must not pick the kernel variant."""
+    spans, flat = [], []
     for a in arrays:
         flat += [0] * (-len(flat) % 16)
-        starts.append(len(flat))
+        spans.append(slice(len(flat), len(flat) + len(a)))
         flat += a
+    return flat, spans
+
+
+def _upload(arrays: list[list[int]], device: torch.device) -> list[torch.Tensor]:
+    """Several index arrays in one host-to-device copy (see _layout)."""
+    flat, spans = _layout(arrays)
     t = _index(flat, device)
-    return [t[s: s + len(a)] for s, a in zip(starts, arrays)]
+    return [t[s] for s in spans]
+
+
+def graph_chunks(count: int, sizes) -> list[int]:
+    """Split a batch of `count` plans into captured sizes, largest first (greedy); what remains below the
+    smallest size is one last chunk, run eagerly. Batched equals plan by plan, so any split gives the same caches."""
+    out = []
+    for b in sorted(sizes, reverse=True):
+        while count >= b:
+            out.append(b)
+            count -= b
+    return out + [count] * (count > 0)
+
+
+@dataclass
+class _Graph:
+    """A captured batch: its graph reads the index arrays (`_index_arrays`' layout) from `flat`."""
+    flat: torch.Tensor
+    graph: torch.cuda.CUDAGraph
 
 
 class Compressor:
@@ -63,6 +95,10 @@ class Compressor:
         self.block_size = block_size
         self.scale = scale
         self.num_compressions = 0
+        self.graph_compressions = 0  # of which replayed from a captured graph
+        self.graphs: dict[tuple, _Graph] = {}  # (B, kv_len, keep, num_scored, first, cfg) -> graph
+        self._graph_sizes: tuple[int, ...] = ()
+        self._graph_end = None  # an event after the last replay (CUDA)
         self.total_seconds = 0.0  # host time to launch (CPU: to run) the compression stage
         self.kept_log: list | None = None  # set to a list to record (request id, kept indices) per layer group
         # Batched compression: scratch grows with the entries scored at once, so a batch holds at most
@@ -121,9 +157,12 @@ class Compressor:
 
     def _batches(self, members: list[int], kv_len: int) -> list[list[int]]:
         """Split a group so that each batch gathers at most max_batch_tokens entries (at least one plan)."""
-        cap = min(self.max_batch_tokens or self._max_gather_tokens, self._max_gather_tokens)
-        per = max(1, cap // (-(-kv_len // self.block_size) * self.block_size))
+        per = self._per_batch(kv_len)
         return [members[i: i + per] for i in range(0, len(members), per)]
+
+    def _per_batch(self, kv_len: int) -> int:
+        cap = min(self.max_batch_tokens or self._max_gather_tokens, self._max_gather_tokens)
+        return max(1, cap // (-(-kv_len // self.block_size) * self.block_size))
 
     @torch.inference_mode()
     def warm_up(self, budget_blocks: int, window_slot: int, num_prompt_tokens: int) -> None:
@@ -131,14 +170,64 @@ class Compressor:
         boundary stalls every running request): a first compression and a later one (with global scores),
         of budget + 1 pages into budget pages. The kernels do not specialize on lengths, so these serve all.
         Writes only free pages (page i for i <= budget) and the spare window slot; counts nothing."""
+        for first in (True, False):
+            self._run([self._free_page_plan(budget_blocks, window_slot, num_prompt_tokens, first)])
+
+    def _free_page_plan(self, budget_blocks: int, window_slot: int, num_prompt_tokens: int, first: bool):
+        """A plan of budget + 1 pages into budget pages that reads and writes pages 0 .. budget only."""
         from types import SimpleNamespace
 
         bs, keep = self.block_size, budget_blocks * self.block_size
         seq = SimpleNamespace(request_id=None, window_slot=window_slot, num_prompt_tokens=num_prompt_tokens)
         src = list(range(budget_blocks + 1))
-        for first in (True, False):
-            self._run([CompactionPlan(seq, src, src[:budget_blocks] + [src[-1]], [], keep + bs, keep, 0,
-                                      0 if first else keep, first)])
+        return CompactionPlan(seq, src, src[:budget_blocks] + [src[-1]], [], keep + bs, keep, 0,
+                              0 if first else keep, first)
+
+    @torch.inference_mode()
+    def capture_graphs(self, budget_blocks: int, window_slot: int, sizes=(1, 2, 4),
+                       stream: torch.cuda.Stream | None = None) -> None:
+        """Capture the steady-state compression as CUDA graphs, one per batch size: a later compression
+        (global scores carried: num_scored = keep, as the block manager sets it) of budget + 1 full pages
+        into budget pages, the compression every decoding request makes each page once it is full. Call
+        after warm_up (compiled kernels). Nothing is captured when the resolved config depends on the prompt
+        (prompt_fraction): the key would differ per request.
+
+        Sizes above what one batch may hold (max_batch_tokens, see _batches) are dropped: no batch would
+        use them. All graphs share one memory pool (captured largest first): they never run concurrently
+        (one at a time, see _replay) and keep no output in it, so it holds the scratch of the largest size,
+        apart from the eager allocator's (the runner reserves both: ModelRunner.compression_scratch_bytes).
+        Warm-up and capture read and write free pages only (0 .. budget, window slot `window_slot`)."""
+        if self.cfg.prompt_fraction:
+            return
+        t0, dev = time.perf_counter(), self.kv_cache.device
+        bs, keep = self.block_size, budget_blocks * self.block_size
+        key = ((budget_blocks + 1) * bs, keep, keep, False, self.cfg.for_compression(keep, 0))
+        sizes = sorted({b for b in sizes if 1 <= b <= self._per_batch(key[0])}, reverse=True)
+        plan = self._free_page_plan(budget_blocks, window_slot, 0, first=False)
+        stream = stream or torch.cuda.Stream(dev)
+        pool = torch.cuda.graph_pool_handle()
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        reserved = torch.cuda.memory_reserved(dev)
+        for b in sizes:
+            flat, spans = _layout(self._index_arrays([plan] * b))
+            flat = torch.tensor(flat, dtype=torch.long, device=dev)
+            views = [flat[s] for s in spans]
+            stream.wait_stream(torch.cuda.current_stream(dev))  # the buffer's copy
+            with torch.cuda.stream(stream):  # compile this size's variants and settle the allocator
+                self._compact_device(*views, *key)
+            stream.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                self._compact_device(*views, *key)
+            self.graphs[(b, *key)] = _Graph(flat, graph)
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        self._graph_sizes = tuple(sizes)
+        self._graph_end = torch.cuda.Event()
+        log.info("captured compression CUDA graphs for batch sizes %s (%d into %d pages) in %.1f s, pool %.1f MiB",
+                 sorted(sizes), budget_blocks + 1, budget_blocks, time.perf_counter() - t0,
+                 (torch.cuda.memory_reserved(dev) - reserved) / 2**20)
 
     def kept_indices(self, plan: CompactionPlan, layers: slice) -> torch.Tensor:
         """Indices (cache order) of the entries kept per (layer, KV head): [layers, H_kv, keep]."""
@@ -178,15 +267,54 @@ class Compressor:
                 self.score_cache[layers, dest] = g.gather(2, idx).transpose(1, 2).reshape(lg, keep // bs, bs, h_kv)
 
     def _compact_batch(self, plans: list[CompactionPlan], cfg: CompressionConfig, logs: list[list] | None) -> None:
-        """_compact for plans of one group key: their layer groups stacked, B * lg rows per launch."""
-        bs, (h_kv, d), Q = self.block_size, self.kv_cache.shape[-2:], self.cfg.query_window
-        p0, B = plans[0], len(plans)
-        n, keep, num_scored = p0.kv_len, p0.keep, p0.num_scored
-        pages, kp, sp = -(-n // bs), keep // bs, -(-num_scored // bs)
-        src, dest, slots, ring = _upload([[b for p in plans for b in p.src_table[:pages]],
-                                          [b for p in plans for b in p.dest_table[:kp]],
-                                          [p.seq.window_slot for p in plans],
-                                          [(n - Q + i) % Q for i in range(Q)]], self.kv_cache.device)
+        """_compact for plans of one group key: their layer groups stacked, B * lg rows per launch. Where
+        the key has captured graphs (and no kept indices are logged), chunks of captured sizes replay them."""
+        p0 = plans[0]
+        key = (p0.kv_len, p0.keep, p0.num_scored, p0.first, cfg)
+        sizes = [b for b in self._graph_sizes if (b, *key) in self.graphs] if logs is None else []
+        at = 0
+        for b in graph_chunks(len(plans), sizes):
+            chunk, at = plans[at: at + b], at + b
+            if b in sizes:
+                self._replay(self.graphs[(b, *key)], chunk)
+            else:
+                on_kept = None if logs is None else partial(self._log_kept, chunk, logs[at - b: at])
+                self._compact_device(*_upload(self._index_arrays(chunk), self.kv_cache.device), *key, on_kept)
+
+    @staticmethod
+    def _log_kept(plans, logs, l0: int, kept: torch.Tensor) -> None:
+        kept = kept.cpu()
+        for b, p in enumerate(plans):
+            logs[b].append((p.seq.request_id, p.num_scored, l0, kept[b]))
+
+    def _index_arrays(self, plans: list[CompactionPlan]) -> list[list[int]]:
+        """The host part of a batch: source page tables, destination page tables, window slots, ring order."""
+        bs, Q, p0 = self.block_size, self.cfg.query_window, plans[0]
+        n, pages, kp = p0.kv_len, -(-p0.kv_len // bs), p0.keep // bs
+        return [[b for p in plans for b in p.src_table[:pages]], [b for p in plans for b in p.dest_table[:kp]],
+                [p.seq.window_slot for p in plans], [(n - Q + i) % Q for i in range(Q)]]
+
+    def _replay(self, g: _Graph, plans: list[CompactionPlan]) -> None:
+        """Copy a chunk's index arrays into the graph's buffer and replay it, on the current stream. A replay
+        first waits for the last one (the runner may compress on another stream; buffers and pool are shared)."""
+        cuda = self._graph_end is not None  # else a CPU test's stand-in graph
+        host = torch.tensor(_layout(self._index_arrays(plans))[0], dtype=torch.long, pin_memory=cuda)
+        if cuda:
+            torch.cuda.current_stream(g.flat.device).wait_event(self._graph_end)
+        g.flat.copy_(host, non_blocking=True)
+        g.graph.replay()
+        if cuda:
+            self._graph_end.record()
+        self.graph_compressions += len(plans)
+
+    def _compact_device(self, src: torch.Tensor, dest: torch.Tensor, slots: torch.Tensor, ring: torch.Tensor,
+                        n: int, keep: int, num_scored: int, first: bool, cfg: CompressionConfig,
+                        on_kept=None) -> None:
+        """The device part of a batch (the eager path and the captured graphs): B = len(slots) plans of
+        kv_len n, flat page tables src [B * pages] and dest [B * keep // bs]. No host sync, no pinned memory
+        (it is captured), except on_kept(layer group start, kept indices [B, lg, H_kv, keep]) for tests."""
+        bs, (h_kv, d) = self.block_size, self.kv_cache.shape[-2:]
+        B, pages, kp, sp = len(slots), -(-n // bs), keep // bs, -(-num_scored // bs)
         src, dest = src.view(B, pages), dest.view(B, kp)
         use_scores = self.score_cache is not None and num_scored > 0
         for layers, lay in self._layer_groups:
@@ -198,12 +326,10 @@ class Compressor:
             if use_scores:
                 g_prev = self.score_cache[rows, cols[..., :sp]].reshape(B * lg, sp * bs, h_kv)[:, :num_scored]
                 g_prev = g_prev.transpose(1, 2)
-            scores, g = self.scores_fn(q_win, k, g_prev, num_scored, p0.first, self.scale, cfg, bs)
+            scores, g = self.scores_fn(q_win, k, g_prev, num_scored, first, self.scale, cfg, bs)
             idx = self.select_fn(scores, keep)  # [B * lg, H_kv, keep]
-            if logs is not None:
-                kept = idx.view(B, lg, h_kv, keep).cpu()
-                for b, p in enumerate(plans):
-                    logs[b].append((p.seq.request_id, num_scored, layers.start, kept[b]))
+            if on_kept is not None:
+                on_kept(layers.start, idx.view(B, lg, h_kv, keep))
             for kv in (0, 1):  # dest may reuse src pages: each launch reads every request before writing
                 self.compact_batch_fn(self.kv_cache[kv, layers], src, n, idx.view(B, lg, h_kv, keep), dest)
             if self.score_cache is not None:  # the new G (not the old cached scores) moves with the kept entries
@@ -213,6 +339,7 @@ class Compressor:
     def stats(self) -> dict:
         return {
             "compressions": self.num_compressions,
+            "graph_compressions": self.graph_compressions,
             "compression_seconds": self.total_seconds,
             "mean_compression_ms": 1000 * self.total_seconds / self.num_compressions if self.num_compressions else 0.0,
         }

@@ -97,13 +97,33 @@ class ModelRunner:
         return max(self.max_model_len, 8 * ((self.cfg.budget_blocks or 0) + 1) * self.block_size)
 
     @property
+    def compression_graph_sizes(self) -> tuple[int, ...]:
+        """Batch sizes of the compressions captured as CUDA graphs (Compressor.capture_graphs): up to
+        max_num_seqs and to what one batch holds (compression_batch_tokens); none where the engine runs
+        eagerly, off the Triton backend, or where the config depends on the prompt (prompt_fraction)."""
+        c = self.cfg
+        if not (self.compressing and self.device.type == "cuda" and c.resolved_backend == "triton"
+                and not c.enforce_eager and not c.compression.prompt_fraction):
+            return ()
+        per = self.compression_batch_tokens // ((c.budget_blocks + 1) * self.block_size)
+        return tuple(b for b in (1, 2, 4) if b <= min(per, c.max_num_seqs))
+
+    @property
     def compression_scratch_bytes(self) -> int:
-        """Upper bound of the compressor's temporaries for one batch of compression_batch_tokens entries
-        (scratch grows with the entries, whichever requests hold them), per layer group, fp32."""
+        """Upper bound of the compressor's temporaries: one eager batch of compression_batch_tokens entries,
+        plus the captured graphs' memory pool, which the eager allocator cannot reuse: the scratch of the
+        largest captured batch (the graphs share one pool and run one at a time)."""
         if not self.compressing:
             return 0
+        graphs = self.compression_graph_sizes
+        tokens = max(graphs, default=0) * (self.cfg.budget_blocks + 1) * self.block_size
+        return self._scratch_bytes(self.compression_batch_tokens) + (self._scratch_bytes(tokens) if graphs else 0)
+
+    def _scratch_bytes(self, n: int) -> int:
+        """Upper bound of the compressor's temporaries for one batch of n entries (scratch grows with the
+        entries, whichever requests hold them), per layer group, fp32."""
         a, c = self.args, self.cfg.compression
-        n, lg = self.compression_batch_tokens, min(c.layer_group, a.num_layers)
+        lg = min(c.layer_group, a.num_layers)
         logits = 2 * lg * a.num_heads * c.query_window * n * 4  # window logits + probabilities
         gathered = 3 * lg * n * a.num_kv_heads * a.head_dim * 4  # K, V copies and normalised keys
         per_token = 6 * lg * a.num_kv_heads * n * 4  # A, G, S, R, sort keys and indices
@@ -254,7 +274,8 @@ class ModelRunner:
         """Compile the attention variants eager steps need before the first request arrives (a kernel compiled
         while requests wait is added to their time to first token): a ragged prefill, and mixed batches of one
         prefill chunk beside a few decode rows (split-K launch) and beside max_num_seqs decode rows (one
-        partition each); then compressions and top-p. No K/V is written (slot -1); the outputs are dropped."""
+        partition each). No K/V is written (slot -1); the outputs are dropped. Then the compression kernels,
+        the compression graphs (they write free pages only), and top-p's kernels."""
         bs, top = self.block_size, self.max_model_len
         few = [(1, min(top, 3 * bs - 5))] * 2
         many = [(1, min(top, bs - 3))] * max(1, self.cfg.max_num_seqs - 1)
@@ -272,7 +293,10 @@ class ModelRunner:
             self._eager_forward(ids, pos, [-1] * len(ids), tables, qsl, kv_lens, win, spare, [0] * len(win),
                                 [qsl[-1] - 1])
         if self.compressor is not None:
-            self.compressor.warm_up(self.cfg.budget_blocks, self.compressor.q_window.shape[1] - 1, 37)
+            slot = self.compressor.q_window.shape[1] - 1  # the spare window slot
+            self.compressor.warm_up(self.cfg.budget_blocks, slot, 37)
+            if self.compression_graph_sizes:
+                self.compressor.capture_graphs(self.cfg.budget_blocks, slot, self.compression_graph_sizes)
         top_p_threshold(torch.randn(2, self.args.vocab_size, device=self.device), to_device([0.5, 0.9], torch.float32,
                                                                                              self.device))
         torch.cuda.synchronize(self.device)
