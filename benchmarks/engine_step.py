@@ -73,6 +73,8 @@ def run_system(system: str, a, path: str, bandwidth: float) -> dict:
     llm = LLM(path, load_format="dummy", block_size=bs, max_num_seqs=a.batch, max_model_len=max_len,
               budget_blocks=a.budget if compressed else None)
     eng = llm.engine
+    if compressed and a.compression == "eager":  # the A/B: every compression launched kernel by kernel
+        eng.runner.compressor.graphs.clear()
     rng = random.Random(0)
     vocab = eng.model_args.vocab_size
     params = SamplingParams(temperature=a.temperature, top_p=a.top_p, max_tokens=max_tokens, ignore_eos=True)
@@ -151,6 +153,7 @@ def run_system(system: str, a, path: str, bandwidth: float) -> dict:
         "host_ms_per_step": {k: 1e3 * v / a.steps for k, v in sorted(timer.seconds.items())},
         "host_waiting_for_gpu_ms_per_step": 1e3 * waited[0] / a.steps,
         "compressions_per_step": compressions / a.steps,
+        "graph_compressions": eng.stats().get("graph_compressions", 0),
         "gpu_kernel_ms_per_step_by_kind": dict(sorted(kinds.items(), key=lambda x: -x[1])),
         "gpu_kernel_ms_per_step_by_stream": streams,
         "gpu_kernel_ms_per_step": sum(kinds.values()), "kernels_per_step": count / n_prof,
@@ -180,6 +183,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--top-p-by", default="kernel", choices=("kernel", "sort"),
                     help="sort: top-p by the sort-based torch reference (kernels/sampling.py), for an A/B")
+    ap.add_argument("--compression", default="graphs", choices=("graphs", "eager"),
+                    help="eager: compressions launched kernel by kernel instead of replayed graphs, for an A/B")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", default="benchmarks/results")
     a = ap.parse_args(argv)
@@ -196,7 +201,8 @@ def main(argv=None) -> dict:
         rows.append(r)
         print(f"{system}: {r['running']} running at mean context {r['mean_context']:.0f}: step {r['step_ms_median']:.2f} ms "
               f"(forward replay {r['forward_replay_ms']:.2f}, GPU kernels {r['gpu_kernel_ms_per_step']:.2f}, "
-              f"floor {r['bandwidth_floor_ms']:.2f}), host waited {r['host_waiting_for_gpu_ms_per_step']:.2f} ms",
+              f"floor {r['bandwidth_floor_ms']:.2f}), host waited {r['host_waiting_for_gpu_ms_per_step']:.2f} ms, "
+              f"{r['compressions_per_step']:.2f} compressions per step",
               flush=True)
         print("   host ms/step: " + ", ".join(f"{k} {v:.2f}" for k, v in r["host_ms_per_step"].items()), flush=True)
         print("   GPU ms/step: " + ", ".join(f"{k} {v:.2f}" for k, v in r["gpu_kernel_ms_per_step_by_kind"].items())
