@@ -84,7 +84,7 @@ def test_replayed_chunks_equal_one_batch(backend):
 
 
 def test_capture_key_matches_the_block_managers_later_compression():
-    """The captured key is the one a decoding request's later compressions make (the block manager sets
+    """The captured keys are the ones a decoding request's first and later compressions make (the block manager sets
     num_scored to the keep of the compression before), and the steady-state plan the capture uses has it."""
     from zipserve.workers.block_manager import BlockManager
 
@@ -93,13 +93,17 @@ def test_capture_key_matches_the_block_managers_later_compression():
     seq = SimpleNamespace(block_table=[], kv_len=0, num_scored=0, compressed=False, num_evicted=0,
                           num_compressions=0)
     seq.block_table = [bm._pop_free() for _ in range(budget + 1)]
+    plans = []
     for _ in range(2):
         seq.kv_len = (budget + 1) * bs
-        p = bm.plan_compaction(seq, budget)
+        plans.append(bm.plan_compaction(seq, budget))
         seq.compressed = True
+    first, p = plans
+    n, keep = (budget + 1) * bs, budget * bs
     comp = synthetic("torch")
     ref = comp._free_page_plan(budget, 0, 6, first=False)
     assert (p.kv_len, p.keep, p.num_scored, p.first) == (ref.kv_len, ref.keep, ref.num_scored, ref.first)
+    assert (first.kv_len, first.keep, first.num_scored, first.first) == (n, keep, 0, True)  # its first, captured too
 
 
 # ---- On CUDA: real graphs ------------------------------------------------------------------------------

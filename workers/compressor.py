@@ -186,10 +186,10 @@ class Compressor:
     @torch.inference_mode()
     def capture_graphs(self, budget_blocks: int, window_slot: int, sizes=(1, 2, 4),
                        stream: torch.cuda.Stream | None = None) -> None:
-        """Capture the steady-state compression as CUDA graphs, one per batch size: a later compression
-        (global scores carried: num_scored = keep, as the block manager sets it) of budget + 1 full pages
-        into budget pages, the compression every decoding request makes each page once it is full. Call
-        after warm_up (compiled kernels). Nothing is captured when the resolved config depends on the prompt
+        """Capture the decode-time compressions as CUDA graphs, one per batch size and kind: budget + 1 full
+        pages into budget pages, a request's first (nothing scored yet) and every later one (global scores
+        carried: num_scored = keep, as the block manager sets it), which every decoding request makes each
+        page once it is full. Call after warm_up (compiled kernels). Nothing is captured when the resolved config depends on the prompt
         (prompt_fraction): the key would differ per request.
 
         Sizes above what one batch may hold (max_batch_tokens, see _batches) are dropped: no batch would
@@ -201,15 +201,16 @@ class Compressor:
             return
         t0, dev = time.perf_counter(), self.kv_cache.device
         bs, keep = self.block_size, budget_blocks * self.block_size
-        key = ((budget_blocks + 1) * bs, keep, keep, False, self.cfg.for_compression(keep, 0))
-        sizes = sorted({b for b in sizes if 1 <= b <= self._per_batch(key[0])}, reverse=True)
-        plan = self._free_page_plan(budget_blocks, window_slot, 0, first=False)
+        n, cfg = (budget_blocks + 1) * bs, self.cfg.for_compression(keep, 0)
+        sizes = sorted({b for b in sizes if 1 <= b <= self._per_batch(n)}, reverse=True)
         stream = stream or torch.cuda.Stream(dev)
         pool = torch.cuda.graph_pool_handle()
         torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
         reserved = torch.cuda.memory_reserved(dev)
-        for b in sizes:
+        for b, first in ((b, first) for b in sizes for first in (False, True)):
+            key = (n, keep, 0 if first else keep, first, cfg)
+            plan = self._free_page_plan(budget_blocks, window_slot, 0, first=first)
             flat, spans = _layout(self._index_arrays([plan] * b))
             flat = torch.tensor(flat, dtype=torch.long, device=dev)
             views = [flat[s] for s in spans]
@@ -225,7 +226,8 @@ class Compressor:
         torch.cuda.empty_cache()
         self._graph_sizes = tuple(sizes)
         self._graph_end = torch.cuda.Event()
-        log.info("captured compression CUDA graphs for batch sizes %s (%d into %d pages) in %.1f s, pool %.1f MiB",
+        log.info("captured compression CUDA graphs (first and later) for batch sizes %s (%d into %d pages) in %.1f s, "
+                 "pool %.1f MiB",
                  sorted(sizes), budget_blocks + 1, budget_blocks, time.perf_counter() - t0,
                  (torch.cuda.memory_reserved(dev) - reserved) / 2**20)
 
