@@ -34,6 +34,7 @@ from zipserve.scheduler import state_board
 from zipserve.scheduler.policy import RouteRequest
 from zipserve.scheduler.router import route_request_to_dict
 from zipserve.workers.pages import page_hashes
+from zipserve.workers.request_limits import RequestError, check_prompt
 from zipserve.workers.grammar import validate_structured
 from zipserve.workers.tokenizer import load_tokenizer, token_piece
 
@@ -613,15 +614,10 @@ class OpenAIIngress:
             ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
         else:
             ids = list(prompt)
-            if any(not 0 <= t < info["vocab_size"] for t in ids):
-                raise oa.APIError(400, f"prompt token ids must be in [0, {info['vocab_size']})", param="prompt")
-        if not ids:
-            raise oa.APIError(400, "prompt is empty", param="prompt")
-        most = info["max_model_len"] - 1
-        if self.max_prompt_tokens is not None:
-            most = min(most, self.max_prompt_tokens)
-        if len(ids) > most:
-            raise oa.APIError(400, f"prompt has {len(ids)} tokens; this server accepts at most {most}", param="prompt")
+        try:
+            check_prompt(ids, info["vocab_size"], info["max_model_len"], self.max_prompt_tokens)
+        except RequestError as e:
+            raise oa.APIError(400, str(e), param=e.param) from None
         return ids
 
     def _worker_error(self, endpoint: str, e: Exception, count: bool = True) -> oa.APIError:

@@ -38,6 +38,7 @@ from zipserve.workers.output_processor import OutputProcessor
 from zipserve.workers.outputs import RequestOutput
 from zipserve.workers.parallel import TPGroup
 from zipserve.workers.penalties import PenaltyState
+from zipserve.workers.request_limits import check_prompt
 from zipserve.workers.sampler import LogprobRows, SamplingError, sample, sample_on_device
 from zipserve.workers.sampling_params import SamplingParams
 from zipserve.workers.scheduler import Scheduler
@@ -487,14 +488,8 @@ class LLMEngine:
 def check_request(ids: list[int], params: SamplingParams, facts: dict) -> None:
     """Raise ValueError naming what is wrong with a prompt (token ids) and its params, given an engine's
     facts (LLMEngine.facts): usable where the engine itself is in another process."""
-    if not ids:
-        raise ValueError("prompt is empty")
-    vocab, max_len = facts["vocab_size"], facts["max_model_len"]
-    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
-        raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
-    if len(ids) >= max_len:
-        raise ValueError(f"prompt has {len(ids)} tokens; this model accepts prompts of at most "
-                         f"{max_len - 1} tokens (max_model_len {max_len})")
+    vocab = facts["vocab_size"]
+    check_prompt(ids, vocab, facts["max_model_len"])
     if any(t >= vocab for t in params.logit_bias):
         raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
     if any(t >= vocab for t in params.allowed_token_ids or []):
