@@ -17,6 +17,7 @@ sampling (temperature 0.6, top-p 0.95 by default). Over --steps decode steps it 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import gc
 import os
@@ -73,6 +74,10 @@ def run_system(system: str, a, path: str, bandwidth: float) -> dict:
     llm = LLM(path, load_format="dummy", block_size=bs, max_num_seqs=a.batch, max_model_len=max_len,
               budget_blocks=a.budget if compressed else None)
     eng = llm.engine
+    if a.top_p_by == "sort":  # the A/B: top-p by the sort-based torch reference
+        from zipserve.kernels.sampling import top_p_threshold_ref
+
+        eng.runner.kernels = dataclasses.replace(eng.runner.kernels, top_p_threshold=top_p_threshold_ref)
     if compressed and a.compression == "eager":  # the A/B: every compression launched kernel by kernel
         eng.runner.compressor.graphs.clear()
     rng = random.Random(0)
@@ -189,11 +194,6 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="benchmarks/results")
     a = ap.parse_args(argv)
     path = config_folder(a.shape, tokenizer_from=a.tokenizer_from)
-    if a.top_p_by == "sort":
-        from zipserve.kernels.sampling import top_p_threshold_ref
-        from zipserve.workers import sampler
-
-        sampler.top_p_threshold = lambda logits, top_p: top_p_threshold_ref(logits, top_p)
     bw = copy_bandwidth(torch.device("cuda"))
     rows = []
     for system in a.systems.split(","):

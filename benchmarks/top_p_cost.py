@@ -38,7 +38,7 @@ def main(argv=None) -> dict:
         ms = {name: triton.testing.do_bench(fn, return_mode="median") for name, fn in (
             ("threshold_sort", lambda: top_p_threshold_ref(x, p)),
             ("threshold_kernel", lambda: top_p_threshold_triton(x, p)),
-            ("truncate_logits", lambda: truncate_logits(x, params)))}
+            ("truncate_logits", lambda: truncate_logits(x, params, top_p_threshold_triton)))}
         same = (top_p_threshold_ref(x, p) == top_p_threshold_triton(x, p)).float().mean().item()
         rows.append({"vocab": V, "rows": a.rows, "ms": ms, "kernel_speedup": ms["threshold_sort"] / ms["threshold_kernel"],
                      "rows_with_equal_threshold": same})

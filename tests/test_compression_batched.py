@@ -17,7 +17,8 @@ from tests.engine_driver import run_checked
 from tests.test_compression import CASES, MODELS, SCORING
 from zipserve.kernels.compress import compact_batched_ref, compact_batched_triton, compact_ref
 from zipserve.workers import LLM, SamplingParams
-from zipserve.workers.compressor import BACKENDS, Compressor
+from zipserve.workers.compressor import Compressor
+from zipserve.workers.layers.backend import get_kernel_set
 from zipserve.workers.config import CompressionConfig
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -92,7 +93,7 @@ def run_shadowed(path, comp_backend, block_size, budget, ccfg, **engine):
     llm = LLM(path, block_size=block_size, budget_blocks=budget, compression=ccfg, num_blocks=96,
               max_num_batched_tokens=256, **engine)
     comp = llm.engine.runner.compressor
-    comp.scores_fn, comp.select_fn, comp.compact_fn, comp.compact_batch_fn = BACKENDS[comp_backend]
+    comp.use_kernels(get_kernel_set(comp_backend))
     shadowed = Shadowed(comp, comp_backend)
     prompts, arrive = workload(block_size, budget)
     params = SamplingParams(temperature=0, max_tokens=(budget + 1) * block_size + 2, ignore_eos=True)

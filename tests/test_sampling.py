@@ -172,8 +172,8 @@ def test_invalid_distribution_fails_only_its_request(qwen3_path, monkeypatch):
     real = sampler.truncate_logits
     poisoned = {"on": True}
 
-    def poison(logits, params):  # the seeded request's row turns to NaN once
-        out = real(logits, params)
+    def poison(logits, params, top_p_threshold):  # the seeded request's row turns to NaN once
+        out = real(logits, params, top_p_threshold)
         if poisoned["on"]:
             out[[i for i, p in enumerate(params) if p.seed == 99]] = float("nan")
             poisoned["on"] = False

@@ -21,19 +21,11 @@ from functools import partial
 
 import torch
 
-from zipserve.kernels.compress import (compact_batched_ref, compact_batched_triton, compact_ref, compact_triton,
-                                       compression_scores_ref, compression_scores_triton, select_keep_ref,
-                                       select_keep_triton)
 from zipserve.workers.block_manager import CompactionPlan
 from zipserve.workers.config import CompressionConfig
+from zipserve.workers.layers.backend import get_kernel_set
 
 log = logging.getLogger(__name__)
-
-# backend -> (scores, select, compact, batched compact): the plain-torch references or their Triton versions.
-BACKENDS = {
-    "torch": (compression_scores_ref, select_keep_ref, compact_ref, compact_batched_ref),
-    "triton": (compression_scores_triton, select_keep_triton, compact_triton, compact_batched_triton),
-}
 
 
 def _index(values: list[int], device: torch.device) -> torch.Tensor:
@@ -85,9 +77,7 @@ class Compressor:
     def __init__(self, cfg: CompressionConfig, kv_cache: torch.Tensor, q_window: torch.Tensor,
                  score_cache: torch.Tensor | None, block_size: int, scale: float, backend: str = "torch",
                  max_batch_tokens: int | None = None):
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
-        self.scores_fn, self.select_fn, self.compact_fn, self.compact_batch_fn = BACKENDS[backend]
+        self.use_kernels(get_kernel_set(backend))
         self.cfg = cfg
         self.kv_cache = kv_cache  # [2, L, NB, bs, H_kv, D]
         self.q_window = q_window  # [L, slots, Q, H_q, D]
@@ -111,6 +101,11 @@ class Compressor:
         self._layer_groups = [(slice(l0, min(num_layers, l0 + cfg.layer_group)),
                                torch.arange(l0, min(num_layers, l0 + cfg.layer_group), device=kv_cache.device))
                               for l0 in range(0, num_layers, cfg.layer_group)]
+
+    def use_kernels(self, kernels) -> None:
+        """Score, select and compact with this kernel set's (workers/layers/backend.py) compression kernels."""
+        self.scores_fn, self.select_fn = kernels.compression_scores, kernels.select_keep
+        self.compact_fn, self.compact_batch_fn = kernels.compact, kernels.compact_batched
 
     @torch.inference_mode()
     def run(self, plans: list[CompactionPlan]) -> None:

@@ -257,8 +257,8 @@ class LLMEngine:
 
     def _sample_async(self, samplers: list[Sequence], logits: torch.Tensor) -> PendingStep:
         """Sample on the device and start the copy back; the requests count the tokens as pending."""
-        tokens, bad, logprobs = sample_on_device(logits, [s.params for s in samplers],
-                                                 [s.generator for s in samplers], self.generator, self._adjust(samplers))
+        tokens, bad, logprobs = sample_on_device(logits, [s.params for s in samplers], [s.generator for s in samplers],
+                                                 self.generator, self._adjust(samplers), self.runner.kernels.top_p_threshold)
         self.penalties.record(samplers, tokens)
         flat = tokens if bad is None else torch.cat([tokens, bad.long()])
         ready = None
@@ -316,7 +316,7 @@ class LLMEngine:
             return outputs
         try:
             tokens, logprobs = sample(logits, [s.params for s in samplers], [s.generator for s in samplers],
-                                      self.generator, self._adjust(samplers))
+                                      self.generator, self._adjust(samplers), self.runner.kernels.top_p_threshold)
         except SamplingError as e:  # fail those requests alone; the others sample again
             for row in e.rows:
                 outputs.append(self._fail(samplers[row], str(e)))
@@ -324,7 +324,8 @@ class LLMEngine:
             samplers = [samplers[r] for r in keep]
             logits = logits[keep]
             tokens, logprobs = sample(logits, [s.params for s in samplers], [s.generator for s in samplers],
-                                      self.generator, self._adjust(samplers)) if samplers else ([], {})
+                                      self.generator, self._adjust(samplers),
+                                      self.runner.kernels.top_p_threshold) if samplers else ([], {})
         self.penalties.record(samplers, tokens)
         for row, (seq, tok) in enumerate(zip(samplers, tokens)):
             seq.decoding = True

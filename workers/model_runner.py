@@ -16,9 +16,10 @@ from zipserve.workers.layers.attention import AttentionMetadata
 from zipserve.workers.block_manager import CompactionPlan
 from zipserve.workers.compressor import Compressor
 from zipserve.workers.cuda_graph import DecodeGraphs
+from zipserve.workers.layers.backend import get_kernel_set
 from zipserve.workers.models import load_model
 from zipserve.workers.parallel import TPGroup
-from zipserve.workers.sampler import to_device, top_p_threshold
+from zipserve.workers.sampler import to_device
 from zipserve.workers.scheduler import ScheduledChunk
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class ModelRunner:
         self.cfg = cfg
         self.device, self.dtype = cfg.torch_device, cfg.torch_dtype
         self.block_size = cfg.block_size
+        self.kernels = get_kernel_set(cfg.resolved_backend, cfg.fused_elementwise)  # the model builds its own
         self.model = load_model(cfg.model, self.device, self.dtype, max_model_len, cfg.load_format, cfg.seed,
                                 cfg.resolved_backend, cfg.fused_elementwise, tp)
         self.args = a = self.model.args  # this rank's heads under tensor parallelism
@@ -297,8 +299,8 @@ class ModelRunner:
             self.compressor.warm_up(self.cfg.budget_blocks, slot, 37)
             if self.compression_graph_sizes:
                 self.compressor.capture_graphs(self.cfg.budget_blocks, slot, self.compression_graph_sizes)
-        top_p_threshold(torch.randn(2, self.args.vocab_size, device=self.device), to_device([0.5, 0.9], torch.float32,
-                                                                                             self.device))
+        self.kernels.top_p_threshold(torch.randn(2, self.args.vocab_size, device=self.device),
+                                     to_device([0.5, 0.9], torch.float32, self.device))
         torch.cuda.synchronize(self.device)
 
     def _eager_forward(self, ids, pos, slots, tables, qsl, kv_lens, win_rows, win_slots, win_pos, sample_rows, fill=None):

@@ -14,14 +14,15 @@ from dataclasses import dataclass
 
 import torch
 
-from zipserve.kernels.sampling import top_p_threshold_ref, top_p_threshold_triton
+from zipserve.kernels.sampling import top_p_threshold_ref
 from zipserve.workers.sampling_params import SamplingParams
 
 
-def truncate_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+def truncate_logits(logits: torch.Tensor, params: list[SamplingParams], top_p_threshold=top_p_threshold_ref
+                    ) -> torch.Tensor:
     """Apply temperature, top-k, top-p and min-p to rows of fp32 logits; masked entries get -inf. Each cut
-    keeps the tokens at or above a value per row (tokens tied with the last one kept are all kept), found
-    without sorting the vocabulary: by torch.topk for top-k and by kernels/sampling.py for top-p."""
+    keeps the tokens at or above a value per row (tokens tied with the last one kept are all kept): top-k's
+    by torch.topk, top-p's by `top_p_threshold` (kernels/sampling.py; an engine passes its backend's)."""
     device = logits.device
     temp = to_device([p.temperature for p in params], torch.float32, device).unsqueeze(1)
     logits = logits / temp
@@ -41,13 +42,6 @@ def truncate_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch
         floor = to_device(min_p, torch.float32, device).unsqueeze(1) * probs.max(-1, keepdim=True).values
         logits = logits.masked_fill(probs < floor, float("-inf"))
     return logits
-
-
-def top_p_threshold(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """The smallest logit each row keeps under top_p: the Triton kernel on CUDA, its torch reference elsewhere."""
-    if logits.is_cuda:
-        return top_p_threshold_triton(logits, top_p)
-    return top_p_threshold_ref(logits, top_p)
 
 
 class SamplingError(RuntimeError):
@@ -92,7 +86,7 @@ class LogprobRows:
 
 
 def sample_on_device(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-                     default_generator: torch.Generator | None = None, adjust=None
+                     default_generator: torch.Generator | None = None, adjust=None, top_p_threshold=top_p_threshold_ref
                      ) -> tuple[torch.Tensor, torch.Tensor | None, LogprobRows | None]:
     """(tokens [rows] int64, bad rows [rows] bool or None when all greedy, logprobs or None), all on the
     logits' device and queued without waiting for it: the caller decides when to copy them back.
@@ -110,7 +104,7 @@ def sample_on_device(logits: torch.Tensor, params: list[SamplingParams], generat
     rand = [i for i, p in enumerate(params) if not p.greedy]
     if rand:
         idx = to_device(rand, torch.long, logits.device)
-        probs = truncate_logits(logits[idx], [params[i] for i in rand]).softmax(-1)
+        probs = truncate_logits(logits[idx], [params[i] for i in rand], top_p_threshold).softmax(-1)
         bad = torch.zeros(len(params), dtype=torch.bool, device=logits.device)
         bad[idx] = ~(torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0))
         u = torch.empty(len(rand))
@@ -135,11 +129,11 @@ def sample_on_device(logits: torch.Tensor, params: list[SamplingParams], generat
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-           default_generator: torch.Generator | None = None, adjust=None
+           default_generator: torch.Generator | None = None, adjust=None, top_p_threshold=top_p_threshold_ref
            ) -> tuple[list[int], dict[int, dict[int, float]]]:
     """The sampled token per row, and {row: {token: logprob}} for the rows that asked for logprobs (the
     sampled token first, then the row's top-n), waiting for the device."""
-    tokens, bad, logprobs = sample_on_device(logits, params, generators, default_generator, adjust)
+    tokens, bad, logprobs = sample_on_device(logits, params, generators, default_generator, adjust, top_p_threshold)
     out = (tokens if bad is None else torch.cat([tokens, bad.long()])).tolist()  # one copy for tokens and checks
     if bad is not None:
         check_rows(out[len(tokens):])
