@@ -130,18 +130,26 @@ def profile_step(runner, batch: int, context: int, steps: int = 5) -> dict:
         time_decode(runner, batch, context, iters=steps)
     # time_decode runs 3 warm-up steps + `steps` timed ones inside the trace
     n = steps + 3
+    kinds, _, count = kernel_times(prof, n)
+    return {"batch": batch, "kernels_per_step": count / n, "ms_by_kind": kinds, "kernel_ms": sum(kinds.values())}
+
+
+def kernel_times(prof, steps: int, kind=kernel_kind) -> tuple[dict, dict, int]:
+    """From a torch profiler trace of `steps` steps: GPU milliseconds per step by kernel kind (largest first)
+    and by stream, and the number of kernels."""
     kinds: dict[str, float] = {}
+    streams: dict[str, float] = {}
     count = 0
     for ev in prof.events():
         if ev.device_type.name != "CUDA" or ev.device_time <= 0:
             continue
         count += 1
-        k = kernel_kind(ev.name)
-        kinds[k] = kinds.get(k, 0.0) + ev.device_time / 1e3 / n
+        kinds[kind(ev.name)] = kinds.get(kind(ev.name), 0.0) + ev.device_time / 1e3 / steps
+        stream = str(getattr(ev, "device_resource_id", "?"))
+        streams[stream] = streams.get(stream, 0.0) + ev.device_time / 1e3 / steps
     if not count:
         raise RuntimeError("the profiler recorded no GPU kernels (CUPTI unavailable?)")
-    return {"batch": batch, "kernels_per_step": count / n, "ms_by_kind": dict(sorted(kinds.items(), key=lambda x: -x[1])),
-            "kernel_ms": sum(kinds.values())}
+    return dict(sorted(kinds.items(), key=lambda x: -x[1])), streams, count
 
 
 def main(argv=None):

@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from benchmarks.decode_step import SHAPES, card_tag, config_folder, copy_bandwidth, kernel_kind, time_decode
+from benchmarks.decode_step import SHAPES, card_tag, config_folder, copy_bandwidth, kernel_kind, kernel_times, time_decode
 from benchmarks.provenance import write_result
 
 SAMPLING_KERNELS = ("sort", "radix", "scan", "cumsum", "searchsorted", "softmax", "argmax", "cub", "exponential",
@@ -135,16 +135,7 @@ def run_system(system: str, a, path: str, bandwidth: float) -> dict:
         for _ in range(n_prof):
             eng.step()
         torch.cuda.synchronize()
-    kinds: dict[str, float] = {}
-    streams: dict[str, float] = {}
-    count = 0
-    for ev in prof.events():
-        if ev.device_type.name != "CUDA" or ev.device_time <= 0:
-            continue
-        count += 1
-        kinds[_kind(ev.name)] = kinds.get(_kind(ev.name), 0.0) + ev.device_time / 1e3 / n_prof
-        stream = str(getattr(ev, "device_resource_id", "?"))
-        streams[stream] = streams.get(stream, 0.0) + ev.device_time / 1e3 / n_prof
+    kinds, streams, count = kernel_times(prof, n_prof, _kind)
 
     weight_bytes = sum(p.numel() * p.element_size() for n, p in eng.runner.model.named_parameters()
                        if "embed_tokens" not in n)
@@ -159,7 +150,7 @@ def run_system(system: str, a, path: str, bandwidth: float) -> dict:
         "host_waiting_for_gpu_ms_per_step": 1e3 * waited[0] / a.steps,
         "compressions_per_step": compressions / a.steps,
         "graph_compressions": eng.stats().get("graph_compressions", 0),
-        "gpu_kernel_ms_per_step_by_kind": dict(sorted(kinds.items(), key=lambda x: -x[1])),
+        "gpu_kernel_ms_per_step_by_kind": kinds,
         "gpu_kernel_ms_per_step_by_stream": streams,
         "gpu_kernel_ms_per_step": sum(kinds.values()), "kernels_per_step": count / n_prof,
         "bandwidth_floor_ms": (weight_bytes + kv_bytes) / bandwidth * 1e3,
