@@ -145,3 +145,30 @@ def test_serve_app_and_batch_job_run_a_tensor_parallel_worker(qwen3_path, tmp_pa
         with open(tmp_path / "out.jsonl") as f:
             got = {o["id"]: o["choices"][0]["token_ids"] for o in map(json.loads, f)}
         assert summary["output_rows"] == 3 and got == {f"r{i}": t for i, t in enumerate(want)}
+
+
+def test_a_dead_follower_fails_the_engine_at_once_naming_the_rank(qwen3_path):
+    """A follower killed mid-generation: the next steps raise FollowerDiedError naming rank 1 within seconds
+    (not a transport error, not a stall), and every later step does too."""
+    import os
+    import signal
+    import time
+
+    from zipserve.workers.config import EngineConfig
+    from zipserve.workers.tensor_parallel import FollowerDiedError, make_engine
+
+    eng = make_engine(EngineConfig.from_kwargs(qwen3_path, **CFG, tensor_parallel_size=2))
+    try:
+        eng.add_request("a", PROMPTS[0], SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+        for _ in range(3):
+            eng.step()
+        os.kill(eng.followers[0].pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(FollowerDiedError, match=r"rank 1 \(exit -9\)"):
+            for _ in range(1000):  # (a step may still complete before the kill lands)
+                eng.step()
+        assert time.monotonic() - t0 < 30
+        with pytest.raises(FollowerDiedError):
+            eng.step()
+    finally:
+        eng.shutdown()

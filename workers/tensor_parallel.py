@@ -22,6 +22,8 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -32,6 +34,13 @@ from zipserve.workers.models import read_model_args
 from zipserve.workers.parallel import TPGroup
 
 log = logging.getLogger(__name__)
+
+
+class FollowerDiedError(RuntimeError):
+    """A follower rank's process exited: the engine cannot step again (its ranks hold shards of the model)."""
+
+    def __init__(self, dead: list[str]):
+        super().__init__(f"tensor-parallel rank process(es) died: {', '.join(dead)}; this engine cannot continue")
 
 
 def make_engine(config: EngineConfig) -> LLMEngine:
@@ -130,6 +139,7 @@ class TensorParallelEngine(LLMEngine):
         except BaseException:
             self.shutdown()
             raise
+        threading.Thread(target=self._watch_followers, name="tp-followers", daemon=True).start()
         log.info("tensor-parallel engine: %d ranks (%s), this process is rank 0", n,
                  "NCCL" if config.torch_device.type == "cuda" else "gloo")
 
@@ -142,15 +152,44 @@ class TensorParallelEngine(LLMEngine):
         return super().abort_request(request_id)
 
     def step(self):
-        self._check_followers()
-        cmds, self._pending = self._pending, []
-        dist.broadcast_object_list([cmds], src=0, group=self._commands)
-        return super().step()
+        try:
+            self._check_followers()
+            cmds, self._pending = self._pending, []
+            dist.broadcast_object_list([cmds], src=0, group=self._commands)
+            return super().step()
+        except Exception as e:  # a collective broken by a dead rank: say which rank, not the transport's words
+            if not isinstance(e, FollowerDiedError) and self._dead_followers(wait_s=2.0):
+                raise FollowerDiedError(self._dead_followers()) from e
+            raise
+
+    def _dead_followers(self, wait_s: float = 0.0) -> list[str]:
+        """The follower ranks that have exited, waiting up to wait_s for one to be reaped (a collective can
+        fail on a peer's closed socket a moment before its process is gone)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            dead = [f"rank {r} (exit {p.returncode})" for r, p in enumerate(self.followers, 1) if p.poll() is not None]
+            if dead or time.monotonic() >= deadline:
+                return dead
+            time.sleep(0.05)
 
     def _check_followers(self) -> None:
-        dead = [f"rank {r} (exit {p.returncode})" for r, p in enumerate(self.followers, 1) if p.poll() is not None]
+        dead = self._dead_followers()
         if dead:
-            raise RuntimeError(f"tensor-parallel rank process(es) died: {', '.join(dead)}")
+            raise FollowerDiedError(dead)
+
+    def _watch_followers(self) -> None:
+        """A rank that dies inside an NCCL collective leaves the others blocked in it (NCCL notices only at its
+        timeout): on a follower's exit, abort the groups so that rank 0's collectives fail now and step()
+        raises FollowerDiedError. (gloo, on CPU, fails at once on the closed socket.)"""
+        while not self._closed:
+            if self._dead_followers():
+                if self.config.torch_device.type == "cuda" and not self._closed:
+                    log.error("a tensor-parallel rank died: aborting the process groups")
+                    from torch.distributed.distributed_c10d import _abort_process_group
+
+                    _abort_process_group()
+                return
+            time.sleep(0.2)
 
     def shutdown(self) -> None:
         if getattr(self, "_closed", True):
