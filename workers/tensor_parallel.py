@@ -3,8 +3,8 @@
 Rank 0 lives in the caller's process and is the engine the rest of zipserve talks to; ranks 1..N-1 are
 child processes (`python -m zipserve.workers.tensor_parallel`, so a daemonic engine process may start them too),
 killed by the kernel if their parent dies. Each rank holds its shard of the weights (workers/parallel.py) and the KV of its own
-heads. Before every step rank 0 broadcasts the commands it took since the last one (add, abort); every
-rank applies them and steps. Scheduling, page tables, compression plans and sampling are deterministic
+heads. Before every step rank 0 broadcasts the commands it took since the last one (add, abort: a length,
+then the pickled list only when there are any); every rank applies them and steps. Scheduling, page tables, compression plans and sampling are deterministic
 functions of those commands and of the logits, which every rank gathers whole, so all ranks decide the
 same -- compression runs per rank on its own KV heads and keeps the same count per head, so the page
 tables stay identical without exchanging them (SGLang's layout: a scheduler per rank, requests from
@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -65,6 +66,30 @@ def _join(cfg: EngineConfig, rank: int, address: str) -> tuple[TPGroup, object]:
     return TPGroup(rank, cfg.tensor_parallel_size, dist.group.WORLD), commands
 
 
+_STOP = -1  # a length that is no payload: the followers exit
+
+
+def send_commands(cmds: list[tuple] | None, group) -> None:
+    """Rank 0: the commands taken since the last step (None: stop). A step with none, the common case, costs
+    one 8-byte broadcast and no pickling; otherwise a length, then the pickled list as bytes."""
+    payload = pickle.dumps(cmds) if cmds else b""
+    dist.broadcast(torch.tensor([_STOP if cmds is None else len(payload)]), src=0, group=group)
+    if payload:
+        dist.broadcast(torch.frombuffer(bytearray(payload), dtype=torch.uint8), src=0, group=group)
+
+
+def receive_commands(group) -> list[tuple] | None:
+    """A follower: the commands rank 0 sent for this step ([] when none; None: stop)."""
+    n = torch.zeros(1, dtype=torch.int64)
+    dist.broadcast(n, src=0, group=group)
+    size = int(n.item())
+    if size <= 0:
+        return None if size == _STOP else []
+    buf = torch.empty(size, dtype=torch.uint8)
+    dist.broadcast(buf, src=0, group=group)
+    return pickle.loads(buf.numpy().tobytes())
+
+
 def _apply(engine: LLMEngine, cmd: tuple) -> None:
     if cmd[0] == "add":
         engine.add_request(*cmd[1:])
@@ -79,12 +104,11 @@ def _follower_main(cfg: EngineConfig, rank: int, address: str) -> None:
     code = 1
     try:
         while True:
-            box = [None]
-            dist.broadcast_object_list(box, src=0, group=commands)
-            if box[0] is None:  # stop
+            cmds = receive_commands(commands)
+            if cmds is None:  # stop
                 code = 0
                 return
-            for cmd in box[0]:
+            for cmd in cmds:
                 _apply(engine, cmd)
             engine.step()
     finally:
@@ -155,7 +179,7 @@ class TensorParallelEngine(LLMEngine):
         try:
             self._check_followers()
             cmds, self._pending = self._pending, []
-            dist.broadcast_object_list([cmds], src=0, group=self._commands)
+            send_commands(cmds, self._commands)
             return super().step()
         except Exception as e:  # a collective broken by a dead rank: say which rank, not the transport's words
             if not isinstance(e, FollowerDiedError) and self._dead_followers(wait_s=2.0):
@@ -197,7 +221,7 @@ class TensorParallelEngine(LLMEngine):
         self._closed = True
         try:
             if all(p.poll() is None for p in self.followers):
-                dist.broadcast_object_list([None], src=0, group=self._commands)
+                send_commands(None, self._commands)
             for p in self.followers:
                 try:
                     p.wait(timeout=30)
