@@ -197,6 +197,61 @@ def test_scheduling_reserves_budget_and_never_preempts_compressed(qwen3_path):
     assert outs[0].token_ids == ref.generate(prompts[0], 50)
 
 
+def _burst(qwen3_path, borrow: bool, n: int = 8, max_tokens: int = 40):
+    """n requests at once into a pool of 4 reserved slots (budget 2 x 8 tokens, 12 pages); per request,
+    the step of its first token, whether it ever ran on a smaller budget, how often it was preempted, and
+    its output."""
+    llm = LLM(qwen3_path, block_size=8, budget_blocks=2, compression=dict(query_window=4), num_blocks=12,
+              max_num_batched_tokens=128, borrow_reserved_pages=borrow)
+    prompts = [[(i * 5 + j) % 250 + 3 for j in range(5 + i % 3)] for i in range(n)]
+    first, shrunk, steps, preempted = {}, set(), [0], {}
+
+    def watch(eng):
+        steps[0] += 1
+        for s in eng.scheduler.waiting:
+            preempted[s.request_id] = s.num_preemptions
+        for s in eng.scheduler.running:
+            if s.num_output_tokens and s.request_id not in first:
+                first[s.request_id] = steps[0]
+            if s.budget_blocks != 2:
+                shrunk.add(s.request_id)
+
+    outs = run_checked(llm, prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), watch)
+    return (llm, prompts, outs, [first[o.request_id] for o in outs], [o.request_id in shrunk for o in outs],
+            [preempted.get(o.request_id, 0) for o in outs])
+
+
+def test_borrowing_starts_every_request_at_once_and_loses_nothing(qwen3_path):
+    """With borrowing, a burst twice the reserved slots all get a first token in the first steps, on pages the
+    reserved requests are owed; those are taken back by preemption, and reserved requests are never
+    preempted (the scheduler asserts it). Without it, half wait for a reservation. Every request that kept
+    its budget equals the dense reference, recomputed ones included (recompute is exact)."""
+    ref = DenseCompressedReference(qwen3_path, 8, 2, CompressionConfig(query_window=4))
+    llm, prompts, outs, first, shrunk, _ = _burst(qwen3_path, borrow=True)
+    stats = llm.stats()
+    assert max(first) <= 3, first
+    assert stats["preemptions"] > 0  # the borrowed pages were taken back
+    assert all(len(o.token_ids) == 40 for o in outs)
+    assert stats["free_pages"] == 12 and stats["running"] == stats["waiting"] == 0
+    for p, o, small in zip(prompts, outs, shrunk):
+        if not small:
+            assert o.token_ids == ref.generate(p, 40)
+    assert not all(shrunk)
+
+    _, _, outs_off, first_off, _, preempted_off = _burst(qwen3_path, borrow=False)
+    assert max(first_off) > 2 * max(first), (first, first_off)
+    assert all(len(o.token_ids) == 40 for o in outs_off) and not any(preempted_off)
+
+
+def test_borrowing_preempted_requests_wait_for_a_reservation(qwen3_path):
+    """A request preempted off borrowed pages is readmitted only with a reservation (it would otherwise be
+    admitted and preempted again and again): no request is preempted more than once."""
+    llm, _, outs, _, _, preempted = _burst(qwen3_path, borrow=True, n=10, max_tokens=60)
+    assert llm.stats()["preemptions"] == sum(preempted) > 0
+    assert max(preempted) == 1, preempted
+    assert all(len(o.token_ids) == 60 for o in outs)
+
+
 def test_pressure_compresses_early_instead_of_preempting(qwen3_path):
     """Opportunistic requests that run out of pages mid-decode compress at what they hold."""
     llm = LLM(qwen3_path, block_size=8, budget_blocks=4, compression=dict(query_window=4), num_blocks=9,
@@ -209,17 +264,18 @@ def test_pressure_compresses_early_instead_of_preempting(qwen3_path):
     assert stats["free_pages"] == 9
 
 
-REQ = st.tuples(st.integers(1, 40), st.integers(1, 45), st.sampled_from([None, 1, 2, 3]), st.integers(0, 2))
+REQ = st.tuples(st.integers(1, 40), st.integers(1, 60), st.sampled_from([None, 1, 2, 3]), st.integers(0, 2))
 
 
 @settings(max_examples=int(os.environ.get("ZIPSERVE_HYPOTHESIS_EXAMPLES", 60)), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(reqs=st.lists(REQ, min_size=1, max_size=7), num_blocks=st.integers(8, 30), chunk=st.integers(4, 40),
-       abort_at=st.lists(st.integers(0, 60), max_size=3), prefix=st.booleans())
-def test_random_workloads_keep_invariants(qwen3_path, reqs, num_blocks, chunk, abort_at, prefix):
+@given(reqs=st.lists(REQ, min_size=1, max_size=10), num_blocks=st.integers(8, 30), chunk=st.integers(4, 40),
+       abort_at=st.lists(st.integers(0, 60), max_size=3), prefix=st.booleans(), borrow=st.booleans())
+def test_random_workloads_keep_invariants(qwen3_path, reqs, num_blocks, chunk, abort_at, prefix, borrow):
     """Random mixes of budgets, prompt lengths, shared prefixes, aborts and a tight pool: invariants hold
     after every step (pages, reservations, budget + 1 after prefill), everything finishes, nothing leaks."""
     llm = LLM(qwen3_path, block_size=8, budget_blocks=2, compression=dict(query_window=4), num_blocks=num_blocks,
-              max_num_batched_tokens=chunk, enable_prefix_cache=prefix, max_model_len=1024)
+              max_num_batched_tokens=chunk, enable_prefix_cache=prefix, max_model_len=1024,
+              borrow_reserved_pages=borrow)
     eng = llm.engine
     shared = [9, 8, 7, 6, 5, 4, 3, 2, 1, 9, 8, 7, 6, 5, 4, 3]
     for i, (plen, mt, budget, fam) in enumerate(reqs):

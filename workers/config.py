@@ -105,6 +105,9 @@ class EngineConfig(ConfigModel):
     device: str | None = None  # None = cuda if available else cpu
     dtype: DType | None = None  # None = bfloat16 on cuda, float32 on cpu
     budget_blocks: int | None = Field(None, ge=1)  # None = full KV; else pages of history kept per request (+1 working)
+    # Compressed: requests that find no reservation run on pages reserved requests are owed but have not
+    # taken yet, and are preempted (recomputed) when those are wanted; False: only on pages nobody reserved.
+    borrow_reserved_pages: bool = True
     compression: CompressionConfig = CompressionConfig()  # a CompressionConfig or a mapping of its options
     seed: int = 0
     tokenizer: str | None = None  # None = the model folder

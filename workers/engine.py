@@ -85,7 +85,8 @@ class LLMEngine:
             log.warning("lowering max_model_len from %d to %d, what the KV pool holds", self.max_model_len, pool_tokens)
             self.max_model_len = pool_tokens
         self.block_manager = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_cache)
-        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len,
+                                   borrow=cfg.borrow_reserved_pages)
         self.compactions = CompactionQueue(self.runner, self.block_manager, land_in_lockstep=tp.size > 1)
         self.pending: PendingStep | None = None  # the last step's tokens, still on the device
         self.tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
@@ -481,7 +482,9 @@ class LLMEngine:
             assert s.kv_len <= len(s.block_table) * bs
             if s.budget_blocks is not None and s.decoding:
                 assert len(s.block_table) <= s.budget_blocks + 1, f"{s.request_id} holds {len(s.block_table)} pages"
-        assert sched.outstanding_pages() <= self.block_manager.num_free_blocks, "reservations exceed free pages"
+        assert sched.available_pages() >= 0, "reservations exceed free and reclaimable pages"
+        if not sched.borrow:
+            assert sched.outstanding_pages() <= self.block_manager.num_free_blocks, "reservations exceed free pages"
         slots = [s.window_slot for s in sched.running if s.window_slot is not None]
         assert len(slots) == len(set(slots)) and not set(slots) & set(sched.free_window_slots)
 

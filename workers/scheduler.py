@@ -13,15 +13,22 @@ its final size, plus, at its first compaction, a private page for every page of 
 (shared pages are never written). The latter is read off the current sharing, so it is recomputed
 every step: a new request that hits a page held by one other request makes that holder's need grow
 too, and its admission pays for that. A request admitted *reserved* has its need set aside and is
-never preempted; when the reservation does not fit, the request may still run *opportunistically* on
-pages nobody reserved, and is the first preempted. A compressed request is never preempted (its cache
-is lossy, it cannot be recomputed) and needs no more pages; an opportunistic request that runs out of
-pages while decoding is compressed early, at the pages it holds, rather than preempted.
+never preempted; when the reservation does not fit, the request may still run *opportunistically*, and
+is the first preempted. With `borrow` (the default) it runs on any free page, including pages reserved
+requests are owed but have not taken yet, and a reserved request that needs one of them preempts the
+latest opportunistic request to get it back (vLLM's behaviour for everyone: start now, recompute if
+the memory is wanted). Without it, only on pages nobody reserved. Either way a reservation counts on
+what preempting every opportunistic request would give back (`reclaimable_pages`), so reserved
+requests are always served. A request preempted once must wait for a reservation: it has had its first
+token, and readmitting it on borrowed pages would only thrash. A compressed request is never preempted
+(its cache is lossy, it cannot be recomputed) and needs no more pages; an opportunistic request that
+runs out of pages while decoding is compressed early, at the pages it holds, rather than preempted,
+when the pages it then keeps for good are not owed to anyone.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from zipserve.workers.block_manager import BlockManager, CompactionPlan
@@ -49,8 +56,9 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int | None = None):
+                 max_model_len: int | None = None, borrow: bool = True):
         self.bm = block_manager
+        self.borrow = borrow
         self.block_size = block_manager.block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -89,8 +97,46 @@ class Scheduler:
         # Compressed requests take no more (future_pages is 0): skip the call, they are most of a full batch.
         return sum(self.future_pages(s) for s in self.running if s.reserved and not s.compressed)
 
+    def _borrowed(self) -> Counter:
+        """How many opportunistic (unreserved, uncompressed) running requests hold each page."""
+        counts: Counter = Counter()
+        for s in self.running:
+            if not s.reserved and not s.compressed:
+                counts.update(s.block_table)
+        return counts
+
+    def reclaimable_pages(self, borrowed: Counter | None = None) -> int:
+        """Pages that preempting every opportunistic request would give back to the pool (those only they
+        hold); 0 without borrowing, where reservations never count on them."""
+        if not self.borrow:
+            return 0
+        borrowed = self._borrowed() if borrowed is None else borrowed
+        ref = self.bm.ref_count
+        return sum(1 for b, n in borrowed.items() if n == ref[b])
+
+    def _locked_by(self, seq: Sequence, borrowed: Counter) -> int:
+        """Reclaimable pages that would stop being so if opportunistic `seq` became reserved or compressed."""
+        if not self.borrow:
+            return 0
+        ref = self.bm.ref_count
+        return sum(1 for b in seq.block_table if borrowed[b] == ref[b])
+
     def available_pages(self) -> int:
-        """Free pages nobody has reserved."""
+        """Pages a new reservation can count on: free pages plus what opportunistic requests borrow, less
+        what reserved requests are owed. Never negative (engine.check_invariants)."""
+        return self.bm.num_free_blocks + self.reclaimable_pages() - self.outstanding_pages()
+
+    def _spare_if_kept(self, seq: Sequence) -> int:
+        """available_pages() once opportunistic `seq` keeps what it holds for good (reserved or compressed)."""
+        borrowed = self._borrowed()
+        return (self.bm.num_free_blocks + self.reclaimable_pages(borrowed) - self._locked_by(seq, borrowed)
+                - self.outstanding_pages())
+
+    def _free_for(self, seq: Sequence) -> int:
+        """Free pages `seq` may take now: any for a reserved request (or any opportunistic one, borrowing);
+        else only pages nobody reserved."""
+        if seq.reserved or self.borrow:
+            return self.bm.num_free_blocks
         return self.bm.num_free_blocks - self.outstanding_pages()
 
     def hit_costs(self, cached: list[int]) -> tuple[int, int]:
@@ -111,20 +157,20 @@ class Scheduler:
         out = SchedulerOutput()
         self._upgrade_reservations()
         budget = self.max_num_batched_tokens
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            if seq.compressing:  # waits for its compaction to land
-                i += 1
+        # Reserved (and compressed) requests first: the opportunistic ones they may preempt for pages are
+        # then all still unscheduled. Within each group, arrival order.
+        order = ([s for s in self.running if s.reserved or s.compressed]
+                 + [s for s in self.running if not (s.reserved or s.compressed)])
+        for i, seq in enumerate(order):
+            if budget <= 0:
+                break
+            if seq.status is not Status.RUNNING or seq.compressing:  # preempted for pages; or compacting
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if self._make_room(seq, n, out, i):
+            if self._make_room(seq, n, out, order[i:]):
                 self.bm.append_slots(seq, n)
                 out.chunks.append(ScheduledChunk(seq, n))
                 budget -= n
-                i += 1
-            elif seq.status is Status.RUNNING:
-                i += 1  # stays, waits for pages
         # Admit waiting requests only when nobody was preempted this step (else they would thrash).
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             seq = self.waiting[0]
@@ -134,14 +180,21 @@ class Scheduler:
             start = len(cached) * self.block_size
             n = min(seq.num_tokens - start, budget)
             need = num_pages(start + n, self.block_size) - len(cached)
+            unheld, held_once = self.hit_costs(cached)
+            if self.bm.num_free_blocks - unheld < need:
+                break
             avail = self.available_pages()
-            reserve = seq.budget_blocks is not None and avail >= self.admission_pages(seq, cached)
-            if not reserve and avail - sum(self.hit_costs(cached)) < need:
+            reserve = (seq.budget_blocks is not None
+                       and avail - self._hits_locked(cached) >= self.admission_pages(seq, cached))
+            # Unreserved, it costs available_pages() what its hits cost holders, and, when it may not borrow,
+            # every page it takes.
+            if not reserve and (seq.needs_reservation or avail < held_once + (0 if self.borrow else need + unheld)):
                 break
             self.waiting.popleft()
             seq.num_computed_tokens = seq.num_cached_prompt_tokens = start
             self.bm.allocate(seq, cached, n)
             seq.reserved = reserve
+            seq.needs_reservation = False
             if seq.budget_blocks is not None:
                 seq.window_slot = self.free_window_slots.pop()
             seq.status = Status.RUNNING
@@ -150,29 +203,35 @@ class Scheduler:
             budget -= n
         return out
 
-    def _make_room(self, seq: Sequence, n: int, out: SchedulerOutput, index: int) -> bool:
-        """Ensure `seq` (at running[index]) has pages for n more entries: early-compress or preempt.
+    def _hits_locked(self, cached: list[int]) -> int:
+        """Prefix hits that only several opportunistic requests hold: reclaimable now, not once a reserved
+        request holds them too (hits held by one request are counted by admission_pages already)."""
+        if not self.borrow:
+            return 0
+        borrowed, ref = self._borrowed(), self.bm.ref_count
+        return sum(1 for b in cached if ref[b] >= 2 and borrowed[b] == ref[b])
 
-        Only requests not yet scheduled this step (index and later) can be preempted."""
+    def _make_room(self, seq: Sequence, n: int, out: SchedulerOutput, rest: list[Sequence]) -> bool:
+        """Ensure `seq` (rest[0]) has pages for n more entries: early-compress or preempt. Only requests not
+        yet scheduled this step (`rest`, in this step's order) can be preempted."""
         while True:
             need = self.bm.blocks_needed(seq, n)
-            if need == 0:  # most decode steps; fits since reservations never exceed free pages (avail >= 0)
+            if need == 0:  # most decode steps
                 return True
-            avail = self.bm.num_free_blocks if seq.reserved else self.available_pages()
-            if need <= avail:
+            if need <= self._free_for(seq):
                 return True
             decoding = n == 1 and seq.num_computed_tokens + 1 == seq.num_tokens
             if (decoding and seq.budget_blocks is not None and not seq.reserved and len(seq.block_table) >= 2
                     and seq.kv_len == len(seq.block_table) * self.block_size):
-                plan = self.bm.plan_compaction(seq, len(seq.block_table) - 1,
-                                               max_fresh=max(0, self.available_pages()))
+                spare = self._spare_if_kept(seq)
+                plan = self.bm.plan_compaction(seq, len(seq.block_table) - 1, max_fresh=spare) if spare >= 0 else None
                 if plan is not None:  # keep what it holds: its budget becomes the pages it has
                     seq.budget_blocks = len(seq.block_table) - 1
                     seq.reserved = True
                     out.compactions.append(plan)
                     self.num_early_compressions += 1
                     continue
-            victim = next((s for s in reversed(self.running[index:]) if not s.reserved and not s.compressed), None)
+            victim = self._last_opportunistic(rest)
             if victim is None:
                 return False
             self._preempt(victim)
@@ -180,25 +239,49 @@ class Scheduler:
             if victim is seq:
                 return False
 
+    def _last_opportunistic(self, candidates: list[Sequence]) -> Sequence | None:
+        """The latest-admitted running request among `candidates` that may be preempted."""
+        return next((s for s in reversed(candidates) if s.status is Status.RUNNING and not s.reserved
+                     and not s.compressed and not s.compressing), None)
+
     def _upgrade_reservations(self) -> None:
         """Opportunistic requests get a reservation, FCFS, once one fits."""
+        if all(s.reserved or s.compressed or s.budget_blocks is None for s in self.running):
+            return
+        borrowed = self._borrowed()
+        avail = self.bm.num_free_blocks + self.reclaimable_pages(borrowed) - self.outstanding_pages()
         for s in self.running:
-            if not s.reserved and s.budget_blocks is not None and self.available_pages() >= self.future_pages(s):
+            if s.reserved or s.compressed or s.budget_blocks is None:
+                continue
+            need = self.future_pages(s)
+            if avail - self._locked_by(s, borrowed) >= need:
                 s.reserved = True
+                borrowed = self._borrowed()
+                avail = self.bm.num_free_blocks + self.reclaimable_pages(borrowed) - self.outstanding_pages()
 
     def plan_compression(self, seq: Sequence) -> CompactionPlan | None:
         """After a step: compress `seq` if its cache reached B + 1 full pages (or a long prompt ended)."""
         B = seq.budget_blocks
         if B is None or seq.kv_len < (B + 1) * self.block_size:
             return None
-        spare = max(0, self.available_pages())
-        # A reserved request's privatisation pages are in its reservation; an opportunistic one may only
-        # use pages nobody reserved, else it is preempted (it is not compressed yet: it can recompute).
-        own = self.future_pages(seq) if seq.reserved else 0
-        plan = self.bm.plan_compaction(seq, B, spare_pages=spare, max_fresh=own + spare)
+        if seq.reserved:
+            # Its privatisation pages are in its reservation; if opportunistic requests borrowed them, the
+            # latest give them back.
+            own = self.future_pages(seq)
+            while True:
+                spare = max(0, self.available_pages())
+                plan = self.bm.plan_compaction(seq, B, spare_pages=spare, max_fresh=own + spare)
+                if plan is not None:
+                    return plan
+                victim = self._last_opportunistic(self.running)
+                if victim is None:
+                    raise RuntimeError(f"request {seq.request_id}: its reserved pages are gone (accounting bug)")
+                self._preempt(victim)
+        # An opportunistic request keeps its pages for good once compressed: only pages nobody is owed may
+        # go into that; else it is preempted (it is not compressed yet: it can recompute).
+        spare = self._spare_if_kept(seq)
+        plan = self.bm.plan_compaction(seq, B, spare_pages=spare, max_fresh=spare) if spare >= 0 else None
         if plan is None:
-            if seq.reserved:
-                raise RuntimeError(f"request {seq.request_id}: its reserved pages are gone (accounting bug)")
             self._preempt(seq)
             return None
         seq.reserved = True
@@ -227,11 +310,13 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         assert not seq.compressed, "a compressed request cannot be recomputed"
+        assert not seq.reserved, "a reserved request is never preempted"
         self.running.remove(seq)
         self._release_slot(seq)
         self._free(seq)
         seq.status = Status.WAITING
         seq.reserved = False
+        seq.needs_reservation = seq.budget_blocks is not None
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)

@@ -39,6 +39,7 @@ class Sequence:
     num_compressions: int = 0
     window_slot: int | None = None  # row of the query-window buffer (compressing requests only)
     reserved: bool = False  # admitted with its peak pages reserved (never preempted)
+    needs_reservation: bool = False  # preempted: readmitted only with a reservation (no thrashing)
     decoding: bool = False  # its prompt (and any recomputed tokens) are in; set when it samples
     compressing: bool = False  # its compaction is in flight on the compressor's stream: not schedulable
     # Async scheduling: tokens sampled but still on the device (counted in num_tokens, not yet in
