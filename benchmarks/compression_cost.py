@@ -157,8 +157,7 @@ def main(argv=None):
     ap.add_argument("--scoring", default="default", choices=sorted(SCORING))
     ap.add_argument("--backend", default=None, choices=("torch", "triton"), help="default: triton on CUDA")
     ap.add_argument("--batch-tokens", type=int, default=40960,
-                    help="the compressor's max_batch_tokens (the engine's: max(max_model_len, 8 x (budget + 1) "
-                         "x block_size)); 0: no cap")
+                    help="the compressor's max_batch_tokens (the engine's: 4 x (budget + 1) x block_size); 0: no cap")
     ap.add_argument("--warm", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))

@@ -209,3 +209,20 @@ def test_compressor_batches_and_waves_equal_plan_by_plan(backend):
     assert all(torch.equal(a[3], b[3]) for a, b in zip(got.kept_log, want.kept_log))
     assert torch.equal(bits(got.kv_cache), bits(want.kv_cache))
     assert torch.equal(bits(got.score_cache), bits(want.score_cache))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_long_compression_scores_fewer_layers_at_once(backend):
+    """A compression longer than max_batch_tokens (a long prompt's) scores fewer layers per launch, so its
+    scratch stays that of a full batch, and still equals plan by plan exactly."""
+    plans = [plan("long", 0, [0, 1, 2, 3], [3, 0, 1], 15, 8, 8, False)]
+    want, got = synthetic(backend, L=4, layer_group=4), synthetic(backend, L=4, layer_group=4)
+    got.max_batch_tokens = 8  # two pages of 4: the 15 entries go two layers at a time
+    assert got.layer_group_for(8) == 4 and got.layer_group_for(15) == 2 and got.layer_group_for(100) == 1
+    want.batched, want.kept_log, got.kept_log = False, [], []
+    want.run(plans)
+    got.run(plans)
+    assert [r[2] for r in got.kept_log] == [0, 2] and [r[2] for r in want.kept_log] == [0]
+    assert torch.equal(torch.cat([r[3] for r in got.kept_log]), want.kept_log[0][3])
+    assert torch.equal(bits(got.kv_cache), bits(want.kv_cache))
+    assert torch.equal(bits(got.score_cache), bits(want.score_cache))

@@ -98,9 +98,24 @@ class Compressor:
         num_layers, h_kv, d = kv_cache.shape[1], kv_cache.shape[-2], kv_cache.shape[-1]
         # A layer group's gathered K stays under 2**31 elements: the scoring kernels use int32 offsets.
         self._max_gather_tokens = (2**31 - 1) // (min(cfg.layer_group, num_layers) * h_kv * d)
-        self._layer_groups = [(slice(l0, min(num_layers, l0 + cfg.layer_group)),
-                               torch.arange(l0, min(num_layers, l0 + cfg.layer_group), device=kv_cache.device))
-                              for l0 in range(0, num_layers, cfg.layer_group)]
+        self._group_sizes: dict[int, list[tuple[slice, torch.Tensor]]] = {}
+
+    def _layer_groups_of(self, size: int) -> list[tuple[slice, torch.Tensor]]:
+        """The layers cut into groups of `size`: (slice, index tensor) each (made once per size)."""
+        if size not in self._group_sizes:
+            num_layers, dev = self.kv_cache.shape[1], self.kv_cache.device
+            self._group_sizes[size] = [(slice(l0, min(num_layers, l0 + size)),
+                                        torch.arange(l0, min(num_layers, l0 + size), device=dev))
+                                       for l0 in range(0, num_layers, size)]
+        return self._group_sizes[size]
+
+    def layer_group_for(self, entries: int) -> int:
+        """Layers scored at once for a batch of `entries` cache entries: layer_group while the batch fits
+        max_batch_tokens, fewer for a longer one (a long prompt compressed at the end of its prefill), so
+        that scratch stays that of layer_group x max_batch_tokens entries (or of one layer, if more)."""
+        lg = min(self.cfg.layer_group, self.kv_cache.shape[1])
+        cap = self.max_batch_tokens
+        return lg if cap is None or entries <= cap else max(1, lg * cap // entries)
 
     def use_kernels(self, kernels) -> None:
         """Score, select and compact with this kernel set's (workers/layers/backend.py) compression kernels."""
@@ -314,7 +329,7 @@ class Compressor:
         B, pages, kp, sp = len(slots), -(-n // bs), keep // bs, -(-num_scored // bs)
         src, dest = src.view(B, pages), dest.view(B, kp)
         use_scores = self.score_cache is not None and num_scored > 0
-        for layers, lay in self._layer_groups:
+        for layers, lay in self._layer_groups_of(self.layer_group_for(B * n)):
             lg = layers.stop - layers.start
             rows, cols = lay[None, :, None], src[:, None, :]  # [B, lg, pages] page coordinates
             k = self.kv_cache[0][rows, cols].reshape(B * lg, pages * bs, h_kv, d)[:, :n]

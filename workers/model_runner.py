@@ -93,10 +93,11 @@ class ModelRunner:
 
     @property
     def compression_batch_tokens(self) -> int:
-        """Cache entries the compressor scores at once: one request of max_model_len (a long prompt at its
-        end-of-prefill compression), or a batch of requests due in one step with as many entries in all;
-        at least eight page-boundary compressions, so that a short max_model_len still batches them."""
-        return max(self.max_model_len, 8 * ((self.cfg.budget_blocks or 0) + 1) * self.block_size)
+        """Cache entries the compressor scores at once in a full layer group: four page-boundary
+        compressions, the largest captured graph's batch (more due in one step run as several batches,
+        at about the same cost per request). A longer single compression (a long prompt at the end of its
+        prefill) scores fewer layers at once instead (Compressor.layer_group_for)."""
+        return 4 * ((self.cfg.budget_blocks or 0) + 1) * self.block_size
 
     @property
     def compression_graph_sizes(self) -> tuple[int, ...]:
@@ -112,20 +113,24 @@ class ModelRunner:
 
     @property
     def compression_scratch_bytes(self) -> int:
-        """Upper bound of the compressor's temporaries: one eager batch of compression_batch_tokens entries,
-        plus the captured graphs' memory pool, which the eager allocator cannot reuse: the scratch of the
-        largest captured batch (the graphs share one pool and run one at a time)."""
+        """Upper bound of the compressor's temporaries: one eager batch (compression_batch_tokens entries in
+        a full layer group, or one request of max_model_len in fewer layers), plus the captured graphs'
+        memory pool, which the eager allocator cannot reuse: the scratch of the largest captured batch (the
+        graphs share one pool and run one at a time)."""
         if not self.compressing:
             return 0
+        lg = min(self.cfg.compression.layer_group, self.args.num_layers)
+        cap, longest = self.compression_batch_tokens, self.max_model_len
+        eager = max(self._scratch_bytes(cap, lg),
+                    self._scratch_bytes(longest, max(1, lg * cap // longest) if longest > cap else lg))
         graphs = self.compression_graph_sizes
         tokens = max(graphs, default=0) * (self.cfg.budget_blocks + 1) * self.block_size
-        return self._scratch_bytes(self.compression_batch_tokens) + (self._scratch_bytes(tokens) if graphs else 0)
+        return eager + (self._scratch_bytes(tokens, lg) if graphs else 0)
 
-    def _scratch_bytes(self, n: int) -> int:
-        """Upper bound of the compressor's temporaries for one batch of n entries (scratch grows with the
-        entries, whichever requests hold them), per layer group, fp32."""
+    def _scratch_bytes(self, n: int, lg: int) -> int:
+        """Upper bound of the compressor's temporaries for one batch of n entries in lg layers at once
+        (scratch grows with the entries, whichever requests hold them), fp32."""
         a, c = self.args, self.cfg.compression
-        lg = min(c.layer_group, a.num_layers)
         logits = 2 * lg * a.num_heads * c.query_window * n * 4  # window logits + probabilities
         gathered = 3 * lg * n * a.num_kv_heads * a.head_dim * 4  # K, V copies and normalised keys
         per_token = 6 * lg * a.num_kv_heads * n * 4  # A, G, S, R, sort keys and indices
