@@ -12,6 +12,8 @@ finishes, tokens counted over the window: the same span for every system, for ru
 Systems:
   zipserve        the Ray Serve app (configs/serve-gpu.yaml: compressed KV), one GPU worker
   zipserve-full   the same app with full KV (budget_blocks null)
+  zipserve-reserved  compressed, but requests beyond the reservations wait instead of borrowing reserved
+                  pages (borrow_reserved_pages false: the engine's behaviour before borrowing)
   NAME@default    either of those on Ray Serve's default path (proxy hop, actor calls) instead of its
                   throughput-optimized mode (direct ingress, gRPC; cluster/app.py throughput_env)
   zipserve-direct the compressed engine in this process (no Ray, no HTTP): the same points, same windows,
@@ -92,13 +94,17 @@ def run_points(url: str, model: str, points: list[dict], processes: int, prompt_
     return out
 
 
-def run_zipserve(a, model_dir: str, points: list[dict], full_kv: bool, throughput_optimized: bool) -> dict:
+_ZIPSERVE_ENGINES = {"zipserve": {}, "zipserve-full": {"budget_blocks": None},
+                     "zipserve-reserved": {"borrow_reserved_pages": False}}
+
+
+def run_zipserve(a, model_dir: str, points: list[dict], overrides: dict, throughput_optimized: bool) -> dict:
     import ray
     from ray import serve
 
     from benchmarks.serve_load import launch
 
-    engine = {"load_format": "dummy"} | ({"budget_blocks": None} if full_kv else {})
+    engine = {"load_format": "dummy"} | overrides
     workers = {}
     if a.replicas > 1:  # replicas share this machine's GPU: each a fraction of it and a fixed KV pool
         import torch
@@ -345,7 +351,7 @@ def _ratios(res: dict) -> None:
     """zipserve over vLLM and HTTP over in-process, per point both sides measured."""
     sy = res["systems"]
     ratios = {}
-    for name in ("zipserve", "zipserve-full"):
+    for name in ("zipserve", "zipserve-full", "zipserve-reserved"):
         for peer in ("vllm", "zipserve-direct"):
             if name in sy and peer in sy and (name == "zipserve" or peer == "vllm"):
                 for point, r in sy[name]["points"].items():
@@ -468,8 +474,8 @@ def main(argv: list[str] | None = None) -> int:
         log.info("=== %s ===", system)
         base, _, ray_mode = system.partition("@")
         try:
-            if base in ("zipserve", "zipserve-full"):
-                res["systems"][system] = run_zipserve(a, model_dir, points, full_kv=base == "zipserve-full",
+            if base in _ZIPSERVE_ENGINES:
+                res["systems"][system] = run_zipserve(a, model_dir, points, _ZIPSERVE_ENGINES[base],
                                                       throughput_optimized=ray_mode != "default")
             elif system == "zipserve-direct":
                 res["systems"][system] = run_direct(a, model_dir, points)
