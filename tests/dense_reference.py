@@ -19,7 +19,17 @@ def _rotate_half(x):
 
 
 class DenseCompressedReference:
-    def __init__(self, path: str, block_size: int, budget_blocks: int | None, ccfg):
+    """recall_pages (issue 27, the policy the engine is to match): what a compression evicts is not lost but
+    stored, per layer and KV head, as pages of up to block_size entries (positions, K, V, global scores)
+    with the per-channel min and max of their keys; at each compression the recall_pages stored pages whose
+    bound on q.k over the window queries (Quest's: sum over channels of max(q * min, q * max), the max over
+    the window's queries of the head's group) is highest join the candidates, in position order, and are
+    scored with the resident entries by the same policy; what is not kept is stored again. At most
+    host_pages pages are stored per layer and head (None: no limit); beyond that the oldest is dropped,
+    as today's permanent eviction. recall_pages=0 is the policy without recall."""
+
+    def __init__(self, path: str, block_size: int, budget_blocks: int | None, ccfg, recall_pages: int = 0,
+                 host_pages: int | None = None):
         from transformers import AutoModelForCausalLM
 
         self.hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -27,7 +37,62 @@ class DenseCompressedReference:
         self.n_heads, self.n_kv = c.num_attention_heads, c.num_key_value_heads
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         self.bs, self.budget, self.c = block_size, budget_blocks, ccfg
+        self.recall_pages, self.host_pages = recall_pages, host_pages
         self.kept_log = []  # per compression: [layer][head] -> list of original token positions kept
+        self.recalled_log = []  # per compression: [layer][head] -> positions of the recalled candidates
+        self.dropped_pages = 0  # stored pages dropped for host_pages (per layer and head, summed)
+
+    # ---- recall of evicted entries -----------------------------------------------------------------
+    def _bound(self, qs, h, page) -> float:
+        """Quest's upper bound of q.k over the page's keys, for the window queries of KV head h's group."""
+        group = self.n_heads // self.n_kv
+        q = qs[:, h * group: (h + 1) * group].reshape(-1, self.head_dim)
+        return torch.maximum(q * page["kmin"], q * page["kmax"]).sum(-1).max().item()
+
+    def _candidates(self, store, qs, K, V, pos, G):
+        """One layer's candidates, per KV head: its resident entries and those of its recall_pages stored
+        pages of highest bound (ties: the later stored), merged in position order. Returns K, V [N', H, D],
+        positions per head, G [H, n_scored'] (or None) and the recalled positions per head."""
+        n_prev = 0 if G is None else G.shape[1]
+        Ks, Vs, Ps, Gs, recalled = [], [], [], [], []
+        for h in range(self.n_kv):
+            pages = store[h]
+            bounds = [self._bound(qs, h, p) for p in pages]
+            best = sorted(range(len(pages)), key=lambda i: (-bounds[i], -i))[: self.recall_pages]
+            chosen = [pages[i] for i in sorted(best)]
+            store[h] = [p for i, p in enumerate(pages) if i not in best]
+            r_pos = torch.cat([p["pos"] for p in chosen]) if chosen else torch.empty(0, dtype=torch.long)
+            recalled.append(sorted(r_pos.tolist()))
+            # Scored entries (kept by earlier compressions, or recalled) lead; entries since the last
+            # compression are newer than anything ever stored, so they stay the tail.
+            tail = pos[h][n_prev:]
+            assert not len(r_pos) or not len(tail) or r_pos.max() < tail.min()
+            head_pos = torch.cat([pos[h][:n_prev], r_pos])
+            order = torch.argsort(head_pos, stable=True)
+            k = torch.cat([K[:n_prev, h]] + [p["k"] for p in chosen])[order]
+            v = torch.cat([V[:n_prev, h]] + [p["v"] for p in chosen])[order]
+            Ks.append(torch.cat([k, K[n_prev:, h]]))
+            Vs.append(torch.cat([v, V[n_prev:, h]]))
+            Ps.append(torch.cat([head_pos[order], tail]))
+            if G is not None:
+                Gs.append(torch.cat([G[h]] + [p["g"] for p in chosen])[order])
+        G_new = torch.stack(Gs) if G is not None else None
+        return torch.stack(Ks, 1), torch.stack(Vs, 1), Ps, G_new, recalled
+
+    def _store(self, store, K, V, pos, G, keeps):
+        """Store what one layer's compression did not keep, per KV head, in pages of up to block_size
+        entries in position order; drop the oldest pages beyond host_pages."""
+        for h in range(self.n_kv):
+            kept = set(keeps[h])
+            gone = torch.tensor([j for j in range(K.shape[0]) if j not in kept], dtype=torch.long)
+            for i in range(0, len(gone), self.bs):
+                idx = gone[i: i + self.bs]
+                k = K[idx, h]
+                store[h].append({"pos": pos[h][idx], "k": k, "v": V[idx, h], "kmin": k.amin(0), "kmax": k.amax(0),
+                                 "g": G[h][idx] if G is not None else None})
+            while self.host_pages is not None and len(store[h]) > self.host_pages:
+                store[h].pop(0)
+                self.dropped_pages += 1
 
     # ---- scoring, written out loop by loop ---------------------------------------------------
     def _scores(self, qs, K, G_prev, first, keep):
@@ -106,6 +171,8 @@ class DenseCompressedReference:
         Gs = [None] * L
         queries = [[] for _ in range(L)]  # post-RoPE queries of every token, in order
         n_compressions = 0
+        stores = [[[] for _ in range(self.n_kv)] for _ in range(L)]  # [layer][head] -> stored pages, oldest first
+        self.stores = stores  # (the last request's, for tests)
         tokens, out = list(prompt), []
         self.prompt_len = len(prompt)
         todo = list(prompt)
@@ -147,17 +214,25 @@ class DenseCompressedReference:
             out.append(nxt)
             tokens.append(nxt)
             if len(out) == max_tokens:
+                self.resident = [[pos_of[li][hh].tolist() for hh in range(self.n_kv)] for li in range(L)]
                 return out
             # Compression point: cache reached budget + 1 full pages (or a long prompt ended).
             N = K[0].shape[0]
             if self.budget is not None and N >= (self.budget + 1) * self.bs:
                 keep_n = self.budget * self.bs
                 Q = self.c.query_window
-                log = []
+                log, recalled_log = [], []
                 for li in range(L):
                     qs = torch.stack(queries[li][-Q:])
-                    S, G = self._scores(qs, K[li], Gs[li], n_compressions == 0, keep_n)
+                    G_prev = Gs[li]
+                    if self.recall_pages:
+                        K[li], V[li], pos_of[li], G_prev, recalled = self._candidates(stores[li], qs, K[li], V[li],
+                                                                                      pos_of[li], G_prev)
+                        recalled_log.append(recalled)
+                    S, G = self._scores(qs, K[li], G_prev, n_compressions == 0, keep_n)
                     keeps = [self._keep(S[hh], keep_n) for hh in range(self.n_kv)]
+                    if self.recall_pages:
+                        self._store(stores[li], K[li], V[li], pos_of[li], G if self.c.use_global_score else None, keeps)
                     K[li] = torch.stack([K[li][keeps[hh], hh] for hh in range(self.n_kv)], dim=1)
                     V[li] = torch.stack([V[li][keeps[hh], hh] for hh in range(self.n_kv)], dim=1)
                     Gs[li] = torch.stack([G[hh][keeps[hh]] for hh in range(self.n_kv)]) if self.c.use_global_score else None
@@ -165,5 +240,7 @@ class DenseCompressedReference:
                         pos_of[li][hh] = pos_of[li][hh][keeps[hh]]
                     log.append([pos_of[li][hh].tolist() for hh in range(self.n_kv)])
                 self.kept_log.append(log)
+                if self.recall_pages:
+                    self.recalled_log.append(recalled_log)
                 n_compressions += 1
             todo = [nxt]

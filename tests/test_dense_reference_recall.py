@@ -1,0 +1,53 @@
+"""The dense reference's recall of evicted entries (issue 27's policy, before the engine has it): its bound
+is an upper bound, nothing is lost while the store has room, and without room it is today's policy."""
+
+import torch
+
+from tests.dense_reference import DenseCompressedReference
+from zipserve.workers.config import CompressionConfig
+
+CCFG = CompressionConfig(query_window=4, recent_fraction=0.25)
+PROMPT = [(i * 37) % 200 + 3 for i in range(11)]
+
+
+def test_bound_is_an_upper_bound_of_every_window_query_key_product(qwen3_path):
+    ref = DenseCompressedReference(qwen3_path, 4, 2, CCFG)
+    g = torch.Generator().manual_seed(0)
+    qs = torch.randn(4, ref.n_heads, ref.head_dim, generator=g)
+    k = torch.randn(4, ref.head_dim, generator=g)
+    page = {"kmin": k.amin(0), "kmax": k.amax(0)}
+    group = ref.n_heads // ref.n_kv
+    for h in range(ref.n_kv):
+        exact = (qs[:, h * group: (h + 1) * group] @ k.T).max().item()
+        assert exact <= ref._bound(qs, h, page) + 1e-5
+
+
+def test_recall_without_room_is_the_policy_without_recall(qwen3_path):
+    """host_pages=0: every evicted page is dropped at once, so nothing is ever recalled."""
+    plain = DenseCompressedReference(qwen3_path, 4, 2, CCFG)
+    none = DenseCompressedReference(qwen3_path, 4, 2, CCFG, recall_pages=1, host_pages=0)
+    assert none.generate(PROMPT, 40) == plain.generate(PROMPT, 40)
+    assert none.kept_log == plain.kept_log and none.dropped_pages > 0
+    assert all(not r for comp in none.recalled_log for layer in comp for r in layer)
+
+
+def test_recall_conserves_entries_and_brings_some_back(qwen3_path):
+    """With room, every entry is resident or stored after each compression (per layer and head, no position
+    twice), each compression keeps the budget, and some recalled entries are kept again."""
+    ref = DenseCompressedReference(qwen3_path, 4, 2, CCFG, recall_pages=1)
+    out = ref.generate(PROMPT, 60)
+    assert len(out) == 60 and ref.dropped_pages == 0
+    assert all(len(r) == 4 for comp in ref.recalled_log[1:] for layer in comp for r in layer)  # one page each
+    kept_again = 0
+    for c, (kept, recalled) in enumerate(zip(ref.kept_log, ref.recalled_log)):
+        for layer_kept, layer_recalled in zip(kept, recalled):
+            for head_kept, head_recalled in zip(layer_kept, layer_recalled):
+                assert len(head_kept) == 2 * 4 and head_kept == sorted(head_kept)
+                kept_again += len(set(head_kept) & set(head_recalled))
+    assert kept_again > 0
+    seen = len(PROMPT) + 60 - 1  # tokens whose K/V were computed (the last sampled one never runs)
+    for li, layer in enumerate(ref.stores):
+        for h, pages in enumerate(layer):
+            assert all(len(page["pos"]) <= 4 for page in pages)
+            stored = [p for page in pages for p in page["pos"].tolist()]
+            assert sorted(stored + ref.resident[li][h]) == list(range(seen))
