@@ -354,6 +354,10 @@ class OpenAIIngress:
         if body.kv_budget_blocks is not None and info["budget_blocks"] is None:
             raise oa.APIError(400, "kv_budget_blocks needs workers started with compression (budget_blocks)",
                               param="kv_budget_blocks")
+        if body.kv_budget_blocks is not None and body.kv_budget_blocks + 1 > info["total_pages"]:
+            raise oa.APIError(400, f"kv_budget_blocks must be <= {info['total_pages'] - 1} (a request holds its "
+                                   f"budget + 1 pages; a worker's KV pool has {info['total_pages']})",
+                              param="kv_budget_blocks")
         if self.in_flight + len(prompts) > self.limit:  # refused before any work starts
             self.metrics.requests.inc(tags={"endpoint": endpoint, "status": "429"})
             raise oa.APIError(429, f"server is at capacity ({self.limit} concurrent requests); retry later",

@@ -314,9 +314,35 @@ def test_bad_compression_config(qwen3_path, kw, err, msg):
         LLM(qwen3_path, block_size=16, **kw)
 
 
+def test_preempted_request_waits_for_its_reservation_and_finishes(qwen3_path):
+    """A request whose budget + 1 is the whole pool borrows, is preempted when the reserved one needs its
+    pages, and can reserve only once that one is gone: it waits, then finishes (no hang)."""
+    llm = LLM(qwen3_path, block_size=8, budget_blocks=2, compression=dict(query_window=4), num_blocks=8,
+              max_num_batched_tokens=64)
+    prompts = [[5, 6, 7], [9 + i % 200 for i in range(48)]]
+    params = [SamplingParams(temperature=0, max_tokens=60, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=100, ignore_eos=True, budget_blocks=7)]
+    outs = run_checked(llm, prompts, params)
+    assert [len(o.token_ids) for o in outs] == [60, 100]
+    assert llm.stats()["preemptions"] >= 1 and llm.stats()["free_pages"] == 8
+
+
+def test_full_kv_reports_only_free_pages_to_the_router(qwen3_path):
+    """Without a budget nothing is reserved or borrowed: the router's free pages are the free pages."""
+    eng = LLM(qwen3_path, block_size=8, num_blocks=16, max_num_batched_tokens=256).engine
+    for i in range(3):
+        eng.add_request(f"r{i}", [3 + i + j % 50 for j in range(40)], SamplingParams(max_tokens=30, ignore_eos=True))
+    for _ in range(3):
+        eng.step()
+    assert eng.routing_state(with_hashes=False)["free_pages"] == eng.block_manager.num_free_blocks < 16
+
+
 def test_bad_per_request_budget(qwen3_path):
     with pytest.raises(ValueError, match="budget_blocks"):
         SamplingParams(budget_blocks=0)
+    small = LLM(qwen3_path, block_size=8, budget_blocks=2, compression=dict(query_window=4), num_blocks=8)
+    with pytest.raises(ValueError, match="budget_blocks must be <= 7"):
+        small.generate([[1, 2, 3]], SamplingParams(budget_blocks=8), use_tqdm=False)
     llm = LLM(qwen3_path, block_size=16)
     with pytest.raises(ValueError, match="runs full KV"):
         llm.generate([[1, 2, 3]], SamplingParams(budget_blocks=2), use_tqdm=False)

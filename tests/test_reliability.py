@@ -36,6 +36,19 @@ def _expected(path, prompts, max_tokens: int = MAX_TOKENS) -> list[str]:
     return [o.text for o in outs]
 
 
+async def _sse_lines(r: httpx.Response):
+    """The response's lines split at "\n" only, as SSE frames them (httpx's aiter_lines also splits at
+    U+2028, U+0085 and the like, which a model's text may hold raw inside a JSON string)."""
+    buf = ""
+    async for piece in r.aiter_text():
+        buf += piece
+        *lines, buf = buf.split("\n")
+        for line in lines:
+            yield line.rstrip("\r")
+    if buf:
+        yield buf
+
+
 async def _stream(c: httpx.AsyncClient, url: str, prompt, max_tokens=MAX_TOKENS, progress=None):
     """(status, text, error chunk or None, saw [DONE])."""
     body = {"model": NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
@@ -44,7 +57,7 @@ async def _stream(c: httpx.AsyncClient, url: str, prompt, max_tokens=MAX_TOKENS,
         if r.status_code != 200:
             return r.status_code, (await r.aread()).decode(), None, False
         text, error, done = "", None, False
-        async for line in r.aiter_lines():
+        async for line in _sse_lines(r):
             if not line.startswith("data: "):
                 continue
             if line == "data: [DONE]":

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.soak
 
 
 def test_soak_steady_load_memory_and_pages_flat(app):  # noqa: F811
-    url, _ = app
+    url, *_ = app
     duration = float(os.environ.get("ZIPSERVE_SOAK_S", 600))
 
     async def wave(seed):

@@ -86,7 +86,7 @@ class LLMEngine:
             self.max_model_len = pool_tokens
         self.block_manager = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_cache)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len,
-                                   borrow=cfg.borrow_reserved_pages)
+                                   borrow=cfg.borrow_reserved_pages and cfg.budget_blocks is not None)
         self.compactions = CompactionQueue(self.runner, self.block_manager, land_in_lockstep=tp.size > 1)
         self.pending: PendingStep | None = None  # the last step's tokens, still on the device
         self.tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
@@ -502,5 +502,8 @@ def check_request(ids: list[int], params: SamplingParams, facts: dict) -> None:
     if params.budget_blocks is not None and facts["engine_budget_blocks"] is None:
         raise ValueError("this engine runs full KV (budget_blocks=None); per-request budget_blocks needs an "
                          "engine started with a budget")
+    if params.budget_blocks is not None and params.budget_blocks + 1 > facts["num_blocks"]:
+        raise ValueError(f"budget_blocks must be <= {facts['num_blocks'] - 1} (a request holds budget + 1 pages; "
+                         f"the KV pool has {facts['num_blocks']})")
     if -(-len(ids) // facts["block_size"]) > facts["num_blocks"]:
         raise ValueError(f"prompt has {len(ids)} tokens; the KV pool holds {facts['num_blocks'] * facts['block_size']}")

@@ -101,7 +101,7 @@ class Scheduler:
         """How many opportunistic (unreserved, uncompressed) running requests hold each page."""
         counts: Counter = Counter()
         for s in self.running:
-            if not s.reserved and not s.compressed:
+            if not s.reserved and not s.compressed and s.budget_blocks is not None:
                 counts.update(s.block_table)
         return counts
 
@@ -157,10 +157,11 @@ class Scheduler:
         out = SchedulerOutput()
         self._upgrade_reservations()
         budget = self.max_num_batched_tokens
-        # Reserved (and compressed) requests first: the opportunistic ones they may preempt for pages are
-        # then all still unscheduled. Within each group, arrival order.
-        order = ([s for s in self.running if s.reserved or s.compressed]
-                 + [s for s in self.running if not (s.reserved or s.compressed)])
+        # Borrowing: reserved (and compressed) requests first, so that the opportunistic ones they may
+        # preempt for pages are all still unscheduled. Within each group (and without borrowing), arrival order.
+        order = list(self.running)
+        if self.borrow:
+            order = [s for s in order if s.reserved or s.compressed] + [s for s in order if not (s.reserved or s.compressed)]
         for i, seq in enumerate(order):
             if budget <= 0:
                 break
@@ -172,6 +173,11 @@ class Scheduler:
                 out.chunks.append(ScheduledChunk(seq, n))
                 budget -= n
         # Admit waiting requests only when nobody was preempted this step (else they would thrash).
+        # available_pages() and the borrowed-page counts are computed once and then lowered by what each
+        # admission costs at most (admission_pages is that bound), not recounted per admission.
+        admitting = self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted
+        borrowed = self._borrowed() if admitting and self.borrow else Counter()
+        avail = self.bm.num_free_blocks + self.reclaimable_pages(borrowed) - self.outstanding_pages() if admitting else 0
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             seq = self.waiting[0]
             if seq.num_pending:  # preempted with a token still on the device: admitted once it is known
@@ -183,16 +189,21 @@ class Scheduler:
             unheld, held_once = self.hit_costs(cached)
             if self.bm.num_free_blocks - unheld < need:
                 break
-            avail = self.available_pages()
-            reserve = (seq.budget_blocks is not None
-                       and avail - self._hits_locked(cached) >= self.admission_pages(seq, cached))
-            # Unreserved, it costs available_pages() what its hits cost holders, and, when it may not borrow,
-            # every page it takes.
-            if not reserve and (seq.needs_reservation or avail < held_once + (0 if self.borrow else need + unheld)):
-                break
+            cost = self.admission_pages(seq, cached) + self._hits_locked(cached, borrowed)
+            reserve = seq.budget_blocks is not None and avail >= cost
+            if not reserve:
+                # Unreserved, it costs available_pages() what its hits cost their holders, and, when it may not
+                # borrow, every page it takes. A preempted request waits for a reservation, unless nothing runs
+                # (then nothing can thrash, and waiting could be forever).
+                cost = held_once + (0 if self.borrow else need + unheld)
+                if (seq.needs_reservation and self.running) or avail < cost:
+                    break
             self.waiting.popleft()
             seq.num_computed_tokens = seq.num_cached_prompt_tokens = start
             self.bm.allocate(seq, cached, n)
+            avail -= cost
+            if not reserve and self.borrow:
+                borrowed.update(seq.block_table)
             seq.reserved = reserve
             seq.needs_reservation = False
             if seq.budget_blocks is not None:
@@ -203,12 +214,12 @@ class Scheduler:
             budget -= n
         return out
 
-    def _hits_locked(self, cached: list[int]) -> int:
+    def _hits_locked(self, cached: list[int], borrowed: Counter) -> int:
         """Prefix hits that only several opportunistic requests hold: reclaimable now, not once a reserved
         request holds them too (hits held by one request are counted by admission_pages already)."""
         if not self.borrow:
             return 0
-        borrowed, ref = self._borrowed(), self.bm.ref_count
+        ref = self.bm.ref_count
         return sum(1 for b in cached if ref[b] >= 2 and borrowed[b] == ref[b])
 
     def _make_room(self, seq: Sequence, n: int, out: SchedulerOutput, rest: list[Sequence]) -> bool:
@@ -240,9 +251,13 @@ class Scheduler:
                 return False
 
     def _last_opportunistic(self, candidates: list[Sequence]) -> Sequence | None:
-        """The latest-admitted running request among `candidates` that may be preempted."""
-        return next((s for s in reversed(candidates) if s.status is Status.RUNNING and not s.reserved
-                     and not s.compressed and not s.compressing), None)
+        """The latest-admitted running request among `candidates` that may be preempted and would give a
+        page back (one it alone holds); else the latest that may be preempted (pages several opportunistic
+        requests share come back once all of them are gone)."""
+        movable = [s for s in reversed(candidates)
+                   if s.status is Status.RUNNING and not s.reserved and not s.compressed and not s.compressing]
+        ref = self.bm.ref_count
+        return next((s for s in movable if any(ref[b] == 1 for b in s.block_table)), movable[0] if movable else None)
 
     def _upgrade_reservations(self) -> None:
         """Opportunistic requests get a reservation, FCFS, once one fits."""
@@ -316,7 +331,7 @@ class Scheduler:
         self._free(seq)
         seq.status = Status.WAITING
         seq.reserved = False
-        seq.needs_reservation = seq.budget_blocks is not None
+        seq.needs_reservation = self.borrow and seq.budget_blocks is not None
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
