@@ -98,39 +98,36 @@ class Scheduler:
         return sum(self.future_pages(s) for s in self.running if s.reserved and not s.compressed)
 
     def _borrowed(self) -> Counter:
-        """How many opportunistic (unreserved, uncompressed) running requests hold each page."""
+        """How many opportunistic (unreserved, uncompressed) running requests hold each page; none without
+        borrowing, where reservations never count on their pages (so nothing below is reclaimable)."""
         counts: Counter = Counter()
+        if not self.borrow:
+            return counts
         for s in self.running:
             if not s.reserved and not s.compressed and s.budget_blocks is not None:
                 counts.update(s.block_table)
         return counts
 
     def reclaimable_pages(self, borrowed: Counter | None = None) -> int:
-        """Pages that preempting every opportunistic request would give back to the pool (those only they
-        hold); 0 without borrowing, where reservations never count on them."""
-        if not self.borrow:
-            return 0
+        """Pages that preempting every opportunistic request would give back to the pool (those only they hold)."""
         borrowed = self._borrowed() if borrowed is None else borrowed
         ref = self.bm.ref_count
         return sum(1 for b, n in borrowed.items() if n == ref[b])
 
     def _locked_by(self, seq: Sequence, borrowed: Counter) -> int:
         """Reclaimable pages that would stop being so if opportunistic `seq` became reserved or compressed."""
-        if not self.borrow:
-            return 0
         ref = self.bm.ref_count
         return sum(1 for b in seq.block_table if borrowed[b] == ref[b])
 
-    def available_pages(self) -> int:
+    def available_pages(self, borrowed: Counter | None = None) -> int:
         """Pages a new reservation can count on: free pages plus what opportunistic requests borrow, less
         what reserved requests are owed. Never negative (engine.check_invariants)."""
-        return self.bm.num_free_blocks + self.reclaimable_pages() - self.outstanding_pages()
+        return self.bm.num_free_blocks + self.reclaimable_pages(borrowed) - self.outstanding_pages()
 
     def _spare_if_kept(self, seq: Sequence) -> int:
         """available_pages() once opportunistic `seq` keeps what it holds for good (reserved or compressed)."""
         borrowed = self._borrowed()
-        return (self.bm.num_free_blocks + self.reclaimable_pages(borrowed) - self._locked_by(seq, borrowed)
-                - self.outstanding_pages())
+        return self.available_pages(borrowed) - self._locked_by(seq, borrowed)
 
     def _free_for(self, seq: Sequence) -> int:
         """Free pages `seq` may take now: any for a reserved request (or any opportunistic one, borrowing);
@@ -176,8 +173,8 @@ class Scheduler:
         # available_pages() and the borrowed-page counts are computed once and then lowered by what each
         # admission costs at most (admission_pages is that bound), not recounted per admission.
         admitting = self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted
-        borrowed = self._borrowed() if admitting and self.borrow else Counter()
-        avail = self.bm.num_free_blocks + self.reclaimable_pages(borrowed) - self.outstanding_pages() if admitting else 0
+        borrowed = self._borrowed() if admitting else Counter()
+        avail = self.available_pages(borrowed) if admitting else 0
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             seq = self.waiting[0]
             if seq.num_pending:  # preempted with a token still on the device: admitted once it is known
@@ -217,8 +214,6 @@ class Scheduler:
     def _hits_locked(self, cached: list[int], borrowed: Counter) -> int:
         """Prefix hits that only several opportunistic requests hold: reclaimable now, not once a reserved
         request holds them too (hits held by one request are counted by admission_pages already)."""
-        if not self.borrow:
-            return 0
         ref = self.bm.ref_count
         return sum(1 for b in cached if ref[b] >= 2 and borrowed[b] == ref[b])
 
@@ -264,7 +259,7 @@ class Scheduler:
         if all(s.reserved or s.compressed or s.budget_blocks is None for s in self.running):
             return
         borrowed = self._borrowed()
-        avail = self.bm.num_free_blocks + self.reclaimable_pages(borrowed) - self.outstanding_pages()
+        avail = self.available_pages(borrowed)
         for s in self.running:
             if s.reserved or s.compressed or s.budget_blocks is None:
                 continue
@@ -272,7 +267,7 @@ class Scheduler:
             if avail - self._locked_by(s, borrowed) >= need:
                 s.reserved = True
                 borrowed = self._borrowed()
-                avail = self.bm.num_free_blocks + self.reclaimable_pages(borrowed) - self.outstanding_pages()
+                avail = self.available_pages(borrowed)
 
     def plan_compression(self, seq: Sequence) -> CompactionPlan | None:
         """After a step: compress `seq` if its cache reached B + 1 full pages (or a long prompt ended)."""
@@ -330,7 +325,6 @@ class Scheduler:
         self._release_slot(seq)
         self._free(seq)
         seq.status = Status.WAITING
-        seq.reserved = False
         seq.needs_reservation = self.borrow and seq.budget_blocks is not None
         seq.num_preemptions += 1
         self.num_preemptions += 1
