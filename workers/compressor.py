@@ -55,6 +55,15 @@ def _upload(arrays: list[list[int]], device: torch.device) -> list[torch.Tensor]
     return [t[s] for s in spans]
 
 
+def layers_at_once(entries: int, layer_group: int, max_batch_tokens: int | None) -> int:
+    """Layers a compression batch of `entries` cache entries scores at once: layer_group while the batch
+    fits max_batch_tokens, fewer for a longer one (a long prompt compressed at the end of its prefill), so
+    that scratch stays that of layer_group x max_batch_tokens entries (or of one layer, if more)."""
+    if max_batch_tokens is None or entries <= max_batch_tokens:
+        return layer_group
+    return max(1, layer_group * max_batch_tokens // entries)
+
+
 def graph_chunks(count: int, sizes) -> list[int]:
     """Split a batch of `count` plans into captured sizes, largest first (greedy); what remains below the
     smallest size is one last chunk, run eagerly. Batched equals plan by plan, so any split gives the same caches."""
@@ -110,12 +119,8 @@ class Compressor:
         return self._group_sizes[size]
 
     def layer_group_for(self, entries: int) -> int:
-        """Layers scored at once for a batch of `entries` cache entries: layer_group while the batch fits
-        max_batch_tokens, fewer for a longer one (a long prompt compressed at the end of its prefill), so
-        that scratch stays that of layer_group x max_batch_tokens entries (or of one layer, if more)."""
-        lg = min(self.cfg.layer_group, self.kv_cache.shape[1])
-        cap = self.max_batch_tokens
-        return lg if cap is None or entries <= cap else max(1, lg * cap // entries)
+        """Layers scored at once for a batch of `entries` cache entries (see layers_at_once)."""
+        return layers_at_once(entries, min(self.cfg.layer_group, self.kv_cache.shape[1]), self.max_batch_tokens)
 
     def use_kernels(self, kernels) -> None:
         """Score, select and compact with this kernel set's (workers/layers/backend.py) compression kernels."""

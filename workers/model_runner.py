@@ -14,7 +14,7 @@ import torch
 from zipserve.workers.config import EngineConfig
 from zipserve.workers.layers.attention import AttentionMetadata
 from zipserve.workers.block_manager import CompactionPlan
-from zipserve.workers.compressor import Compressor
+from zipserve.workers.compressor import Compressor, layers_at_once
 from zipserve.workers.cuda_graph import DecodeGraphs
 from zipserve.workers.layers.backend import get_kernel_set
 from zipserve.workers.models import load_model
@@ -121,8 +121,7 @@ class ModelRunner:
             return 0
         lg = min(self.cfg.compression.layer_group, self.args.num_layers)
         cap, longest = self.compression_batch_tokens, self.max_model_len
-        eager = max(self._scratch_bytes(cap, lg),
-                    self._scratch_bytes(longest, max(1, lg * cap // longest) if longest > cap else lg))
+        eager = max(self._scratch_bytes(cap, lg), self._scratch_bytes(longest, layers_at_once(longest, lg, cap)))
         graphs = self.compression_graph_sizes
         tokens = max(graphs, default=0) * (self.cfg.budget_blocks + 1) * self.block_size
         return eager + (self._scratch_bytes(tokens, lg) if graphs else 0)
