@@ -64,6 +64,30 @@ class PhaseTimer:
         setattr(owner, attr, timed)
 
 
+def gpu_busy_ms(prof) -> float:
+    """Milliseconds in which at least one kernel or copy ran on the device (the union of their intervals):
+    step time beyond it is the GPU waiting (for the host, or between kernels)."""
+    spans = sorted((ev.time_range.start, ev.time_range.end) for ev in prof.events()
+                   if ev.device_type.name == "CUDA" and ev.device_time > 0)
+    busy, end = 0.0, float("-inf")
+    for s, e in spans:
+        if e > end:
+            busy += e - max(s, end)
+            end = e
+    return busy / 1e3
+
+
+def top_kernels(prof, steps: int, n: int = 30) -> list[tuple[str, float, float]]:
+    """The n kernels of most GPU time: (name, ms per step, launches per step)."""
+    total: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if ev.device_type.name == "CUDA" and ev.device_time > 0:
+            t = total.setdefault(ev.name[:120], [0.0, 0])
+            t[0] += ev.device_time / 1e3 / steps
+            t[1] += 1 / steps
+    return [(k, round(v[0], 4), round(v[1], 2)) for k, v in sorted(total.items(), key=lambda x: -x[1][0])[:n]]
+
+
 def run_system(system: str, a, path: str, bandwidth: float) -> dict:
     from zipserve.workers import LLM, SamplingParams
 
@@ -132,10 +156,15 @@ def run_system(system: str, a, path: str, bandwidth: float) -> dict:
 
     n_prof = min(10, a.steps)
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
         for _ in range(n_prof):
             eng.step()
         torch.cuda.synchronize()
+        profiled_ms = 1e3 * (time.perf_counter() - t) / n_prof
     kinds, streams, count = kernel_times(prof, n_prof, _kind)
+    if a.trace:
+        prof.export_chrome_trace(os.path.join(a.out, f"engine_step_trace_{system}{a.tag}.json"))
 
     weight_bytes = sum(p.numel() * p.element_size() for n, p in eng.runner.model.named_parameters()
                        if "embed_tokens" not in n)
@@ -153,6 +182,8 @@ def run_system(system: str, a, path: str, bandwidth: float) -> dict:
         "gpu_kernel_ms_per_step_by_kind": kinds,
         "gpu_kernel_ms_per_step_by_stream": streams,
         "gpu_kernel_ms_per_step": sum(kinds.values()), "kernels_per_step": count / n_prof,
+        "gpu_busy_ms_per_step": gpu_busy_ms(prof) / n_prof, "profiled_step_ms": profiled_ms,
+        "top_kernels_ms_per_step": top_kernels(prof, n_prof),
         "bandwidth_floor_ms": (weight_bytes + kv_bytes) / bandwidth * 1e3,
     }
     # The forward alone, from its graph, at this batch and the mean context (overwrites the cache: last).
@@ -181,6 +212,7 @@ def main(argv=None) -> dict:
                     help="sort: top-p by the sort-based torch reference (kernels/sampling.py), for an A/B")
     ap.add_argument("--compression", default="graphs", choices=("graphs", "eager"),
                     help="eager: compressions launched kernel by kernel instead of replayed graphs, for an A/B")
+    ap.add_argument("--trace", action="store_true", help="also write the profiled steps' chrome trace to --out")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", default="benchmarks/results")
     a = ap.parse_args(argv)
@@ -192,7 +224,7 @@ def main(argv=None) -> dict:
         rows.append(r)
         print(f"{system}: {r['running']} running at mean context {r['mean_context']:.0f}: step {r['step_ms_median']:.2f} ms "
               f"(forward replay {r['forward_replay_ms']:.2f}, GPU kernels {r['gpu_kernel_ms_per_step']:.2f}, "
-              f"floor {r['bandwidth_floor_ms']:.2f}), host waited {r['host_waiting_for_gpu_ms_per_step']:.2f} ms, "
+              f"busy {r['gpu_busy_ms_per_step']:.2f}, floor {r['bandwidth_floor_ms']:.2f}), host waited {r['host_waiting_for_gpu_ms_per_step']:.2f} ms, "
               f"{r['compressions_per_step']:.2f} compressions per step",
               flush=True)
         print("   host ms/step: " + ", ".join(f"{k} {v:.2f}" for k, v in r["host_ms_per_step"].items()), flush=True)
