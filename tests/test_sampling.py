@@ -169,17 +169,18 @@ def test_invalid_distribution_fails_only_its_request(qwen3_path, monkeypatch):
     from zipserve.workers import sampler
 
     llm = LLM(qwen3_path, block_size=16, num_blocks=64, max_model_len=128)
-    real = sampler.truncate_logits
+    real = sampler.sample_on_device
     poisoned = {"on": True}
 
-    def poison(logits, params, top_p_threshold):  # the seeded request's row turns to NaN once
-        out = real(logits, params, top_p_threshold)
+    def poison(logits, params, *a, **k):  # the seeded request's row of logits turns to NaN once
         if poisoned["on"]:
-            out[[i for i, p in enumerate(params) if p.seed == 99]] = float("nan")
+            logits = logits.clone()
+            logits[[i for i, p in enumerate(params) if p.seed == 99]] = float("nan")
             poisoned["on"] = False
-        return out
+        return real(logits, params, *a, **k)
 
-    monkeypatch.setattr(sampler, "truncate_logits", poison)
+    monkeypatch.setattr(sampler, "sample_on_device", poison)
+    monkeypatch.setattr(engine_mod, "sample_on_device", poison)
     assert engine_mod.sample is sampler.sample
     outs = llm.generate([[5, 6, 7], [8, 9, 10]], [SamplingParams(temperature=1.0, seed=99, max_tokens=6),
                                                   SamplingParams(temperature=1.0, seed=7, max_tokens=6)],

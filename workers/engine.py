@@ -259,7 +259,7 @@ class LLMEngine:
     def _sample_async(self, samplers: list[Sequence], logits: torch.Tensor) -> PendingStep:
         """Sample on the device and start the copy back; the requests count the tokens as pending."""
         tokens, bad, logprobs = sample_on_device(logits, [s.params for s in samplers], [s.generator for s in samplers],
-                                                 self.generator, self._adjust(samplers), self.runner.kernels.top_p_threshold)
+                                                 self.generator, self._adjust(samplers), *self._sampling_kernels())
         self.penalties.record(samplers, tokens)
         flat = tokens if bad is None else torch.cat([tokens, bad.long()])
         ready = None
@@ -317,7 +317,7 @@ class LLMEngine:
             return outputs
         try:
             tokens, logprobs = sample(logits, [s.params for s in samplers], [s.generator for s in samplers],
-                                      self.generator, self._adjust(samplers), self.runner.kernels.top_p_threshold)
+                                      self.generator, self._adjust(samplers), *self._sampling_kernels())
         except SamplingError as e:  # fail those requests alone; the others sample again
             for row in e.rows:
                 outputs.append(self._fail(samplers[row], str(e)))
@@ -326,7 +326,7 @@ class LLMEngine:
             logits = logits[keep]
             tokens, logprobs = sample(logits, [s.params for s in samplers], [s.generator for s in samplers],
                                       self.generator, self._adjust(samplers),
-                                      self.runner.kernels.top_p_threshold) if samplers else ([], {})
+                                      *self._sampling_kernels()) if samplers else ([], {})
         self.penalties.record(samplers, tokens)
         for row, (seq, tok) in enumerate(zip(samplers, tokens)):
             seq.decoding = True
@@ -334,6 +334,10 @@ class LLMEngine:
                 seq.logprobs.append(logprobs[row])
             outputs.append(self._append_token(seq, tok))
         return outputs
+
+    def _sampling_kernels(self) -> tuple:
+        """The backend's top-p threshold and nucleus draw (sampler.sample_on_device's last two arguments)."""
+        return self.runner.kernels.top_p_threshold, self.runner.kernels.sample_top_p
 
     def _reads_tokens(self, samplers: list[Sequence]) -> bool:
         """Whether sampling this batch reads the step before's tokens on the host (grammars, bad words)."""

@@ -19,6 +19,7 @@ from zipserve.workers.cuda_graph import DecodeGraphs
 from zipserve.workers.layers.backend import get_kernel_set
 from zipserve.workers.models import load_model
 from zipserve.workers.parallel import TPGroup
+from zipserve.kernels.sampling import DRAWS
 from zipserve.workers.sampler import to_device
 from zipserve.workers.scheduler import ScheduledChunk
 
@@ -303,8 +304,10 @@ class ModelRunner:
             self.compressor.warm_up(self.cfg.budget_blocks, slot, 37)
             if self.compression_graph_sizes:
                 self.compressor.capture_graphs(self.cfg.budget_blocks, slot, self.compression_graph_sizes)
-        self.kernels.top_p_threshold(torch.randn(2, self.args.vocab_size, device=self.device),
-                                     to_device([0.5, 0.9], torch.float32, self.device))
+        half = to_device([0.5, 0.9], torch.float32, self.device)
+        self.kernels.top_p_threshold(torch.randn(2, self.args.vocab_size, device=self.device), half)
+        self.kernels.sample_top_p(torch.randn(2, self.args.vocab_size, device=self.device), half, half,
+                                  torch.rand(2, DRAWS + 1, device=self.device))
         torch.cuda.synchronize(self.device)
 
     def _eager_forward(self, ids, pos, slots, tables, qsl, kv_lens, win_rows, win_slots, win_pos, sample_rows, fill=None):

@@ -1,10 +1,10 @@
 """Token sampling: greedy, temperature, top-k, top-p, min-p, per-request seeds, top-n logprobs.
 
 Logprobs are those of the model's raw distribution (before temperature and truncation), as in the
-OpenAI API. Random rows are drawn by inverse CDF on the device: each row takes one uniform number from
-its request's own CPU generator (seeded requests) or the engine's, so a seeded run repeats exactly
-whatever else shares its batches, and the whole batch costs one host-to-device copy of the uniforms and
-one device-to-host copy of the tokens (a per-row draw on the CPU would copy every row's distribution to
+OpenAI API. Random rows are drawn on the device by inverse CDF from uniform numbers (DRAWS + 1 a row,
+kernels/sampling.py) taken from the request's own CPU generator (seeded requests) or the engine's, so a
+seeded run repeats exactly whatever else shares its batches, and the whole batch costs one host-to-device
+copy of the uniforms and one device-to-host copy of the tokens (a per-row draw on the CPU would copy every row's distribution to
 the host: hundreds of milliseconds per step at a batch of 256).
 """
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from zipserve.kernels.sampling import top_p_threshold_ref
+from zipserve.kernels.sampling import DRAWS, inverse_cdf, sample_top_p_ref, top_p_threshold_ref
 from zipserve.workers.sampling_params import SamplingParams
 
 
@@ -86,11 +86,13 @@ class LogprobRows:
 
 
 def sample_on_device(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-                     default_generator: torch.Generator | None = None, adjust=None, top_p_threshold=top_p_threshold_ref
-                     ) -> tuple[torch.Tensor, torch.Tensor | None, LogprobRows | None]:
+                     default_generator: torch.Generator | None = None, adjust=None, top_p_threshold=top_p_threshold_ref,
+                     sample_top_p=sample_top_p_ref) -> tuple[torch.Tensor, torch.Tensor | None, LogprobRows | None]:
     """(tokens [rows] int64, bad rows [rows] bool or None when all greedy, logprobs or None), all on the
     logits' device and queued without waiting for it: the caller decides when to copy them back.
-    `adjust` (penalties, biases: workers/penalties.py) changes the fp32 logits after the raw logprobs."""
+    `adjust` (penalties, biases: workers/penalties.py) changes the fp32 logits after the raw logprobs.
+    Random rows with temperature and top-p alone (the serving case) are drawn by `sample_top_p` straight from
+    the logits; rows with top-k or min-p are truncated first (truncate_logits), then drawn by inverse CDF."""
     logits = logits.float()
     asked = [i for i, p in enumerate(params) if p.logprobs is not None]
     raw = None
@@ -99,27 +101,29 @@ def sample_on_device(logits: torch.Tensor, params: list[SamplingParams], generat
         raw = logits[asked_idx].log_softmax(-1)
     if adjust is not None:
         logits = adjust(logits)
-    tokens = logits.argmax(-1)
-    bad = None
     rand = [i for i, p in enumerate(params) if not p.greedy]
+    tokens = logits.argmax(-1) if len(rand) < len(params) else None
+    bad = None
     if rand:
-        idx = to_device(rand, torch.long, logits.device)
-        probs = truncate_logits(logits[idx], [params[i] for i in rand], top_p_threshold).softmax(-1)
-        bad = torch.zeros(len(params), dtype=torch.bool, device=logits.device)
-        bad[idx] = ~(torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0))
-        u = torch.empty(len(rand))
-        unseeded = []
-        for j, i in enumerate(rand):
-            if generators[i] is None:
-                unseeded.append(j)
-            else:  # a seeded request draws from its own stream
-                u[j] = torch.rand((), generator=generators[i])
-        if unseeded:  # the rest in one draw from the engine's stream
-            u[unseeded] = torch.rand(len(unseeded), generator=default_generator)
-        cdf = probs.cumsum(-1)
-        target = to_device(u, torch.float32, logits.device).unsqueeze(1) * cdf[:, -1:]
-        # The first token whose cumulative mass exceeds the target (a zero-probability token never does).
-        tokens[idx] = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=logits.shape[-1] - 1)
+        every = len(rand) == len(params)
+        idx = None if every else to_device(rand, torch.long, logits.device)
+        rows = logits if every else logits[idx]
+        sub = [params[i] for i in rand]
+        u = uniforms([generators[i] for i in rand], default_generator)
+        if all(0 >= p.top_k or p.top_k >= logits.shape[-1] for p in sub) and not any(p.min_p > 0 for p in sub):
+            drawn, bad_rows = sample_top_p(rows, to_device([p.temperature for p in sub], torch.float32, logits.device),
+                                           to_device([p.top_p for p in sub], torch.float32, logits.device),
+                                           to_device(u, torch.float32, logits.device))
+        else:
+            probs = truncate_logits(rows, sub, top_p_threshold).softmax(-1)
+            bad_rows = ~(torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0))
+            drawn = inverse_cdf(probs.nan_to_num(0.0), to_device(u[:, 0], torch.float32, logits.device))
+        if every:
+            tokens, bad = drawn, bad_rows
+        else:
+            tokens[idx] = drawn
+            bad = torch.zeros(len(params), dtype=torch.bool, device=logits.device)
+            bad[idx] = bad_rows
     if raw is None:
         return tokens, bad, None
     counts = [params[i].logprobs for i in asked]
@@ -128,12 +132,28 @@ def sample_on_device(logits: torch.Tensor, params: list[SamplingParams], generat
     return tokens, bad, LogprobRows(asked, counts, chosen, values, ids)
 
 
+def uniforms(generators: list[torch.Generator | None], default_generator: torch.Generator | None) -> torch.Tensor:
+    """[rows, DRAWS + 1] uniforms on the host: a seeded request's from its own generator (so that a seeded run
+    repeats exactly whatever else shares its batches), the rest in one draw from the engine's."""
+    u = torch.empty(len(generators), DRAWS + 1)
+    unseeded = []
+    for j, g in enumerate(generators):
+        if g is None:
+            unseeded.append(j)
+        else:
+            u[j] = torch.rand(DRAWS + 1, generator=g)
+    if unseeded:
+        u[unseeded] = torch.rand(len(unseeded), DRAWS + 1, generator=default_generator)
+    return u
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-           default_generator: torch.Generator | None = None, adjust=None, top_p_threshold=top_p_threshold_ref
-           ) -> tuple[list[int], dict[int, dict[int, float]]]:
+           default_generator: torch.Generator | None = None, adjust=None, top_p_threshold=top_p_threshold_ref,
+           sample_top_p=sample_top_p_ref) -> tuple[list[int], dict[int, dict[int, float]]]:
     """The sampled token per row, and {row: {token: logprob}} for the rows that asked for logprobs (the
     sampled token first, then the row's top-n), waiting for the device."""
-    tokens, bad, logprobs = sample_on_device(logits, params, generators, default_generator, adjust, top_p_threshold)
+    tokens, bad, logprobs = sample_on_device(logits, params, generators, default_generator, adjust, top_p_threshold,
+                                             sample_top_p)
     out = (tokens if bad is None else torch.cat([tokens, bad.long()])).tolist()  # one copy for tokens and checks
     if bad is not None:
         check_rows(out[len(tokens):])
