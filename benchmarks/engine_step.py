@@ -98,10 +98,17 @@ def run_system(system: str, a, path: str, bandwidth: float) -> dict:
     llm = LLM(path, load_format="dummy", block_size=bs, max_num_seqs=a.batch, max_model_len=max_len,
               budget_blocks=a.budget if compressed else None)
     eng = llm.engine
-    if a.top_p_by == "sort":  # the A/B: top-p by the sort-based torch reference
-        from zipserve.kernels.sampling import top_p_threshold_ref
+    if a.top_p_by != "rejection":  # the A/B: the nucleus drawn after masking it by a threshold (kernel or sort)
+        from zipserve.kernels.sampling import inverse_cdf, top_p_threshold_ref
 
-        eng.runner.kernels = dataclasses.replace(eng.runner.kernels, top_p_threshold=top_p_threshold_ref)
+        threshold = top_p_threshold_ref if a.top_p_by == "sort" else eng.runner.kernels.top_p_threshold
+
+        def by_threshold(logits, temperature, top_p, u):
+            x = logits.float() / temperature[:, None]
+            probs = x.masked_fill(x < threshold(x, top_p)[:, None], float("-inf")).softmax(-1)
+            return inverse_cdf(probs, u[:, 0]), ~torch.isfinite(probs).all(-1)
+
+        eng.runner.kernels = dataclasses.replace(eng.runner.kernels, sample_top_p=by_threshold)
     if compressed and a.compression == "eager":  # the A/B: every compression launched kernel by kernel
         eng.runner.compressor.graphs.clear()
     rng = random.Random(0)
@@ -208,8 +215,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--warm-steps", type=int, default=10)
     ap.add_argument("--temperature", type=float, default=0.6)
     ap.add_argument("--top-p", type=float, default=0.95)
-    ap.add_argument("--top-p-by", default="kernel", choices=("kernel", "sort"),
-                    help="sort: top-p by the sort-based torch reference (kernels/sampling.py), for an A/B")
+    ap.add_argument("--top-p-by", default="rejection", choices=("rejection", "kernel", "sort"),
+                    help="kernel / sort: the nucleus masked by its threshold (the radix kernel or the sort-based "
+                         "reference, kernels/sampling.py) and drawn by inverse CDF, for an A/B")
     ap.add_argument("--compression", default="graphs", choices=("graphs", "eager"),
                     help="eager: compressions launched kernel by kernel instead of replayed graphs, for an A/B")
     ap.add_argument("--trace", action="store_true", help="also write the profiled steps' chrome trace to --out")

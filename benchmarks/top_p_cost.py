@@ -1,5 +1,7 @@
-"""What top-p truncation costs a decode batch: the sort-based torch reference against the radix-search kernel
-(kernels/sampling.py), and the whole truncate_logits, on rows of a vocabulary's size (CUDA).
+"""What top-p costs a decode batch, on rows of a vocabulary's size (CUDA): the threshold by the sort-based torch
+reference and by the radix-search kernel (kernels/sampling.py), the whole truncate_logits, and a whole draw
+from fp32 logits (temperature, nucleus, token): masked by the kernel's threshold then inverse CDF, against
+the rejection kernels (sample_top_p_triton).
 
     python -m benchmarks.top_p_cost [--rows 256] [--vocabs 151936,49152] [--top-p 0.95]
 """
@@ -25,7 +27,7 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
     import triton
 
-    from zipserve.kernels.sampling import top_p_threshold_ref, top_p_threshold_triton
+    from zipserve.kernels.sampling import DRAWS, inverse_cdf, sample_top_p_triton, top_p_threshold_ref, top_p_threshold_triton
     from zipserve.workers.sampler import truncate_logits
     from zipserve.workers.sampling_params import SamplingParams
 
@@ -35,15 +37,25 @@ def main(argv=None) -> dict:
         x = torch.randn(a.rows, V, device="cuda") * 2
         p = torch.full((a.rows,), a.top_p, device="cuda")
         params = [SamplingParams(temperature=a.temperature, top_p=a.top_p)] * a.rows
+        t = torch.full((a.rows,), a.temperature, device="cuda")
+        u = torch.rand(a.rows, DRAWS + 1, device="cuda")
+
+        def by_threshold():
+            probs = truncate_logits(x, params, top_p_threshold_triton).softmax(-1)
+            return inverse_cdf(probs, u[:, 0]), ~torch.isfinite(probs).all(-1)
+
         ms = {name: triton.testing.do_bench(fn, return_mode="median") for name, fn in (
             ("threshold_sort", lambda: top_p_threshold_ref(x, p)),
             ("threshold_kernel", lambda: top_p_threshold_triton(x, p)),
-            ("truncate_logits", lambda: truncate_logits(x, params, top_p_threshold_triton)))}
+            ("truncate_logits", lambda: truncate_logits(x, params, top_p_threshold_triton)),
+            ("draw_by_threshold", by_threshold),
+            ("draw_by_rejection", lambda: sample_top_p_triton(x, t, p, u)))}
         same = (top_p_threshold_ref(x, p) == top_p_threshold_triton(x, p)).float().mean().item()
         rows.append({"vocab": V, "rows": a.rows, "ms": ms, "kernel_speedup": ms["threshold_sort"] / ms["threshold_kernel"],
                      "rows_with_equal_threshold": same})
         print(f"V={V}: threshold by sort {ms['threshold_sort']:.3f} ms, by kernel {ms['threshold_kernel']:.3f} ms, "
-              f"truncate_logits {ms['truncate_logits']:.3f} ms; equal thresholds in {100 * same:.1f}% of rows", flush=True)
+              f"truncate_logits {ms['truncate_logits']:.3f} ms; a whole draw: masked by the threshold "
+              f"{ms['draw_by_threshold']:.3f} ms, by rejection {ms['draw_by_rejection']:.3f} ms; equal thresholds in {100 * same:.1f}% of rows", flush=True)
     card = torch.cuda.get_device_name(0)
     res = {"benchmark": "top_p_cost", "device": card, "args": vars(a), "rows": rows}
     os.makedirs(a.out, exist_ok=True)
