@@ -19,14 +19,18 @@ def _rotate_half(x):
 
 
 class DenseCompressedReference:
-    """recall_pages (issue 27, the policy the engine is to match): what a compression evicts is not lost but
-    stored, per layer and KV head, as pages of up to block_size entries (positions, K, V, global scores)
-    with the per-channel min and max of their keys; at each compression the recall_pages stored pages whose
-    bound on q.k over the window queries (Quest's: sum over channels of max(q * min, q * max), the max over
-    the window's queries of the head's group) is highest join the candidates, in position order, and are
-    scored with the resident entries by the same policy; what is not kept is stored again. At most
-    host_pages pages are stored per layer and head (None: no limit); beyond that the oldest is dropped,
-    as today's permanent eviction. recall_pages=0 is the policy without recall."""
+    """recall_pages (issue 27, the policy the engine matches): what a compression evicts is not lost but
+    stored, per layer and KV head, in pages of block_size entries (positions, K, V, global scores) with the
+    per-channel min and max of their keys. Evicted entries fill the open page first, in position order; a
+    full page closes. At each compression the recall_pages closed pages whose bound on q.k over the window
+    queries (Quest's: sum over channels of max(q * min, q * max), the max over the window's queries of the
+    head's group) is highest (ties: the later closed) join the candidates, in position order, and are scored
+    with the resident entries by the same policy; what is not kept is stored again. At most host_pages
+    closed pages are kept per layer and head (None: no limit); beyond that the oldest is dropped, as
+    today's permanent eviction. recall_pages=0 is the policy without recall.
+
+    Only full pages are recalled, so every layer and head has the same number of candidates (each evicts
+    the same number of entries at each compression)."""
 
     def __init__(self, path: str, block_size: int, budget_blocks: int | None, ccfg, recall_pages: int = 0,
                  host_pages: int | None = None):
@@ -49,18 +53,18 @@ class DenseCompressedReference:
         q = qs[:, h * group: (h + 1) * group].reshape(-1, self.head_dim)
         return torch.maximum(q * page["kmin"], q * page["kmax"]).sum(-1).max().item()
 
-    def _candidates(self, store, qs, K, V, pos, G):
-        """One layer's candidates, per KV head: its resident entries and those of its recall_pages stored
-        pages of highest bound (ties: the later stored), merged in position order. Returns K, V [N', H, D],
-        positions per head, G [H, n_scored'] (or None) and the recalled positions per head."""
-        n_prev = 0 if G is None else G.shape[1]
+    def _candidates(self, store, qs, K, V, pos, G, n_prev):
+        """One layer's candidates, per KV head: its resident entries and those of its recall_pages closed
+        pages of highest bound (ties: the later closed), merged in position order. Returns K, V [N', H, D],
+        positions per head, G [H, n_scored'] (or None) and the recalled positions per head. n_prev: the
+        leading entries kept by the last compression (0 before the first)."""
         Ks, Vs, Ps, Gs, recalled = [], [], [], [], []
         for h in range(self.n_kv):
-            pages = store[h]
+            pages = store[h]["closed"]
             bounds = [self._bound(qs, h, p) for p in pages]
             best = sorted(range(len(pages)), key=lambda i: (-bounds[i], -i))[: self.recall_pages]
             chosen = [pages[i] for i in sorted(best)]
-            store[h] = [p for i, p in enumerate(pages) if i not in best]
+            store[h]["closed"] = [p for i, p in enumerate(pages) if i not in best]
             r_pos = torch.cat([p["pos"] for p in chosen]) if chosen else torch.empty(0, dtype=torch.long)
             recalled.append(sorted(r_pos.tolist()))
             # Scored entries (kept by earlier compressions, or recalled) lead; entries since the last
@@ -80,18 +84,28 @@ class DenseCompressedReference:
         return torch.stack(Ks, 1), torch.stack(Vs, 1), Ps, G_new, recalled
 
     def _store(self, store, K, V, pos, G, keeps):
-        """Store what one layer's compression did not keep, per KV head, in pages of up to block_size
-        entries in position order; drop the oldest pages beyond host_pages."""
+        """Store what one layer's compression did not keep, per KV head, in position order: the open page
+        first, then new pages of block_size entries (the last one left open); drop the oldest closed pages
+        beyond host_pages."""
         for h in range(self.n_kv):
             kept = set(keeps[h])
-            gone = torch.tensor([j for j in range(K.shape[0]) if j not in kept], dtype=torch.long)
-            for i in range(0, len(gone), self.bs):
-                idx = gone[i: i + self.bs]
-                k = K[idx, h]
-                store[h].append({"pos": pos[h][idx], "k": k, "v": V[idx, h], "kmin": k.amin(0), "kmax": k.amax(0),
-                                 "g": G[h][idx] if G is not None else None})
-            while self.host_pages is not None and len(store[h]) > self.host_pages:
-                store[h].pop(0)
+            gone = [j for j in range(K.shape[0]) if j not in kept]
+            for j in gone:
+                page = store[h]["open"]
+                if page is None:
+                    page = store[h]["open"] = {"pos": [], "k": [], "v": [], "g": []}
+                page["pos"].append(int(pos[h][j]))
+                page["k"].append(K[j, h])
+                page["v"].append(V[j, h])
+                page["g"].append(G[h][j] if G is not None else None)
+                if len(page["pos"]) == self.bs:
+                    k = torch.stack(page["k"])
+                    store[h]["closed"].append({"pos": torch.tensor(page["pos"]), "k": k, "v": torch.stack(page["v"]),
+                                               "kmin": k.amin(0), "kmax": k.amax(0),
+                                               "g": torch.stack(page["g"]) if G is not None else None})
+                    store[h]["open"] = None
+            while self.host_pages is not None and len(store[h]["closed"]) > self.host_pages:
+                store[h]["closed"].pop(0)
                 self.dropped_pages += 1
 
     # ---- scoring, written out loop by loop ---------------------------------------------------
@@ -171,7 +185,8 @@ class DenseCompressedReference:
         Gs = [None] * L
         queries = [[] for _ in range(L)]  # post-RoPE queries of every token, in order
         n_compressions = 0
-        stores = [[[] for _ in range(self.n_kv)] for _ in range(L)]  # [layer][head] -> stored pages, oldest first
+        # [layer][head] -> {"closed": full pages, oldest first; "open": the page being filled, or None}
+        stores = [[{"closed": [], "open": None} for _ in range(self.n_kv)] for _ in range(L)]
         self.stores = stores  # (the last request's, for tests)
         tokens, out = list(prompt), []
         self.prompt_len = len(prompt)
@@ -226,8 +241,8 @@ class DenseCompressedReference:
                     qs = torch.stack(queries[li][-Q:])
                     G_prev = Gs[li]
                     if self.recall_pages:
-                        K[li], V[li], pos_of[li], G_prev, recalled = self._candidates(stores[li], qs, K[li], V[li],
-                                                                                      pos_of[li], G_prev)
+                        K[li], V[li], pos_of[li], G_prev, recalled = self._candidates(
+                            stores[li], qs, K[li], V[li], pos_of[li], G_prev, keep_n if n_compressions else 0)
                         recalled_log.append(recalled)
                     S, G = self._scores(qs, K[li], G_prev, n_compressions == 0, keep_n)
                     keeps = [self._keep(S[hh], keep_n) for hh in range(self.n_kv)]

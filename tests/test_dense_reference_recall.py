@@ -47,7 +47,8 @@ def test_recall_conserves_entries_and_brings_some_back(qwen3_path):
     assert kept_again > 0
     seen = len(PROMPT) + 60 - 1  # tokens whose K/V were computed (the last sampled one never runs)
     for li, layer in enumerate(ref.stores):
-        for h, pages in enumerate(layer):
-            assert all(len(page["pos"]) <= 4 for page in pages)
-            stored = [p for page in pages for p in page["pos"].tolist()]
+        for h, store in enumerate(layer):
+            assert all(len(page["pos"]) == 4 for page in store["closed"])
+            stored = [p for page in store["closed"] for p in page["pos"].tolist()]
+            stored += store["open"]["pos"] if store["open"] is not None else []
             assert sorted(stored + ref.resident[li][h]) == list(range(seen))

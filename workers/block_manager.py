@@ -33,6 +33,7 @@ class CompactionPlan:
     num_fresh: int  # pages newly allocated (for shared pages, or to spare cached prefix pages)
     num_scored: int  # leading source entries that carry a global score
     first: bool  # the request's first compression
+    num_positions: int = 0  # tokens computed (the source's last entry is at position num_positions - 1)
 
 
 class BlockManager:
@@ -142,7 +143,8 @@ class BlockManager:
         dest += [self._pop_free() for _ in range(fresh)]
         used = set(dest)
         plan = CompactionPlan(seq, list(seq.block_table), dest, [b for b in seq.block_table if b not in used],
-                              seq.kv_len, keep_pages * self.block_size, fresh, seq.num_scored, not seq.compressed)
+                              seq.kv_len, keep_pages * self.block_size, fresh, seq.num_scored, not seq.compressed,
+                              seq.num_computed_tokens)
         seq.block_table = dest
         seq.num_evicted += plan.kv_len - plan.keep
         seq.num_scored = plan.keep

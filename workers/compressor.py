@@ -108,6 +108,13 @@ class Compressor:
         # A layer group's gathered K stays under 2**31 elements: the scoring kernels use int32 offsets.
         self._max_gather_tokens = (2**31 - 1) // (min(cfg.layer_group, num_layers) * h_kv * d)
         self._group_sizes: dict[int, list[tuple[slice, torch.Tensor]]] = {}
+        self.store = None  # a HostKVStore under recall (use_recall)
+        self.pos_cache = None  # [L, NB, bs, H_kv] int32: the positions of kept entries, under recall
+
+    def use_recall(self, store, pos_cache: torch.Tensor) -> None:
+        """Keep what compressions evict in `store` and recall it (workers/host_store.py); pos_cache holds
+        the positions of the entries compactions keep (recalled ones rejoin in position order)."""
+        self.store, self.pos_cache = store, pos_cache
 
     def _layer_groups_of(self, size: int) -> list[tuple[slice, torch.Tensor]]:
         """The layers cut into groups of `size`: (slice, index tensor) each (made once per size)."""
@@ -135,6 +142,10 @@ class Compressor:
         self.num_compressions += len(plans)
 
     def _run(self, plans: list[CompactionPlan]) -> None:
+        if self.store is not None:
+            for plan in plans:
+                self._compact_recall(plan)
+            return
         if not self.batched:
             for plan in plans:
                 self._compact(plan)
@@ -187,6 +198,8 @@ class Compressor:
         Writes only free pages (page i for i <= budget) and the spare window slot; counts nothing."""
         for first in (True, False):
             self._run([self._free_page_plan(budget_blocks, window_slot, num_prompt_tokens, first)])
+        if self.store is not None:
+            self.store.release(None)  # (the warm-up plans' evictions)
 
     def _free_page_plan(self, budget_blocks: int, window_slot: int, num_prompt_tokens: int, first: bool):
         """A plan of budget + 1 pages into budget pages that reads and writes pages 0 .. budget only."""
@@ -283,6 +296,63 @@ class Compressor:
             if self.score_cache is not None:  # the new G (not the old cached scores) moves with the kept entries
                 self.score_cache[layers, dest] = g.gather(2, idx).transpose(1, 2).reshape(lg, keep // bs, bs, h_kv)
 
+    def _compact_recall(self, plan: CompactionPlan) -> None:
+        """_compact with recall: per layer group, each (layer, head)'s recalled pages join its scored entries
+        in position order (tests/dense_reference.py), the candidates are scored and selected as usual, the
+        kept ones (with their positions and scores) are written to the destination pages, and the rest go
+        to the store."""
+        bs, (h_kv, d) = self.block_size, self.kv_cache.shape[-2:]
+        n, keep, ns, rid = plan.kv_len, plan.keep, plan.num_scored, plan.seq.request_id
+        kp, dev = keep // bs, self.kv_cache.device
+        src = _index(plan.src_table[: -(-n // bs)], dev)
+        dest = _index(plan.dest_table[:kp], dev)
+        ring = _index([(n - self.cfg.query_window + i) % self.cfg.query_window for i in range(self.cfg.query_window)], dev)
+        cfg = self.cfg.for_compression(keep, plan.seq.num_prompt_tokens)
+        r = min(self.cfg.recall.pages, self.store.closed_pages(rid))
+        evicted = n + r * bs - keep
+        storing = self.store.admit(rid, evicted)
+        tail = torch.arange(plan.num_positions - n + ns, plan.num_positions, device=dev)  # entries since the last
+        for layers, _ in self._layer_groups_of(self.layer_group_for(n + r * bs)):
+            lg = layers.stop - layers.start
+            k = self.kv_cache[0, layers, src].reshape(lg, -1, h_kv, d)[:, :n]
+            v = self.kv_cache[1, layers, src].reshape(lg, -1, h_kv, d)[:, :n]
+            q_win = self.q_window[layers, plan.seq.window_slot][:, ring]
+            pos = self.pos_cache[layers, src].reshape(lg, -1, h_kv)[:, :ns].long()
+            g_prev = None
+            if self.score_cache is not None and ns:
+                g_prev = self.score_cache[layers, src].reshape(lg, -1, h_kv)[:, :ns].transpose(1, 2)
+            taken = self.store.take(rid, layers, q_win, r)
+            if taken is not None:  # scored and recalled entries in position order, then the tail (newer)
+                pos = torch.cat([pos, taken.pos], 1)
+                order = pos.argsort(dim=1, stable=True)  # [lg, ns + R, H]
+                pos = pos.gather(1, order)
+                by_entry = order[..., None].expand(-1, -1, -1, d)
+                k = torch.cat([torch.cat([k[:, :ns], taken.k.to(k.dtype)], 1).gather(1, by_entry), k[:, ns:]], 1)
+                v = torch.cat([torch.cat([v[:, :ns], taken.v.to(v.dtype)], 1).gather(1, by_entry), v[:, ns:]], 1)
+                if self.score_cache is not None:
+                    g_all = taken.g if g_prev is None else torch.cat([g_prev, taken.g], 2)
+                    g_prev = g_all.gather(2, order.transpose(1, 2))
+            num_scored = pos.shape[1]
+            pos = torch.cat([pos, tail[None, :, None].expand(lg, -1, h_kv)], 1)  # [lg, N, H]
+            scores, g = self.scores_fn(q_win, k, g_prev, num_scored, plan.first, self.scale, cfg, bs)
+            idx = self.select_fn(scores, keep)  # [lg, H, keep], candidate order
+            if self.kept_log is not None:
+                self.kept_log.append((rid, num_scored, layers.start, idx.cpu()))
+            rows = idx.transpose(1, 2)  # [lg, keep, H]
+            for kv, x in ((0, k), (1, v)):
+                self.kv_cache[kv, layers, dest] = x.gather(1, rows[..., None].expand(-1, -1, -1, d)).view(lg, kp, bs, h_kv, d)
+            self.pos_cache[layers, dest] = pos.gather(1, rows).view(lg, kp, bs, h_kv).to(torch.int32)
+            if self.score_cache is not None:
+                self.score_cache[layers, dest] = g.gather(2, idx).transpose(1, 2).reshape(lg, kp, bs, h_kv)
+            if storing and evicted:
+                gone = torch.ones(idx.shape[0], h_kv, k.shape[1], dtype=torch.bool, device=dev)
+                gone.scatter_(2, idx, False)
+                out = gone.to(torch.int8).argsort(dim=2, descending=True, stable=True)[..., :evicted]  # in order
+                rows = out.transpose(1, 2)
+                by_entry = rows[..., None].expand(-1, -1, -1, d)
+                self.store.put(rid, layers, k.gather(1, by_entry), v.gather(1, by_entry), pos.gather(1, rows),
+                               g.gather(2, out) if self.score_cache is not None else None)
+
     def _compact_batch(self, plans: list[CompactionPlan], cfg: CompressionConfig, logs: list[list] | None) -> None:
         """_compact for plans of one group key: their layer groups stacked, B * lg rows per launch. Where
         the key has captured graphs (and no kept indices are logged), chunks of captured sizes replay them."""
@@ -359,4 +429,5 @@ class Compressor:
             "graph_compressions": self.graph_compressions,
             "compression_seconds": self.total_seconds,
             "mean_compression_ms": 1000 * self.total_seconds / self.num_compressions if self.num_compressions else 0.0,
+            **(self.store.stats() if self.store is not None else {}),
         }

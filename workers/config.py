@@ -18,6 +18,19 @@ DType = Literal["float32", "float16", "bfloat16"]
 _DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+class RecallConfig(ConfigModel):
+    """Recall of evicted entries (workers/host_store.py): what a compression evicts is kept in pinned host
+    memory, per layer and KV head, in pages with the min and max of their keys on the GPU; at each
+    compression the `pages` stored pages of each (layer, head) whose bound on q.k over the query window is
+    highest compete with the resident entries again. The GPU footprint stays budget + 1 pages."""
+
+    key_kind: ClassVar[str] = "recall option"
+
+    pages: int = Field(1, ge=1)  # closed pages each (layer, KV head) brings back per compression
+    host_pages: int | None = Field(None, ge=0)  # closed pages kept per request and (layer, head); None: no cap
+    host_gib: float = Field(4.0, gt=0)  # the pinned host pool, all requests together
+
+
 class CompressionConfig(ConfigModel):
     """Scoring knobs of Compressed PagedAttention. Defaults: the paper's math configuration, less redundancy
     and pooling (both cost fidelity on the real model), plus three quarters of each request's budget kept
@@ -43,6 +56,7 @@ class CompressionConfig(ConfigModel):
     recent_window: int = Field(0, ge=0)  # always keep the last n cache entries (H2O's; >= query_window to matter)
     recent_fraction: float = Field(0.75, ge=0, le=1)  # ... or the last fraction of the budget (1 = a sliding window)
     layer_group: int = Field(8, ge=1)  # layers scored at once (bounds the scratch memory)
+    recall: RecallConfig | None = None  # None: evicted entries are gone for good (the paper's policy)
 
     @field_validator("pooling_width")
     @classmethod

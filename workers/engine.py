@@ -172,7 +172,13 @@ class LLMEngine:
         if self.grammars.release(seq.request_id):  # still compiling: the scheduler never saw it
             seq.status = Status.FINISHED
         elif not seq.is_finished and not seq.compressing:
-            self.scheduler.finish(seq)
+            self._finish(seq)
+
+    def _finish(self, seq: Sequence) -> None:
+        """Free a request's pages, and its recall store (host pages) if it has one."""
+        self.scheduler.finish(seq)
+        if self.runner.compressor is not None and self.runner.compressor.store is not None:
+            self.runner.compressor.store.release(seq.request_id)
 
     def has_unfinished_requests(self) -> bool:
         return (self.scheduler.has_work() or self.compactions.busy or bool(self.grammars.compiling)
@@ -277,7 +283,7 @@ class LLMEngine:
             seq.num_pending += 1
             seq.pending_row = (rec, row)
             if seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
-                self.scheduler.finish(seq)  # it ends here whatever the token is: its pages go back now
+                self._finish(seq)  # it ends here whatever the token is: its pages go back now
         return rec
 
     def _resolve_pending(self) -> list[RequestOutput]:

@@ -16,6 +16,7 @@ from zipserve.workers.layers.attention import AttentionMetadata
 from zipserve.workers.block_manager import CompactionPlan
 from zipserve.workers.compressor import Compressor, layers_at_once
 from zipserve.workers.cuda_graph import DecodeGraphs
+from zipserve.workers.host_store import HostKVStore
 from zipserve.workers.layers.backend import get_kernel_set
 from zipserve.workers.models import load_model
 from zipserve.workers.parallel import TPGroup
@@ -41,6 +42,7 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.compressing = cfg.budget_blocks is not None
         self.global_scores = self.compressing and cfg.compression.use_global_score
+        self.recall = cfg.compression.recall if self.compressing else None
         # Every rank must hold the same pages: their page tables (and schedulers) are identical.
         self.num_blocks = tp.min_int(self._plan_num_blocks(max_model_len))
         dev = self.device
@@ -58,6 +60,12 @@ class ModelRunner:
             self.compressor = Compressor(cfg.compression, self.kv_cache, q_window, scores, self.block_size,
                                          a.head_dim**-0.5, backend=cfg.resolved_backend,
                                          max_batch_tokens=self.compression_batch_tokens)
+            if self.recall is not None:
+                positions = torch.zeros(a.num_layers, self.num_blocks, self.block_size, a.num_kv_heads, device=dev,
+                                        dtype=torch.int32)
+                store = HostKVStore(a.num_layers, a.num_kv_heads, a.head_dim, self.block_size, self.recall_host_pages,
+                                    self.dtype, dev, self.recall.host_pages)
+                self.compressor.use_recall(store, positions)
         self.clock = None  # a GpuClock when a benchmark measures GPU time per region
         self.graphs = None
         self.prompt_spans, self.prompt_hidden = [], None  # prompt positions to score (execute -> score_prompts)
@@ -78,11 +86,23 @@ class ModelRunner:
 
     @property
     def bytes_per_block(self) -> int:
-        """K and V of one page over all layers, plus its global scores (fp32) when those are on."""
+        """K and V of one page over all layers, plus its global scores (fp32) when those are on and its
+        entries' positions (int32) under recall."""
         a = self.args
         kv = 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * torch.finfo(self.dtype).bits // 8
         scores = a.num_layers * self.block_size * a.num_kv_heads * 4 if self.global_scores else 0
-        return kv + scores
+        positions = a.num_layers * self.block_size * a.num_kv_heads * 4 if self.recall is not None else 0
+        return kv + scores + positions
+
+    @property
+    def recall_host_pages(self) -> int:
+        """(layer, head) pages the recall pool holds in host_gib of pinned memory."""
+        return int(self.recall.host_gib * 2**30) // HostKVStore.page_bytes(self.block_size, self.args.head_dim, self.dtype)
+
+    @property
+    def recall_device_bytes(self) -> int:
+        """The recall pool's key summaries (min and max per page, fp32), which live on the device."""
+        return 0 if self.recall is None else self.recall_host_pages * 2 * self.args.head_dim * 4
 
     @property
     def window_bytes(self) -> int:
@@ -104,10 +124,11 @@ class ModelRunner:
     def compression_graph_sizes(self) -> tuple[int, ...]:
         """Batch sizes of the compressions captured as CUDA graphs (Compressor.capture_graphs): up to
         max_num_seqs and to what one batch holds (compression_batch_tokens); none where the engine runs
-        eagerly, off the Triton backend, or where the config depends on the prompt (prompt_fraction)."""
+        eagerly, off the Triton backend, where the config depends on the prompt (prompt_fraction), or under
+        recall (its compressions run plan by plan)."""
         c = self.cfg
         if not (self.compressing and self.device.type == "cuda" and c.resolved_backend == "triton"
-                and not c.enforce_eager and not c.compression.prompt_fraction):
+                and not c.enforce_eager and not c.compression.prompt_fraction and self.recall is None):
             return ()
         per = self.compression_batch_tokens // ((c.budget_blocks + 1) * self.block_size)
         return tuple(b for b in (1, 2, 4) if b <= min(per, c.max_num_seqs))
@@ -145,11 +166,12 @@ class ModelRunner:
         if cfg.num_blocks is not None:
             return cfg.num_blocks
         if cfg.kv_cache_memory_gb is not None:
-            budget = int(cfg.kv_cache_memory_gb * 2**30) - self.window_bytes - self.compression_scratch_bytes
+            budget = (int(cfg.kv_cache_memory_gb * 2**30) - self.window_bytes - self.compression_scratch_bytes
+                      - self.recall_device_bytes)
         elif self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             reserve = total * (1 - cfg.gpu_memory_utilization) + 2 * 2**30  # activations and workspace
-            budget = int(free - reserve) - self.window_bytes - self.compression_scratch_bytes
+            budget = int(free - reserve) - self.window_bytes - self.compression_scratch_bytes - self.recall_device_bytes
         else:
             # Enough for every slot at full length, capped: CPU memory is shared with everything else.
             need = cfg.max_num_seqs * -(-max_model_len // self.block_size) * self.bytes_per_block

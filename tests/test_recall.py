@@ -1,0 +1,48 @@
+"""Recall of evicted KV in the engine (workers/host_store.py, Compressor._compact_recall) against the dense
+reference's statement of the policy (tests/dense_reference.py), token for token, and the store's accounting:
+pages back to the pool when requests end or are aborted, a full pool degrades to permanent eviction."""
+
+import pytest
+
+from tests.dense_reference import DenseCompressedReference
+from tests.engine_driver import run_checked
+from tests.test_compression import MODELS, PROMPTS, SCORING
+from zipserve.workers import LLM, SamplingParams
+from zipserve.workers.config import CompressionConfig
+
+CASES = [  # (model, scoring, block_size, budget, window, max_num_batched_tokens, recall pages, host_pages)
+    ("qwen3-gqa2", "global", 4, 2, 2, 7, 1, None),
+    ("qwen3-gqa2", "paper-set", 8, 2, 4, 16, 1, None),
+    ("qwen3-gqa2", "attention-only", 4, 3, 2, 9, 2, None),
+    ("qwen3-gqa2", "global-sinks-recent-fraction", 4, 3, 2, 9, 1, 3),  # the oldest closed pages dropped
+    ("llama-gqa4", "continuous-pooling-w3", 4, 2, 3, 9, 2, None),
+    ("qwen2-mha", "global-prompt-recent", 4, 4, 2, 9, 1, None),
+]
+
+
+@pytest.mark.parametrize("model,scoring,block_size,budget,window,chunk,pages,host_pages", CASES,
+                         ids=[f"{m}-{s}-bs{b}-B{k}-Q{q}-r{r}-h{h}" for m, s, b, k, q, _, r, h in CASES])
+def test_engine_with_recall_equals_dense_reference(model_factory, model, scoring, block_size, budget, window, chunk,
+                                                   pages, host_pages):
+    arch, kw = MODELS[model]
+    path = model_factory(arch, **kw)
+    ccfg = dict(SCORING[scoring], query_window=window)
+    max_tokens = 48
+    ref = DenseCompressedReference(path, block_size, budget, CompressionConfig(**ccfg), recall_pages=pages,
+                                   host_pages=host_pages)
+    expected = [ref.generate(p, max_tokens) for p in PROMPTS]
+    recalled = sum(len(r) for comp in ref.recalled_log for layer in comp for r in layer)
+    assert recalled > 0  # the policy did bring entries back
+    plain = DenseCompressedReference(path, block_size, budget, CompressionConfig(**ccfg))
+    assert [plain.generate(p, max_tokens) for p in PROMPTS] != expected  # and it changed what the model says
+    recall = {"pages": pages, "host_pages": host_pages}
+    llm = LLM(path, block_size=block_size, budget_blocks=budget, compression=dict(ccfg, recall=recall),
+              max_num_batched_tokens=chunk, num_blocks=64)
+    outs = run_checked(llm, PROMPTS, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+                       arrive_at=[0, 0, 6, 1])
+    assert [o.token_ids for o in outs] == expected
+    stats = llm.stats()
+    assert stats["compressions"] == len(ref.kept_log) > 0
+    assert stats["recalled_pages"] > 0 and stats["recall_bytes_to_device"] > 0
+    assert stats["recall_host_pages_used"] == 0  # every request ended: its pages are back
+    assert stats["free_pages"] == stats["total_pages"]

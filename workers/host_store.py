@@ -1,0 +1,193 @@
+"""Evicted KV kept in host memory for recall (issue 27): one owner for the host pages and each request's store.
+
+A compression evicts the same number of entries from every layer and KV head, so a request's store has the
+same shape everywhere: per (layer, head) a list of closed pages (block_size entries each, oldest first) and
+one open page being filled, all with the same fill. A page here holds one (layer, head)'s entries: K and V
+[block_size, D] in pinned memory (on CUDA), positions and global scores beside them, and the per-channel
+min and max of its keys on the device, which bound q.k for every key in it (Quest). Recall takes a
+(layer, head)'s pages of highest bound out of the store; what the compression does not keep goes back in.
+
+The pool is bounded. A compression whose evictions do not fit drops them (today's permanent eviction) and
+counts it; no request fails for it. `host_pages` caps each request's closed pages per (layer, head): the
+oldest go first, as the dense reference drops them (tests/dense_reference.py states the policy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class RequestStore:
+    """One request's store, per layer: closed page ids [H, n] (oldest first), the open page ids [H] or None,
+    and the open pages' fill (the same for every head of a layer, and for every layer between compressions)."""
+
+    closed: list[torch.Tensor]
+    open: list[torch.Tensor | None]
+    fill: list[int]
+
+
+@dataclass
+class Taken:
+    """Pages a compression recalls for a layer group: per (layer, head) r pages of block_size entries."""
+
+    k: torch.Tensor  # [lg, r * bs, H, D] on the device
+    v: torch.Tensor
+    pos: torch.Tensor  # [lg, r * bs, H] int64
+    g: torch.Tensor  # [lg, H, r * bs] fp32 (the global scores they were evicted with)
+
+
+@dataclass
+class HostKVStore:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    num_pages: int
+    dtype: torch.dtype
+    device: torch.device
+    host_pages: int | None = None  # closed pages per request and (layer, head); None: no cap
+    requests: dict[str, RequestStore] = field(default_factory=dict)
+
+    def __post_init__(self):
+        pin = self.device.type == "cuda"
+        bs, d = self.block_size, self.head_dim
+        self.kv = torch.empty(self.num_pages, 2, bs, d, dtype=self.dtype, pin_memory=pin)
+        self.pos = torch.empty(self.num_pages, bs, dtype=torch.long)
+        self.g = torch.zeros(self.num_pages, bs, dtype=torch.float32, pin_memory=pin)
+        self.summary = torch.empty(self.num_pages, 2, d, dtype=torch.float32, device=self.device)  # key min, max
+        self.free = list(range(self.num_pages - 1, -1, -1))  # a stack: the lowest ids are taken first
+        self.dropped_entries = 0  # evicted entries not kept (pool full, or beyond host_pages)
+        self.pool_full = 0  # compressions whose evictions did not fit the pool
+        self.recalled_pages = 0
+        self.bytes_to_host = 0
+        self.bytes_to_device = 0
+
+    @staticmethod
+    def page_bytes(block_size: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Host bytes of one (layer, head) page: K and V, positions, global scores."""
+        return block_size * (2 * head_dim * torch.empty(0, dtype=dtype).element_size() + 8 + 4)
+
+    def closed_pages(self, request_id: str) -> int:
+        """Closed pages per (layer, head) of a request (between compressions, the same everywhere)."""
+        st = self.requests.get(request_id)
+        return 0 if st is None else min(c.shape[1] for c in st.closed)
+
+    # ---- recall ------------------------------------------------------------------------------
+    def take(self, request_id: str, layers: slice, q_win: torch.Tensor, r: int) -> Taken | None:
+        """Remove and return, per (layer, head) of `layers`, its r closed pages of highest bound over the
+        window queries q_win [lg, Q, H_q, D] (ties: the later closed). None if r is 0."""
+        st = self.requests.get(request_id)
+        if st is None or r <= 0:
+            return None
+        ids = torch.stack(st.closed[layers])  # [lg, H, n]
+        lg, H, n = ids.shape
+        assert n >= r, "recall of more pages than stored"
+        s = self.summary[ids.to(self.device)]  # [lg, H, n, 2, D]
+        q = q_win.float().unflatten(2, (H, -1)).permute(0, 2, 1, 3, 4).flatten(2, 3)  # [lg, H, Q * group, D]
+        bound = torch.maximum(q[:, :, :, None] * s[:, :, None, :, 0], q[:, :, :, None] * s[:, :, None, :, 1])
+        bound = bound.sum(-1).amax(2)  # [lg, H, n]
+        # Highest bound first, the later page first among equals: a stable sort of the pages in reverse.
+        best = n - 1 - bound.flip(-1).sort(dim=-1, descending=True, stable=True).indices[..., :r]
+        best = best.sort(dim=-1).values.cpu()  # [lg, H, r], in store order
+        left = torch.ones(lg, H, n, dtype=torch.bool)
+        left.scatter_(2, best, False)
+        rest = ids[left].view(lg, H, n - r)
+        for i, l in enumerate(range(layers.start, layers.stop)):
+            st.closed[l] = rest[i]
+        flat = ids.gather(2, best).flatten()
+        bs, d = self.block_size, self.head_dim
+        # Blocking copies: the pages go back to the free list at once, and a later put may refill them.
+        kv = self.kv[flat].to(self.device)  # [lg * H * r, 2, bs, D]
+        pos = self.pos[flat].to(self.device)
+        g = self.g[flat].to(self.device)
+        self.bytes_to_device += kv.numel() * kv.element_size()
+        self.free.extend(flat.tolist())
+        self.recalled_pages += flat.numel()
+        kv = kv.view(lg, H, r, 2, bs, d).permute(3, 0, 2, 4, 1, 5).reshape(2, lg, r * bs, H, d)
+        return Taken(kv[0], kv[1], pos.view(lg, H, r * bs).transpose(1, 2), g.view(lg, H, r * bs))
+
+    # ---- eviction ----------------------------------------------------------------------------
+    def admit(self, request_id: str, evicted: int) -> bool:
+        """Whether a compression that evicts `evicted` entries from every (layer, head) may store them: the
+        new pages it opens, for all layers and heads, are free. If not, they are dropped (counted) and the
+        store stays as it was, the same for every layer."""
+        st = self.requests.get(request_id)
+        fill = st.fill[0] if st is not None else 0
+        new = -(-(evicted - min(evicted, (self.block_size - fill) % self.block_size)) // self.block_size)
+        if new * self.num_layers * self.num_kv_heads <= len(self.free):
+            return True
+        self.dropped_entries += self.num_layers * self.num_kv_heads * evicted
+        self.pool_full += 1
+        return False
+
+    def put(self, request_id: str, layers: slice, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+            g: torch.Tensor | None) -> None:
+        """Store a layer group's evicted entries, in position order: k, v [lg, E, H, D]; pos [lg, E, H];
+        g [lg, H, E] or None. The open page fills first, then new pages; full ones close."""
+        lg, E, H, _ = k.shape
+        st = self.requests.get(request_id)
+        if st is None:
+            L = self.num_layers
+            st = self.requests[request_id] = RequestStore([torch.empty(H, 0, dtype=torch.long)] * L, [None] * L, [0] * L)
+        if E == 0:
+            return
+        bs, fill = self.block_size, st.fill[layers.start]
+        chunks, at = [], 0  # (start, end, offset in its page)
+        while at < E:
+            n = min(E - at, bs - fill)
+            chunks.append((at, at + n, fill))
+            at, fill = at + n, (fill + n) % bs
+        kv = torch.stack([k, v], dim=2).permute(0, 3, 2, 1, 4).flatten(0, 1)  # [lg * H, 2, E, D]
+        kv_host = kv.to(self.dtype).cpu()
+        pos = pos.transpose(1, 2).flatten(0, 1).cpu()  # [lg * H, E]
+        g = g.flatten(0, 1).float().cpu() if g is not None else None
+        keys = kv[:, 0].float()
+        opened = torch.stack(st.open[layers]).flatten() if st.open[layers.start] is not None else None
+        closing = []
+        for start, end, off in chunks:
+            if off == 0:
+                opened = torch.tensor([self.free.pop() for _ in range(lg * H)], dtype=torch.long)
+            self.kv[opened, :, off: off + end - start] = kv_host[:, :, start:end]
+            self.pos[opened, off: off + end - start] = pos[:, start:end]
+            if g is not None:
+                self.g[opened, off: off + end - start] = g[:, start:end]
+            dev = opened.to(self.device)
+            lo, hi = keys[:, start:end].amin(1), keys[:, start:end].amax(1)
+            if off:  # (min and max extend: the open page's summary so far, and these)
+                lo, hi = torch.minimum(lo, self.summary[dev, 0]), torch.maximum(hi, self.summary[dev, 1])
+            self.summary[dev, 0], self.summary[dev, 1] = lo, hi
+            if off + end - start == bs:
+                closing.append(opened)
+                opened = None
+        self.bytes_to_host += kv.numel() * kv.element_size()
+        for i, l in enumerate(range(layers.start, layers.stop)):
+            closed = torch.cat([st.closed[l]] + [c.view(lg, H)[i, :, None] for c in closing], dim=1)
+            if self.host_pages is not None and closed.shape[1] > self.host_pages:
+                drop = closed[:, : closed.shape[1] - self.host_pages]
+                self.free.extend(drop.flatten().tolist())
+                self.dropped_entries += drop.numel() * bs
+                closed = closed[:, closed.shape[1] - self.host_pages:]
+            st.closed[l] = closed
+            st.open[l] = opened.view(lg, H)[i] if opened is not None else None
+            st.fill[l] = fill
+
+    def release(self, request_id: str) -> None:
+        """A request ended or was aborted: its pages go back to the pool."""
+        st = self.requests.pop(request_id, None)
+        if st is None:
+            return
+        for closed, opened in zip(st.closed, st.open):
+            self.free.extend(closed.flatten().tolist())
+            if opened is not None:
+                self.free.extend(opened.tolist())
+
+    def stats(self) -> dict:
+        used = self.num_pages - len(self.free)
+        return {"recall_host_pages_used": used, "recall_host_pages_total": self.num_pages,
+                "recall_host_bytes": used * self.page_bytes(self.block_size, self.head_dim, self.dtype),
+                "recalled_pages": self.recalled_pages, "recall_dropped_entries": self.dropped_entries,
+                "recall_pool_full": self.pool_full,
+                "recall_bytes_to_host": self.bytes_to_host, "recall_bytes_to_device": self.bytes_to_device}
