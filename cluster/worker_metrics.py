@@ -11,6 +11,10 @@ Names (all prefixed `zipserve_worker_`, tagged with `replica`):
   compressions_total            compressions run
   compression_seconds_total     host time launching (CPU: running) them
   prefix_cache_hit_rate         hit pages / queried pages since start
+  recall_host_bytes             host memory the recall stores hold (compression.recall)
+  recalled_pages_total          (layer, head) pages brought back from host memory
+  recall_bytes_total{direction} bytes moved for recall: to_host (evictions stored), to_device (recalled)
+  recall_dropped_entries_total  evicted entries not kept (pool full, or beyond host_pages)
 """
 
 from __future__ import annotations
@@ -30,13 +34,24 @@ class WorkerMetrics:
         self.gauges = {name: metrics.Gauge(p + name, desc, tag_keys=tags) for name, desc in (
             ("pages_used", "KV pages in use"), ("pages_free", "KV pages free"), ("slots_free", "free request slots"),
             ("running", "requests running"), ("waiting", "requests waiting"),
-            ("prefix_cache_hit_rate", "prefix cache hit pages / queried pages"))}
+            ("prefix_cache_hit_rate", "prefix cache hit pages / queried pages"),
+            ("recall_host_bytes", "host memory held by recall stores"))}
         self.compressions = metrics.Counter(p + "compressions_total", "compressions run", tag_keys=tags)
         self.compression_s = metrics.Counter(p + "compression_seconds_total", "compression time", tag_keys=tags)
+        self.recalled = metrics.Counter(p + "recalled_pages_total", "pages recalled from host memory", tag_keys=tags)
+        self.recall_bytes = metrics.Counter(p + "recall_bytes_total", "bytes moved for recall",
+                                            tag_keys=tags + ("direction",))
+        self.recall_dropped = metrics.Counter(p + "recall_dropped_entries_total", "evicted entries not kept",
+                                              tag_keys=tags)
         for m in (self.requests, self.tokens, self.ttft, self.itl, self.compressions, self.compression_s,
-                  *self.gauges.values()):
+                  self.recalled, self.recall_bytes, self.recall_dropped, *self.gauges.values()):
             m.set_default_tags({"replica": replica})
-        self._last = {"compressions": 0, "compression_seconds": 0.0}
+        self._counters = {  # engine stats key -> (counter, extra tags): each grows by the stat's increase
+            "compressions": (self.compressions, None), "compression_seconds": (self.compression_s, None),
+            "recalled_pages": (self.recalled, None), "recall_dropped_entries": (self.recall_dropped, None),
+            "recall_bytes_to_host": (self.recall_bytes, {"direction": "to_host"}),
+            "recall_bytes_to_device": (self.recall_bytes, {"direction": "to_device"})}
+        self._last = dict.fromkeys(self._counters, 0)
 
     def publish(self, stats: dict) -> None:
         g = self.gauges
@@ -47,8 +62,9 @@ class WorkerMetrics:
         g["waiting"].set(stats["waiting"])
         q = stats.get("prefix_cache_queries", 0)
         g["prefix_cache_hit_rate"].set(stats.get("prefix_cache_hits", 0) / q if q else 0.0)
-        for key, counter in (("compressions", self.compressions), ("compression_seconds", self.compression_s)):
+        g["recall_host_bytes"].set(stats.get("recall_host_bytes", 0))
+        for key, (counter, tags) in self._counters.items():
             now = stats.get(key, 0)
             if now > self._last[key]:
-                counter.inc(now - self._last[key])
+                counter.inc(now - self._last[key], tags=tags)
                 self._last[key] = now

@@ -269,12 +269,14 @@ REQ = st.tuples(st.integers(1, 40), st.integers(1, 60), st.sampled_from([None, 1
 
 @settings(max_examples=int(os.environ.get("ZIPSERVE_HYPOTHESIS_EXAMPLES", 60)), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(reqs=st.lists(REQ, min_size=1, max_size=10), num_blocks=st.integers(8, 30), chunk=st.integers(4, 40),
-       abort_at=st.lists(st.integers(0, 60), max_size=3), prefix=st.booleans(), borrow=st.booleans())
-def test_random_workloads_keep_invariants(qwen3_path, reqs, num_blocks, chunk, abort_at, prefix, borrow):
-    """Random mixes of budgets, prompt lengths, shared prefixes, aborts and a tight pool: invariants hold
-    after every step (pages, reservations, budget + 1 after prefill), everything finishes, nothing leaks."""
-    llm = LLM(qwen3_path, block_size=8, budget_blocks=2, compression=dict(query_window=4), num_blocks=num_blocks,
-              max_num_batched_tokens=chunk, enable_prefix_cache=prefix, max_model_len=1024,
+       abort_at=st.lists(st.integers(0, 60), max_size=3), prefix=st.booleans(), borrow=st.booleans(),
+       recall=st.sampled_from([None, dict(pages=1), dict(pages=2, host_pages=2, host_gib=2e-5)]))
+def test_random_workloads_keep_invariants(qwen3_path, reqs, num_blocks, chunk, abort_at, prefix, borrow, recall):
+    """Random mixes of budgets, prompt lengths, shared prefixes, aborts and a tight pool, with and without
+    recall (and with a recall pool that runs out): invariants hold after every step (pages, reservations,
+    budget + 1 after prefill, recall pages held once by live requests), everything finishes, nothing leaks."""
+    llm = LLM(qwen3_path, block_size=8, budget_blocks=2, compression=dict(query_window=4, recall=recall),
+              num_blocks=num_blocks, max_num_batched_tokens=chunk, enable_prefix_cache=prefix, max_model_len=1024,
               borrow_reserved_pages=borrow)
     eng = llm.engine
     shared = [9, 8, 7, 6, 5, 4, 3, 2, 1, 9, 8, 7, 6, 5, 4, 3]
@@ -292,6 +294,7 @@ def test_random_workloads_keep_invariants(qwen3_path, reqs, num_blocks, chunk, a
         assert step < 5000, "no progress"
     s = eng.stats()
     assert s["free_pages"] == s["total_pages"] and s["running"] == s["waiting"] == 0
+    assert s.get("recall_host_pages_used", 0) == 0
 
 
 @pytest.mark.parametrize("kw, err, msg", [

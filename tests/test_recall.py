@@ -46,3 +46,54 @@ def test_engine_with_recall_equals_dense_reference(model_factory, model, scoring
     assert stats["recalled_pages"] > 0 and stats["recall_bytes_to_device"] > 0
     assert stats["recall_host_pages_used"] == 0  # every request ended: its pages are back
     assert stats["free_pages"] == stats["total_pages"]
+
+
+def test_pool_that_holds_nothing_is_permanent_eviction(qwen3_path):
+    """A recall pool too small for one page: every compression's evictions are dropped (and counted), and
+    the engine says exactly what it says without recall; no request fails."""
+    ccfg = dict(query_window=4, recent_fraction=0.25)
+    plain = DenseCompressedReference(qwen3_path, 4, 2, CompressionConfig(**ccfg))
+    expected = [plain.generate(p, 40) for p in PROMPTS]
+    llm = LLM(qwen3_path, block_size=4, budget_blocks=2, num_blocks=64,
+              compression=dict(ccfg, recall={"pages": 1, "host_gib": 1e-9}))
+    outs = run_checked(llm, PROMPTS, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    assert [o.token_ids for o in outs] == expected
+    s = llm.stats()
+    assert s["recall_host_pages_total"] == 0 and s["recalled_pages"] == 0
+    assert s["recall_pool_full"] == s["compressions"] > 0 and s["recall_dropped_entries"] > 0
+
+
+def test_aborted_requests_give_their_recall_pages_back(qwen3_path):
+    """Requests aborted while their stores hold pages (and one aborted mid-prefill): the pool is idle after."""
+    llm = LLM(qwen3_path, block_size=4, budget_blocks=2, num_blocks=64,
+              compression=dict(query_window=4, recall={"pages": 1}))
+    eng = llm.engine
+    for i, p in enumerate(PROMPTS):
+        eng.add_request(f"a{i}", p, SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+    held = 0
+    for step in range(400):
+        eng.step()
+        eng.check_invariants()
+        held = max(held, eng.stats()["recall_host_pages_used"])
+        if held and eng.stats()["recalled_pages"]:
+            break
+    assert held > 0 and eng.stats()["recalled_pages"] > 0
+    for i in range(len(PROMPTS)):
+        eng.abort_request(f"a{i}")
+    while eng.has_unfinished_requests():
+        eng.step()
+        eng.check_invariants()
+    s = eng.stats()
+    assert s["recall_host_pages_used"] == 0 and s["free_pages"] == s["total_pages"]
+
+
+@pytest.mark.parametrize("recall, msg", [
+    ({"pages": 0}, "pages"),
+    ({"host_gib": 0}, "host_gib"),
+    ({"host_pages": -1}, "host_pages"),
+    ({"page": 1}, "unknown recall option"),
+    ("yes", "recall"),
+])
+def test_bad_recall_options(qwen3_path, recall, msg):
+    with pytest.raises(ValueError, match=msg):
+        LLM(qwen3_path, block_size=4, budget_blocks=2, num_blocks=16, compression=dict(query_window=4, recall=recall))

@@ -495,6 +495,9 @@ class LLMEngine:
         assert sched.available_pages() >= 0, "reservations exceed free and reclaimable pages"  # (free only, not borrowing)
         slots = [s.window_slot for s in sched.running if s.window_slot is not None]
         assert len(slots) == len(set(slots)) and not set(slots) & set(sched.free_window_slots)
+        if self.runner.compressor is not None and self.runner.compressor.store is not None:
+            compacting = [p.seq for _, plans in self.compactions.in_flight for p in plans] + self.compactions.deferred
+            self.runner.compressor.store.check_invariants({s.request_id for s in sched.running + compacting})
 
 
 def check_request(ids: list[int], params: SamplingParams, facts: dict) -> None:

@@ -14,6 +14,7 @@ oldest go first, as the dense reference drops them (tests/dense_reference.py sta
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -64,6 +65,7 @@ class HostKVStore:
         self.recalled_pages = 0
         self.bytes_to_host = 0
         self.bytes_to_device = 0
+        self.seconds = 0.0  # host time in take and put (their copies block: see take)
 
     @staticmethod
     def page_bytes(block_size: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -82,6 +84,13 @@ class HostKVStore:
         st = self.requests.get(request_id)
         if st is None or r <= 0:
             return None
+        t0 = time.perf_counter()
+        try:
+            return self._take(st, layers, q_win, r)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def _take(self, st: RequestStore, layers: slice, q_win: torch.Tensor, r: int) -> Taken:
         ids = torch.stack(st.closed[layers])  # [lg, H, n]
         lg, H, n = ids.shape
         assert n >= r, "recall of more pages than stored"
@@ -127,6 +136,13 @@ class HostKVStore:
             g: torch.Tensor | None) -> None:
         """Store a layer group's evicted entries, in position order: k, v [lg, E, H, D]; pos [lg, E, H];
         g [lg, H, E] or None. The open page fills first, then new pages; full ones close."""
+        t0 = time.perf_counter()
+        try:
+            self._put(request_id, layers, k, v, pos, g)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def _put(self, request_id: str, layers: slice, k, v, pos, g) -> None:
         lg, E, H, _ = k.shape
         st = self.requests.get(request_id)
         if st is None:
@@ -184,10 +200,22 @@ class HostKVStore:
             if opened is not None:
                 self.free.extend(opened.tolist())
 
+    def check_invariants(self, live: set) -> None:
+        """Every page is free or held by one live request's store, once; a store's layers agree."""
+        held = []
+        for rid, st in self.requests.items():
+            assert rid in live, f"request {rid} ended but holds recall pages"
+            assert len({c.shape[1] for c in st.closed}) == 1 and len(set(st.fill)) == 1, f"{rid}: layers disagree"
+            for closed, opened in zip(st.closed, st.open):
+                held += closed.flatten().tolist() + (opened.tolist() if opened is not None else [])
+        assert len(held) == len(set(held)), "a recall page held twice"
+        assert not set(held) & set(self.free) and len(held) + len(self.free) == self.num_pages, "recall pages lost"
+
     def stats(self) -> dict:
         used = self.num_pages - len(self.free)
         return {"recall_host_pages_used": used, "recall_host_pages_total": self.num_pages,
                 "recall_host_bytes": used * self.page_bytes(self.block_size, self.head_dim, self.dtype),
                 "recalled_pages": self.recalled_pages, "recall_dropped_entries": self.dropped_entries,
                 "recall_pool_full": self.pool_full,
-                "recall_bytes_to_host": self.bytes_to_host, "recall_bytes_to_device": self.bytes_to_device}
+                "recall_bytes_to_host": self.bytes_to_host, "recall_bytes_to_device": self.bytes_to_device,
+                "recall_seconds": self.seconds}
