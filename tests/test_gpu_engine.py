@@ -118,6 +118,26 @@ def test_triton_engine_equals_dense_reference(tmp_path, ccfg):
     assert llm.stats()["compressions"] > 0
 
 
+@pytest.mark.parametrize("pages", [1, 2])
+def test_triton_engine_with_recall_equals_dense_reference(tmp_path, pages):
+    """Recall on the GPU (pinned host pool, summaries on the device, compaction on its stream) brings back and
+    keeps exactly what the dense reference's recall policy does."""
+    from tests.dense_reference import DenseCompressedReference
+    from tests.test_compression import PROMPTS as CPU_PROMPTS
+    from zipserve.workers.config import CompressionConfig
+
+    path = build_model_folder(str(tmp_path / "m"), "qwen3", heads=4, kv_heads=2)
+    ccfg = dict(query_window=2)
+    ref = DenseCompressedReference(path, 4, 3, CompressionConfig(**ccfg), recall_pages=pages)
+    expected = [ref.generate(p, 48) for p in CPU_PROMPTS]
+    llm = LLM(path, device="cuda", backend="triton", dtype="float32", block_size=4, budget_blocks=3,
+              compression=dict(ccfg, recall={"pages": pages}), num_blocks=64, max_num_batched_tokens=9)
+    outs = llm.generate(CPU_PROMPTS, SamplingParams(temperature=0, max_tokens=48, ignore_eos=True), use_tqdm=False)
+    assert [o.token_ids for o in outs] == expected
+    s = llm.stats()
+    assert s["recalled_pages"] > 0 and s["recall_host_pages_used"] == 0 and s["free_pages"] == s["total_pages"]
+
+
 def test_no_attention_kernel_compiles_after_the_engine_has_started(tmp_path, monkeypatch, gpu_model):
     """A kernel compiled while requests wait is added to their time to first token: after the engine's
     start-up warm-up, bursts of different sizes and prompt lengths (ragged prefill, mixed prefill + decode,
