@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 import multiprocessing
 import queue
@@ -331,6 +332,10 @@ def _engine_process_main(config: EngineConfig, conn, idle_wait_s: float, snapsho
     except BaseException as e:  # noqa: BLE001 -- the parent raises it
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         return
+    # The model, caches and compiled kernels live as long as the process: out of the collector's sight, a
+    # full collection no longer walks them (a profiled H100 step loop showed a 3 ms pause in 1 step of 10).
+    gc.collect()
+    gc.freeze()
 
     def next_command(timeout: float):
         if not conn.poll(timeout):
