@@ -91,7 +91,7 @@ def test_capture_key_matches_the_block_managers_later_compression():
     bs, budget = 4, 2
     bm = BlockManager(32, bs, enable_prefix_cache=False)
     seq = SimpleNamespace(block_table=[], kv_len=0, num_scored=0, compressed=False, num_evicted=0,
-                          num_compressions=0)
+                          num_compressions=0, num_computed_tokens=0)
     seq.block_table = [bm._pop_free() for _ in range(budget + 1)]
     plans = []
     for _ in range(2):
