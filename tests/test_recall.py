@@ -25,7 +25,7 @@ def test_engine_with_recall_equals_dense_reference(model_factory, model, scoring
     arch, kw = MODELS[model]
     path = model_factory(arch, **kw)
     ccfg = dict(SCORING[scoring], query_window=window)
-    max_tokens = 48
+    max_tokens = 32
     ref = DenseCompressedReference(path, block_size, budget, CompressionConfig(**ccfg), recall_pages=pages,
                                    host_pages=host_pages)
     expected = [ref.generate(p, max_tokens) for p in PROMPTS]
