@@ -17,7 +17,7 @@ from tests.engine_driver import run_checked
 from tests.test_compression import CASES, MODELS, SCORING
 from zipserve.kernels.compress import compact_batched_ref, compact_batched_triton, compact_ref
 from zipserve.workers import LLM, SamplingParams
-from zipserve.workers.compressor import Compressor
+from zipserve.workers.compressor import Compressor, take
 from zipserve.workers.layers.backend import get_kernel_set
 from zipserve.workers.config import CompressionConfig
 
@@ -226,3 +226,16 @@ def test_long_compression_scores_fewer_layers_at_once(backend):
     assert torch.equal(torch.cat([r[3] for r in got.kept_log]), want.kept_log[0][3])
     assert torch.equal(bits(got.kv_cache), bits(want.kv_cache))
     assert torch.equal(bits(got.score_cache), bits(want.score_cache))
+
+
+@pytest.mark.parametrize("dtype,last", [(torch.bfloat16, 128), (torch.bfloat16, 6), (torch.bfloat16, 3),
+                                        (torch.float32, 8), (torch.float32, 1), (torch.int32, 2)])
+def test_take_equals_indexing(dtype, last):
+    """The widened copy returns exactly pool[index], for every width the last dim allows (and none)."""
+    g = torch.Generator().manual_seed(0)
+    pool = (torch.randn(3, 7, 4, 2, last, generator=g) * 100).to(dtype)
+    rows, cols = torch.tensor([2, 0])[None, :, None], torch.tensor([[6, 1, 1], [0, 5, 3]])[:, None, :]
+    for p, index in ((pool, (rows, cols)), (pool[1:], (slice(None), torch.tensor([4, 0, 2]))),
+                     (pool[:, 2], (rows, cols[..., :2] % 4))):
+        out = take(p, *index)
+        assert out.dtype == p.dtype and torch.equal(out, p[index])
