@@ -89,9 +89,11 @@ class Engine:
 
 def drive(engine: Engine, workload: Workload, concurrency: int, mode: str = "complete", warmup_s: float = 60.0,
           window_s: float = 120.0, max_seconds: float = 600.0, timeline_points: int = 400,
-          clock: Callable[[], float] = time.perf_counter) -> dict:
+          clock: Callable[[], float] = time.perf_counter, after: Callable[[], dict] | None = None) -> dict:
     """Run the workload; the figures in the result are over the whole run (`complete`) or the window: the
-    steps that start and end inside it, over the time from the first one's start to the last one's end."""
+    steps that start and end inside it, over the time from the first one's start to the last one's end.
+    `after` runs once the counted part is over, before the requests still in flight are aborted (a
+    profile of the same steady state); what it returns joins the result."""
     if mode not in ("complete", "window"):
         raise ValueError(f"mode must be 'complete' or 'window', got {mode!r}")
     t0 = clock()
@@ -154,6 +156,7 @@ def drive(engine: Engine, workload: Workload, concurrency: int, mode: str = "com
         if t > max_seconds:
             incomplete = True
             break
+    extra = after() if after is not None and engine.has_work() else {}
     for rid in [r for r in added if r not in ended]:  # the window's end (or the time limit) cut them off
         engine.abort(rid)
     span = last_end - first_start if steps else 0.0  # the time the counted steps took
@@ -164,7 +167,7 @@ def drive(engine: Engine, workload: Workload, concurrency: int, mode: str = "com
         "mean_running": running_sum / running_n if running_n else 0.0, "peak_running": peak_running,
         "ttft_s": percentiles(ttft), "itl_ms": {k: 1e3 * v for k, v in percentiles(gaps).items()},
         "timeline": thin(timeline, timeline_points),
-    } | ({"window": [lo, hi]} if mode == "window" else {})
+    } | ({"window": [lo, hi]} if mode == "window" else {}) | extra
     if floor_known and steps:
         result |= {"bandwidth_floor_s": floor_s, "floor_fraction": floor_s / span}
     return result

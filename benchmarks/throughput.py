@@ -94,7 +94,8 @@ def run_zipserve(system: str, path: str, workload: Workload, a, *, pool_pages: i
                                                                                   ignore_eos=True)),
                     step=step, has_work=eng.has_unfinished_requests, running=lambda: len(eng.scheduler.running),
                     step_floor_s=floor, abort=eng.abort_request)
-    result = drive(engine, workload, a.requests, a.mode, a.warmup, a.window, a.max_seconds)
+    result = drive(engine, workload, a.requests, a.mode, a.warmup, a.window, a.max_seconds,
+                   after=(lambda: profile_steps(step, a.profile_steps)) if a.profile_steps else None)
     torch.cuda.synchronize()
     gpu = clock.totals_ms()
     result |= {
@@ -109,6 +110,50 @@ def run_zipserve(system: str, path: str, workload: Workload, a, *, pool_pages: i
     gc.collect()
     torch.cuda.empty_cache()
     return result
+
+
+def profile_steps(step, steps: int) -> dict:
+    """Kernel time of `steps` engine steps in the steady state the window measured (torch profiler), split
+    by stream: the stream with the most kernel time runs the forward, the others the compression (its own
+    stream). Two shares: compression kernels of all kernel time, and the time only compression kept the
+    GPU busy (the union of all kernel intervals minus the forward stream's) of all busy time."""
+    from benchmarks.engine_step import gpu_busy_ms
+
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t
+    kernels = [ev for ev in prof.events() if ev.device_type.name == "CUDA" and ev.device_time > 0]
+    if not kernels:
+        return {"profile_error": "the profiler recorded no GPU kernels (CUPTI unavailable?)"}
+    by_stream: dict[int, float] = {}
+    for ev in kernels:
+        by_stream[ev.device_resource_id] = by_stream.get(ev.device_resource_id, 0.0) + ev.device_time / 1e3
+    main = max(by_stream, key=by_stream.get)
+    names: dict[str, float] = {}
+    for ev in (ev for ev in kernels if ev.device_resource_id != main):
+        names[ev.name[:80]] = names.get(ev.name[:80], 0.0) + ev.device_time / 1e3 / steps
+
+    class _Only:  # gpu_busy_ms over a subset of the events
+        def __init__(self, evs):
+            self._evs = evs
+
+        def events(self):
+            return self._evs
+
+    busy, busy_main = gpu_busy_ms(prof), gpu_busy_ms(_Only([ev for ev in kernels if ev.device_resource_id == main]))
+    total, side_ms = sum(by_stream.values()), sum(v for k, v in by_stream.items() if k != main)
+    return {"profile": {
+        "steps": steps, "wall_ms_per_step": 1e3 * wall / steps, "kernel_ms_per_step": total / steps,
+        "forward_stream_kernel_ms_per_step": by_stream[main] / steps, "other_streams_kernel_ms_per_step": side_ms / steps,
+        "busy_ms_per_step": busy / steps, "busy_only_other_streams_ms_per_step": (busy - busy_main) / steps,
+        "compression_share_of_kernel_time": side_ms / total if total else 0.0,
+        "compression_only_share_of_busy_time": (busy - busy_main) / busy if busy else 0.0,
+        "other_stream_kernels_ms_per_step": dict(sorted(names.items(), key=lambda x: -x[1])[:15]),
+        "note": "profiled steps run after the window, with the profiler's overhead; not part of its figures"}}
 
 
 def run_vllm(path: str, workload: Workload, a, *, bandwidth: float, max_len: int) -> dict:
@@ -241,6 +286,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--tag", default="", help="suffix of the result files' names")
     ap.add_argument("--max-seconds", type=float, default=300, help="stop a run after this long")
     ap.add_argument("--hf-seconds", type=float, default=90, help="transformers' measurement window")
+    ap.add_argument("--profile-steps", type=int, default=0, help="zipserve: after the window, profile this many "
+                    "steps of the same steady state (kernel time by stream: forward vs compression)")
     ap.add_argument("--out", default="benchmarks/results")
 
 
@@ -286,7 +333,10 @@ def run(args: argparse.Namespace) -> dict:
                   f"{r.get('peak_running', 0):3d}  {'' if r['complete'] else 'INCOMPLETE'}"
                   + (f"  floor {100 * r['floor_fraction']:.0f}%" if "floor_fraction" in r else "")
                   + (f"  compression {100 * r['compression_share_of_gpu_time']:.1f}% of GPU time"
-                     if "compression_share_of_gpu_time" in r else ""), flush=True)
+                     if "compression_share_of_gpu_time" in r else "")
+                  + (f"  profiled: compression {100 * r['profile']['compression_share_of_kernel_time']:.1f}% of kernel "
+                     f"time, alone {100 * r['profile']['compression_only_share_of_busy_time']:.1f}% of busy time"
+                     if "profile" in r else ""), flush=True)
             _ratios(row)
             _write(results, args.out, args.tag)  # after every system: a later one may not fit the call
     return results
