@@ -61,15 +61,17 @@ def _model_bytes(shape: str) -> tuple[float, float]:
 def run_zipserve(system: str, path: str, workload: Workload, a, *, pool_pages: int | None, bandwidth: float,
                  max_len: int) -> dict:
     """One engine, driven by benchmarks.closed_loop. system: "compressed" or "full", with "-sync" for the
-    engine without async scheduling (the host work between steps exposed)."""
+    engine without async scheduling (the host work between steps exposed); "compressed-recall": compressed
+    with recall of evicted entries (--recall-pages per layer and head per compression, issue 27)."""
     from zipserve.workers import LLM, SamplingParams
     from zipserve.workers.gpu_clock import GpuClock
 
     compressed = system.startswith("compressed")
     overlap = not system.endswith("-sync")
     bs, budget = a.block_size, a.budget
+    extra = {"compression": {"recall": {"pages": a.recall_pages}}} if system == "compressed-recall" else {}
     llm = LLM(path, load_format="dummy", block_size=bs, num_blocks=pool_pages, max_num_seqs=a.requests,
-              max_model_len=max_len, budget_blocks=budget if compressed else None, async_scheduling=overlap)
+              max_model_len=max_len, budget_blocks=budget if compressed else None, async_scheduling=overlap, **extra)
     eng = llm.engine
     # Warm up (Triton compiles, graph pools), including a compression at prefill end and one in decode.
     warm_prompt = [7] * ((budget + 1) * bs + 17 if compressed else 300)
@@ -103,6 +105,8 @@ def run_zipserve(system: str, path: str, workload: Workload, a, *, pool_pages: i
         "gpu_forward_s": gpu.get("forward", 0.0) / 1e3, "gpu_compression_s": gpu.get("compression", 0.0) / 1e3,
         "compression_share_of_gpu_time": gpu.get("compression", 0.0) / max(1e-9, sum(gpu.values())),
         "compressions": eng.stats().get("compressions", 0) - comp0,
+        **({"recall": {k: v for k, v in eng.stats().items() if k.startswith("recall")}}
+           if system == "compressed-recall" else {}),
         "preemptions": eng.scheduler.num_preemptions - preempt0,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
     }
@@ -281,7 +285,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--budget", type=int, default=8, help="compressed budget in pages")
     ap.add_argument("--block-size", type=int, default=256)
     ap.add_argument("--systems", default="compressed,full,transformers",
-                    help="of compressed, full, vllm, transformers, compressed-sync, full-sync (no async scheduling)")
+                    help="of compressed, full, vllm, transformers, compressed-sync, full-sync (no async scheduling), "
+                    "compressed-recall")
+    ap.add_argument("--recall-pages", type=int, default=4, help="compressed-recall: pages recalled per compression")
     ap.add_argument("--vllm-site", help="vLLM's unpacked site packages (for --systems vllm)")
     ap.add_argument("--tag", default="", help="suffix of the result files' names")
     ap.add_argument("--max-seconds", type=float, default=300, help="stop a run after this long")
@@ -316,7 +322,7 @@ def run(args: argparse.Namespace) -> dict:
                     "full_kv_concurrency_at_end": pool * args.block_size / (row["prompt_tokens"] / len(prompts) + L)}
         for system in args.systems.split(","):
             log.info("L=%d%s: running %s", L, " (mixed)" if args.mixed else "", system)
-            if system in ("compressed", "full", "compressed-sync", "full-sync"):
+            if system in ("compressed", "full", "compressed-sync", "full-sync", "compressed-recall"):
                 r = run_zipserve(system, path, workload, args, pool_pages=pool, bandwidth=bw, max_len=max_len)
             elif system == "vllm":
                 r = run_vllm(path, workload, args, bandwidth=bw, max_len=max_len)
@@ -346,7 +352,7 @@ def _ratios(row: dict) -> None:
     """Every system's tokens/s over every other's that the row holds (compressed / vllm, ...)."""
     s = row["systems"]
     for x in ("compressed", "full", "compressed-sync", "full-sync"):
-        for y in ("full", "vllm", "transformers", "compressed-sync", "full-sync"):
+        for y in ("full", "vllm", "transformers", "compressed-sync", "full-sync", "compressed-recall"):
             if x != y and x in s and y in s and (x, y) != ("full", "compressed-sync"):
                 row[f"{x}_over_{y}"] = s[x]["tokens_per_s"] / max(1e-9, s[y]["tokens_per_s"])
     if "compressed_over_full" in row and "ceiling_compressed_over_full" in row:
