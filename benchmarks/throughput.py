@@ -320,7 +320,7 @@ def run(args: argparse.Namespace) -> dict:
         if pool is not None and not args.mixed:
             row |= {"ceiling_compressed_over_full": L / (2 * b),
                     "full_kv_concurrency_at_end": pool * args.block_size / (row["prompt_tokens"] / len(prompts) + L)}
-        for system in args.systems.split(","):
+        for system in _vllm_first(args.systems.split(",")):
             log.info("L=%d%s: running %s", L, " (mixed)" if args.mixed else "", system)
             if system in ("compressed", "full", "compressed-sync", "full-sync", "compressed-recall"):
                 r = run_zipserve(system, path, workload, args, pool_pages=pool, bandwidth=bw, max_len=max_len)
@@ -346,6 +346,15 @@ def run(args: argparse.Namespace) -> dict:
             _ratios(row)
             _write(results, args.out, args.tag)  # after every system: a later one may not fit the call
     return results
+
+
+def _vllm_first(systems: list[str]) -> list[str]:
+    """vLLM sizes its pool from the GPU memory free when it starts, and an engine run before it in this
+    process does not hand all of its memory back (vLLM then refuses to start): so vLLM runs first."""
+    if "vllm" in systems and systems[0] != "vllm":
+        log.info("running vllm first (it sizes its pool from the GPU memory free at its start)")
+        systems = ["vllm"] + [s for s in systems if s != "vllm"]
+    return systems
 
 
 def _ratios(row: dict) -> None:
@@ -391,10 +400,13 @@ def plot(results: dict, path: str) -> None:
     rows = results["lengths"]
     fig, axes = plt.subplots(2, len(rows), figsize=(5 * len(rows), 7), squeeze=False)
     for j, row in enumerate(rows):
+        top = 0.0
         for name, r in row["systems"].items():
             tl = r.get("timeline") or []
             if not tl:
                 continue
+            rates = sorted(p[2] for p in tl)
+            top = max(top, 1.3 * rates[int(0.98 * (len(rates) - 1))])  # a bucket of near-zero time is a spike
             t = [p[0] for p in tl]
             axes[0][j].plot(t, [p[2] for p in tl], label=f"{r['system']} ({r['tokens_per_s']:.0f} tok/s)")
             axes[1][j].plot(t, [p[1] for p in tl], label=r["system"])
@@ -402,6 +414,8 @@ def plot(results: dict, path: str) -> None:
         ratios = [f"{row[k]:.2f}x {k.split('_over_')[1]}" for k in ("compressed_over_vllm", "compressed_over_full")
                   if k in row]
         axes[0][j].set(title=title + (": compressed " + ", ".join(ratios) if ratios else ""), ylabel="output tokens/s")
+        if top > 0:
+            axes[0][j].set_ylim(0, top)
         axes[1][j].set(xlabel="seconds", ylabel="running requests")
         axes[0][j].legend(fontsize=7)
     pool = "whole GPU" if results.get("pool") == "whole" else f"pool {results['pool_pages']} x {results['block_size']}"
