@@ -15,9 +15,12 @@ oldest go first, as the dense reference drops them (tests/dense_reference.py sta
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+from zipserve.kernels.host_copy import copy_runs_ref
 
 
 @dataclass
@@ -50,13 +53,14 @@ class HostKVStore:
     dtype: torch.dtype
     device: torch.device
     host_pages: int | None = None  # closed pages per request and (layer, head); None: no cap
+    copy_runs: Callable = copy_runs_ref  # moves page contents (kernels/host_copy.py): the kernel set's
     requests: dict[str, RequestStore] = field(default_factory=dict)
 
     def __post_init__(self):
         pin = self.device.type == "cuda"
         bs, d = self.block_size, self.head_dim
         self.kv = torch.empty(self.num_pages, 2, bs, d, dtype=self.dtype, pin_memory=pin)
-        self.pos = torch.empty(self.num_pages, bs, dtype=torch.long)
+        self.pos = torch.empty(self.num_pages, bs, dtype=torch.long, pin_memory=pin)
         self.g = torch.zeros(self.num_pages, bs, dtype=torch.float32, pin_memory=pin)
         self.summary = torch.empty(self.num_pages, 2, d, dtype=torch.float32, device=self.device)  # key min, max
         self.free = list(range(self.num_pages - 1, -1, -1))  # a stack: the lowest ids are taken first
@@ -65,7 +69,7 @@ class HostKVStore:
         self.recalled_pages = 0
         self.bytes_to_host = 0
         self.bytes_to_device = 0
-        self.seconds = 0.0  # host time in take and put (their copies block: see take)
+        self.seconds = 0.0  # host time in take and put
 
     @staticmethod
     def page_bytes(block_size: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -108,15 +112,40 @@ class HostKVStore:
             st.closed[l] = rest[i]
         flat = ids.gather(2, best).flatten()
         bs, d = self.block_size, self.head_dim
-        # Blocking copies: the pages go back to the free list at once, and a later put may refill them.
-        kv = self.kv[flat].to(self.device)  # [lg * H * r, 2, bs, D]
-        pos = self.pos[flat].to(self.device)
-        g = self.g[flat].to(self.device)
+        # The pages' contents move on the device's stream (copy_runs reads the pinned pool in place), so
+        # the ids go back to the free list at once: a later put's writes are queued after these reads.
+        kv, pos, g = self._gather(flat)
         self.bytes_to_device += kv.numel() * kv.element_size()
         self.free.extend(flat.tolist())
         self.recalled_pages += flat.numel()
         kv = kv.view(lg, H, r, 2, bs, d).permute(3, 0, 2, 4, 1, 5).reshape(2, lg, r * bs, H, d)
         return Taken(kv[0], kv[1], pos.view(lg, H, r * bs).transpose(1, 2), g.view(lg, H, r * bs))
+
+    def _gather(self, pages: torch.Tensor):
+        """The contents of host pages (ids [N]) on the device: K/V [N, 2, bs, D], positions and scores [N, bs]."""
+        n, bs, d = pages.numel(), self.block_size, self.head_dim
+        at = pages.to(self.device)
+        to = torch.arange(n, device=self.device)
+        kv = torch.empty(n, 2, bs, d, dtype=self.dtype, device=self.device)
+        pos = torch.empty(n, bs, dtype=torch.long, device=self.device)
+        g = torch.empty(n, bs, dtype=torch.float32, device=self.device)
+        self.copy_runs(kv, self.kv, to * (2 * bs * d), at * (2 * bs * d), 2 * bs * d)
+        self.copy_runs(pos, self.pos, to * bs, at * bs, bs)
+        self.copy_runs(g, self.g, to * bs, at * bs, bs)
+        return kv, pos, g
+
+    def _scatter(self, pages: torch.Tensor, off: int, kv: torch.Tensor, pos: torch.Tensor, g: torch.Tensor | None,
+                 start: int, end: int) -> None:
+        """Write entries start:end of kv [N, 2, E, D], pos [N, E], g [N, E] (contiguous, on the device) into
+        host pages (ids [N] on the device) from slot off on."""
+        n, E, bs, d, m = kv.shape[0], kv.shape[2], self.block_size, self.head_dim, end - start
+        rows = torch.arange(n, device=self.device)
+        page_kv = (pages * (2 * bs * d))[:, None] + torch.tensor([0, bs * d], device=self.device)  # [N, 2]
+        src_kv = (rows * (2 * E * d))[:, None] + torch.tensor([0, E * d], device=self.device)
+        self.copy_runs(self.kv, kv, (page_kv + off * d).flatten(), (src_kv + start * d).flatten(), m * d)
+        self.copy_runs(self.pos, pos, pages * bs + off, rows * E + start, m)
+        if g is not None:
+            self.copy_runs(self.g, g, pages * bs + off, rows * E + start, m)
 
     # ---- eviction ----------------------------------------------------------------------------
     def admit(self, request_id: str, evicted: int) -> bool:
@@ -156,21 +185,17 @@ class HostKVStore:
             n = min(E - at, bs - fill)
             chunks.append((at, at + n, fill))
             at, fill = at + n, (fill + n) % bs
-        kv = torch.stack([k, v], dim=2).permute(0, 3, 2, 1, 4).flatten(0, 1)  # [lg * H, 2, E, D]
-        kv_host = kv.to(self.dtype).cpu()
-        pos = pos.transpose(1, 2).flatten(0, 1).cpu()  # [lg * H, E]
-        g = g.flatten(0, 1).float().cpu() if g is not None else None
+        kv = torch.stack([k, v], dim=2).permute(0, 3, 2, 1, 4).flatten(0, 1).to(self.dtype).contiguous()  # [lg * H, 2, E, D]
+        pos = pos.transpose(1, 2).flatten(0, 1).contiguous()  # [lg * H, E] int64
+        g = g.flatten(0, 1).float().contiguous() if g is not None else None
         keys = kv[:, 0].float()
         opened = torch.stack(st.open[layers]).flatten() if st.open[layers.start] is not None else None
         closing = []
         for start, end, off in chunks:
             if off == 0:
                 opened = torch.tensor([self.free.pop() for _ in range(lg * H)], dtype=torch.long)
-            self.kv[opened, :, off: off + end - start] = kv_host[:, :, start:end]
-            self.pos[opened, off: off + end - start] = pos[:, start:end]
-            if g is not None:
-                self.g[opened, off: off + end - start] = g[:, start:end]
             dev = opened.to(self.device)
+            self._scatter(dev, off, kv, pos, g, start, end)
             lo, hi = keys[:, start:end].amin(1), keys[:, start:end].amax(1)
             if off:  # (min and max extend: the open page's summary so far, and these)
                 lo, hi = torch.minimum(lo, self.summary[dev, 0]), torch.maximum(hi, self.summary[dev, 1])

@@ -64,7 +64,7 @@ class ModelRunner:
                 positions = torch.zeros(a.num_layers, self.num_blocks, self.block_size, a.num_kv_heads, device=dev,
                                         dtype=torch.int32)
                 store = HostKVStore(a.num_layers, a.num_kv_heads, a.head_dim, self.block_size, self.recall_host_pages,
-                                    self.dtype, dev, self.recall.host_pages)
+                                    self.dtype, dev, self.recall.host_pages, self.kernels.copy_runs)
                 self.compressor.use_recall(store, positions)
         self.clock = None  # a GpuClock when a benchmark measures GPU time per region
         self.graphs = None

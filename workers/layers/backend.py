@@ -27,11 +27,13 @@ class KernelSet:
     compact_batched: object
     top_p_threshold: object
     sample_top_p: object
+    copy_runs: object
 
 
 def get_kernel_set(backend: str, fused_elementwise: bool = True) -> KernelSet:
     from zipserve.kernels import compress as c
     from zipserve.kernels.activation import silu_and_mul_ref, silu_and_mul_triton
+    from zipserve.kernels.host_copy import copy_runs_ref, copy_runs_triton
     from zipserve.kernels.kv_store import store_kv_ref, store_kv_triton
     from zipserve.kernels.paged_attention import paged_attention_ref, paged_attention_triton
     from zipserve.kernels.rms_norm import rms_norm_ref, rms_norm_triton
@@ -42,12 +44,12 @@ def get_kernel_set(backend: str, fused_elementwise: bool = True) -> KernelSet:
     if backend == "torch":
         return KernelSet("torch", store_kv_ref, paged_attention_ref, store_q_window_ref, rms_norm_ref,
                          qk_norm_rope_ref, silu_and_mul_ref, c.compression_scores_ref, c.select_keep_ref,
-                         c.compact_ref, c.compact_batched_ref, top_p_threshold_ref, sample_top_p_ref)
+                         c.compact_ref, c.compact_batched_ref, top_p_threshold_ref, sample_top_p_ref, copy_runs_ref)
     if backend == "triton":
         elementwise = ((rms_norm_triton, qk_norm_rope_triton, silu_and_mul_triton) if fused_elementwise
                        else (rms_norm_ref, qk_norm_rope_ref, silu_and_mul_ref))
         return KernelSet("triton" if fused_elementwise else "triton-unfused", store_kv_triton, paged_attention_triton,
                          store_q_window_triton, *elementwise, c.compression_scores_triton, c.select_keep_triton,
                          c.compact_triton, c.compact_batched_triton, top_p_threshold_triton,
-                         sample_top_p_triton)
+                         sample_top_p_triton, copy_runs_triton)
     raise ValueError(f"unknown backend {backend!r} (torch or triton)")
