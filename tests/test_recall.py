@@ -3,6 +3,7 @@ reference's statement of the policy (tests/dense_reference.py), token for token,
 pages back to the pool when requests end or are aborted, a full pool degrades to permanent eviction."""
 
 import pytest
+import torch
 
 from tests.dense_reference import DenseCompressedReference
 from tests.engine_driver import run_checked
@@ -95,3 +96,60 @@ def test_aborted_requests_give_their_recall_pages_back(qwen3_path):
 def test_bad_recall_options(qwen3_path, recall, msg):
     with pytest.raises(ValueError, match=msg):
         LLM(qwen3_path, block_size=4, budget_blocks=2, num_blocks=16, compression=dict(query_window=4, recall=recall))
+
+
+def _store_round_trip(device: str, copy_runs, no_sync: bool):
+    """Put 3.5 pages of evicted entries per (layer, head), take every closed page back: each recalled
+    entry is the one put at its position (K, V, score), and after release every page is free again."""
+    from zipserve.workers.host_store import HostKVStore
+
+    L, H, D, bs, E = 3, 2, 8, 4, 14
+    store = HostKVStore(L, H, D, bs, 64, torch.float32, torch.device(device), None, copy_runs)
+    g = torch.Generator().manual_seed(7)
+    k, v = torch.randn(L, E, H, D, generator=g), torch.randn(L, E, H, D, generator=g)
+    pos = torch.arange(100, 100 + E)[None, :, None].expand(L, E, H).contiguous()
+    sc = torch.rand(L, H, E, generator=g)
+    q = torch.randn(L, 5, 2 * H, D, generator=g)
+    dev = lambda t: t.to(device)  # noqa: E731
+    args = [dev(t) for t in (k, v, pos, sc, q)]
+    if no_sync:  # compile and warm the kernels first: only the store's own calls are checked
+        _store_round_trip(device, copy_runs, False)
+    if no_sync:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        assert store.admit("r", E)
+        store.put("r", slice(0, L), *args[:4])
+        taken = store.take("r", slice(0, L), args[4], 3)
+    finally:
+        if no_sync:
+            torch.cuda.set_sync_debug_mode("default")
+    got_pos = taken.pos.cpu()  # [L, 3 * bs, H]
+    for l in range(L):
+        for h in range(H):
+            order = got_pos[l, :, h].argsort()
+            p = got_pos[l, order, h] - 100
+            assert p.tolist() == list(range(12))  # the three closed pages; the open one (2 entries) stays
+            assert torch.equal(taken.k.cpu()[l, order, h], k[l, p, h])
+            assert torch.equal(taken.v.cpu()[l, order, h], v[l, p, h])
+            assert torch.equal(taken.g.cpu()[l, h, order], sc[l, h, p])
+    store.release("r")
+    store.check_invariants(set())
+    assert store.stats()["recall_host_pages_used"] == 0
+
+
+def test_store_round_trip_cpu():
+    from zipserve.kernels.host_copy import copy_runs_ref, copy_runs_triton
+
+    for fn in (copy_runs_ref, copy_runs_triton):
+        _store_round_trip("cpu", fn, False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_store_moves_pages_without_host_syncs():
+    """On CUDA the pool is pinned host memory the kernel reads and writes in place; put and take must not
+    synchronise (sync debug mode raises on any synchronising call)."""
+    from zipserve.kernels.host_copy import copy_runs_triton
+
+    _store_round_trip("cuda", copy_runs_triton, True)

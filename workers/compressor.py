@@ -24,17 +24,14 @@ import torch
 from zipserve.workers.block_manager import CompactionPlan
 from zipserve.workers.config import CompressionConfig
 from zipserve.workers.layers.backend import get_kernel_set
+from zipserve.workers.transfer import to_device
 
 log = logging.getLogger(__name__)
 
 
 def _index(values: list[int], device: torch.device) -> torch.Tensor:
-    """An index tensor on `device`. On CUDA it goes through pinned memory without blocking the host: a
-    pageable copy would wait for the decode queued before it, and the compression would not overlap."""
-    t = torch.tensor(values, dtype=torch.long)
-    if device.type != "cuda":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
+    """An index tensor on `device`, without blocking the host (workers/transfer.py)."""
+    return to_device(values, torch.long, device)
 
 
 def _layout(arrays: list[list[int]]) -> tuple[list[int], list[slice]]:
@@ -327,9 +324,9 @@ class Compressor:
         for layers, _ in self._layer_groups_of(self.layer_group_for(n + r * bs)):
             lg = layers.stop - layers.start
             k = take(self.kv_cache[0, layers], slice(None), src).reshape(lg, -1, h_kv, d)[:, :n]
-            v = self.kv_cache[1, layers, src].reshape(lg, -1, h_kv, d)[:, :n]
+            v = take(self.kv_cache[1, layers], slice(None), src).reshape(lg, -1, h_kv, d)[:, :n]
             q_win = self.q_window[layers, plan.seq.window_slot][:, ring]
-            pos = self.pos_cache[layers, src].reshape(lg, -1, h_kv)[:, :ns].long()
+            pos = take(self.pos_cache[layers], slice(None), src).reshape(lg, -1, h_kv)[:, :ns].long()
             g_prev = None
             if self.score_cache is not None and ns:
                 g_prev = take(self.score_cache[layers], slice(None), src).reshape(lg, -1, h_kv)[:, :ns].transpose(1, 2)

@@ -21,12 +21,14 @@ from dataclasses import dataclass, field
 import torch
 
 from zipserve.kernels.host_copy import copy_runs_ref
+from zipserve.workers.transfer import HostLater, to_device
 
 
 @dataclass
 class RequestStore:
-    """One request's store, per layer: closed page ids [H, n] (oldest first), the open page ids [H] or None,
-    and the open pages' fill (the same for every head of a layer, and for every layer between compressions)."""
+    """One request's store, per layer: closed page ids [H, n] (oldest first), the open page ids [H] or None
+    (both on the device: choosing and moving pages needs no host round trip), and the open pages' fill
+    (the same for every head of a layer, and for every layer between compressions)."""
 
     closed: list[torch.Tensor]
     open: list[torch.Tensor | None]
@@ -64,6 +66,9 @@ class HostKVStore:
         self.g = torch.zeros(self.num_pages, bs, dtype=torch.float32, pin_memory=pin)
         self.summary = torch.empty(self.num_pages, 2, d, dtype=torch.float32, device=self.device)  # key min, max
         self.free = list(range(self.num_pages - 1, -1, -1))  # a stack: the lowest ids are taken first
+        # Page ids given back on the device (recalled, dropped, released) reach the free list once their
+        # copy to the host has landed, after the reads queued before it: the host never waits for them.
+        self._freed = HostLater()
         self.dropped_entries = 0  # evicted entries not kept (pool full, or beyond host_pages)
         self.pool_full = 0  # compressions whose evictions did not fit the pool
         self.recalled_pages = 0
@@ -95,19 +100,18 @@ class HostKVStore:
             self.seconds += time.perf_counter() - t0
 
     def _take(self, st: RequestStore, layers: slice, q_win: torch.Tensor, r: int) -> Taken:
-        ids = torch.stack(st.closed[layers])  # [lg, H, n]
+        ids = torch.stack(st.closed[layers])  # [lg, H, n], on the device
         lg, H, n = ids.shape
         assert n >= r, "recall of more pages than stored"
-        s = self.summary[ids.to(self.device)]  # [lg, H, n, 2, D]
+        s = self.summary[ids]  # [lg, H, n, 2, D]
         q = q_win.float().unflatten(2, (H, -1)).permute(0, 2, 1, 3, 4).flatten(2, 3)  # [lg, H, Q * group, D]
         bound = torch.maximum(q[:, :, :, None] * s[:, :, None, :, 0], q[:, :, :, None] * s[:, :, None, :, 1])
         bound = bound.sum(-1).amax(2)  # [lg, H, n]
         # Highest bound first, the later page first among equals: a stable sort of the pages in reverse.
         best = n - 1 - bound.flip(-1).sort(dim=-1, descending=True, stable=True).indices[..., :r]
-        best = best.sort(dim=-1).values.cpu()  # [lg, H, r], in store order
-        left = torch.ones(lg, H, n, dtype=torch.bool)
-        left.scatter_(2, best, False)
-        rest = ids[left].view(lg, H, n - r)
+        best = best.sort(dim=-1).values  # [lg, H, r], in store order
+        taken = torch.zeros(lg, H, n, dtype=torch.int8, device=ids.device).scatter_(2, best, 1)
+        rest = ids.gather(2, taken.argsort(dim=2, stable=True)[..., : n - r])  # the others, in order
         for i, l in enumerate(range(layers.start, layers.stop)):
             st.closed[l] = rest[i]
         flat = ids.gather(2, best).flatten()
@@ -116,7 +120,7 @@ class HostKVStore:
         # the ids go back to the free list at once: a later put's writes are queued after these reads.
         kv, pos, g = self._gather(flat)
         self.bytes_to_device += kv.numel() * kv.element_size()
-        self.free.extend(flat.tolist())
+        self._freed.put(flat)
         self.recalled_pages += flat.numel()
         kv = kv.view(lg, H, r, 2, bs, d).permute(3, 0, 2, 4, 1, 5).reshape(2, lg, r * bs, H, d)
         return Taken(kv[0], kv[1], pos.view(lg, H, r * bs).transpose(1, 2), g.view(lg, H, r * bs))
@@ -124,7 +128,7 @@ class HostKVStore:
     def _gather(self, pages: torch.Tensor):
         """The contents of host pages (ids [N]) on the device: K/V [N, 2, bs, D], positions and scores [N, bs]."""
         n, bs, d = pages.numel(), self.block_size, self.head_dim
-        at = pages.to(self.device)
+        at = pages
         to = torch.arange(n, device=self.device)
         kv = torch.empty(n, 2, bs, d, dtype=self.dtype, device=self.device)
         pos = torch.empty(n, bs, dtype=torch.long, device=self.device)
@@ -140,8 +144,9 @@ class HostKVStore:
         host pages (ids [N] on the device) from slot off on."""
         n, E, bs, d, m = kv.shape[0], kv.shape[2], self.block_size, self.head_dim, end - start
         rows = torch.arange(n, device=self.device)
-        page_kv = (pages * (2 * bs * d))[:, None] + torch.tensor([0, bs * d], device=self.device)  # [N, 2]
-        src_kv = (rows * (2 * E * d))[:, None] + torch.tensor([0, E * d], device=self.device)
+        half = torch.arange(2, device=self.device)  # K, V
+        page_kv = (pages * (2 * bs * d))[:, None] + half * (bs * d)  # [N, 2]
+        src_kv = (rows * (2 * E * d))[:, None] + half * (E * d)
         self.copy_runs(self.kv, kv, (page_kv + off * d).flatten(), (src_kv + start * d).flatten(), m * d)
         self.copy_runs(self.pos, pos, pages * bs + off, rows * E + start, m)
         if g is not None:
@@ -152,6 +157,7 @@ class HostKVStore:
         """Whether a compression that evicts `evicted` entries from every (layer, head) may store them: the
         new pages it opens, for all layers and heads, are free. If not, they are dropped (counted) and the
         store stays as it was, the same for every layer."""
+        self._reap()
         st = self.requests.get(request_id)
         fill = st.fill[0] if st is not None else 0
         new = -(-(evicted - min(evicted, (self.block_size - fill) % self.block_size)) // self.block_size)
@@ -176,7 +182,8 @@ class HostKVStore:
         st = self.requests.get(request_id)
         if st is None:
             L = self.num_layers
-            st = self.requests[request_id] = RequestStore([torch.empty(H, 0, dtype=torch.long)] * L, [None] * L, [0] * L)
+            none = torch.empty(H, 0, dtype=torch.long, device=self.device)
+            st = self.requests[request_id] = RequestStore([none] * L, [None] * L, [0] * L)
         if E == 0:
             return
         bs, fill = self.block_size, st.fill[layers.start]
@@ -193,13 +200,12 @@ class HostKVStore:
         closing = []
         for start, end, off in chunks:
             if off == 0:
-                opened = torch.tensor([self.free.pop() for _ in range(lg * H)], dtype=torch.long)
-            dev = opened.to(self.device)
-            self._scatter(dev, off, kv, pos, g, start, end)
+                opened = to_device([self.free.pop() for _ in range(lg * H)], torch.long, self.device)
+            self._scatter(opened, off, kv, pos, g, start, end)
             lo, hi = keys[:, start:end].amin(1), keys[:, start:end].amax(1)
             if off:  # (min and max extend: the open page's summary so far, and these)
-                lo, hi = torch.minimum(lo, self.summary[dev, 0]), torch.maximum(hi, self.summary[dev, 1])
-            self.summary[dev, 0], self.summary[dev, 1] = lo, hi
+                lo, hi = torch.minimum(lo, self.summary[opened, 0]), torch.maximum(hi, self.summary[opened, 1])
+            self.summary[opened, 0], self.summary[opened, 1] = lo, hi
             if off + end - start == bs:
                 closing.append(opened)
                 opened = None
@@ -208,7 +214,7 @@ class HostKVStore:
             closed = torch.cat([st.closed[l]] + [c.view(lg, H)[i, :, None] for c in closing], dim=1)
             if self.host_pages is not None and closed.shape[1] > self.host_pages:
                 drop = closed[:, : closed.shape[1] - self.host_pages]
-                self.free.extend(drop.flatten().tolist())
+                self._freed.put(drop.flatten())
                 self.dropped_entries += drop.numel() * bs
                 closed = closed[:, closed.shape[1] - self.host_pages:]
             st.closed[l] = closed
@@ -221,12 +227,18 @@ class HostKVStore:
         if st is None:
             return
         for closed, opened in zip(st.closed, st.open):
-            self.free.extend(closed.flatten().tolist())
+            self._freed.put(closed.flatten())
             if opened is not None:
-                self.free.extend(opened.tolist())
+                self._freed.put(opened)
+
+    def _reap(self, wait: bool = False) -> None:
+        """Give the page ids whose copy to the host has landed back to the free list."""
+        for ids in self._freed.ready(wait):
+            self.free.extend(ids.tolist())
 
     def check_invariants(self, live: set) -> None:
         """Every page is free or held by one live request's store, once; a store's layers agree."""
+        self._reap(wait=True)
         held = []
         for rid, st in self.requests.items():
             assert rid in live, f"request {rid} ended but holds recall pages"
@@ -237,6 +249,7 @@ class HostKVStore:
         assert not set(held) & set(self.free) and len(held) + len(self.free) == self.num_pages, "recall pages lost"
 
     def stats(self) -> dict:
+        self._reap()
         used = self.num_pages - len(self.free)
         return {"recall_host_pages_used": used, "recall_host_pages_total": self.num_pages,
                 "recall_host_bytes": used * self.page_bytes(self.block_size, self.head_dim, self.dtype),

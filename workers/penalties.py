@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from zipserve.workers.sampler import to_device
+from zipserve.workers.transfer import to_device
 from zipserve.workers.sampling_params import SamplingParams
 
 

@@ -16,6 +16,7 @@ import torch
 
 from zipserve.kernels.sampling import DRAWS, inverse_cdf, sample_top_p_ref, top_p_threshold_ref
 from zipserve.workers.sampling_params import SamplingParams
+from zipserve.workers.transfer import to_device
 
 
 def truncate_logits(logits: torch.Tensor, params: list[SamplingParams], top_p_threshold=top_p_threshold_ref
@@ -165,11 +166,3 @@ def check_rows(bad: list[int]) -> None:
     """Raise SamplingError for rows flagged bad (never with validated params; a model emitting NaN would)."""
     if any(bad):
         raise SamplingError([r for r, b in enumerate(bad) if b])
-
-
-def to_device(values, dtype, device: torch.device) -> torch.Tensor:
-    """A small host list/tensor on `device` without waiting for the device's queued work (pinned copy)."""
-    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
