@@ -52,6 +52,11 @@ def _upload(arrays: list[list[int]], device: torch.device) -> list[torch.Tensor]
     return [t[s] for s in spans]
 
 
+def ring_order(kv_len: int, window: int) -> list[int]:
+    """Slots of the query-window ring buffer, oldest query first, after kv_len entries were written."""
+    return [(kv_len - window + i) % window for i in range(window)]
+
+
 def take(pool: torch.Tensor, *index) -> torch.Tensor:
     """pool[index] (advanced indexing over leading dims), copied through an integer view of the last dim as
     wide as it allows: torch's indexing kernel moves one element per thread, so 16-bit K pages move
@@ -279,7 +284,7 @@ class Compressor:
         h_kv, d = self.kv_cache.shape[-2:]
         lg = layers.stop - layers.start
         k = take(self.kv_cache[0, layers], slice(None), src).reshape(lg, -1, h_kv, d)[:, :n]
-        ring = _index([(n - Q + i) % Q for i in range(Q)], src.device)
+        ring = _index(ring_order(n, Q), src.device)
         q_win = self.q_window[layers, seq.window_slot][:, ring]
         g_prev = None
         if self.score_cache is not None and plan.num_scored:
@@ -315,7 +320,7 @@ class Compressor:
         kp, dev = keep // bs, self.kv_cache.device
         src = _index(plan.src_table[: -(-n // bs)], dev)
         dest = _index(plan.dest_table[:kp], dev)
-        ring = _index([(n - self.cfg.query_window + i) % self.cfg.query_window for i in range(self.cfg.query_window)], dev)
+        ring = _index(ring_order(n, self.cfg.query_window), dev)
         cfg = self.cfg.for_compression(keep, plan.seq.num_prompt_tokens)
         r = min(self.cfg.recall.pages, self.store.closed_pages(rid))
         evicted = n + r * bs - keep
@@ -388,7 +393,7 @@ class Compressor:
         bs, Q, p0 = self.block_size, self.cfg.query_window, plans[0]
         n, pages, kp = p0.kv_len, -(-p0.kv_len // bs), p0.keep // bs
         return [[b for p in plans for b in p.src_table[:pages]], [b for p in plans for b in p.dest_table[:kp]],
-                [p.seq.window_slot for p in plans], [(n - Q + i) % Q for i in range(Q)]]
+                [p.seq.window_slot for p in plans], ring_order(n, Q)]
 
     def _replay(self, g: _Graph, plans: list[CompactionPlan]) -> None:
         """Copy a chunk's index arrays into the graph's buffer and replay it, on the current stream. A replay
