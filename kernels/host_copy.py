@@ -39,6 +39,7 @@ def copy_runs_triton(dst: torch.Tensor, src: torch.Tensor, dst_at: torch.Tensor,
     """Same as copy_runs_ref; the offsets live on the device the kernel runs on (on CUDA, a pinned host
     tensor is read or written in place)."""
     assert dst.dtype == src.dtype and dst.is_contiguous() and src.is_contiguous()
+    assert dst_at.dtype == src_at.dtype == torch.int64 and dst_at.is_contiguous() and src_at.is_contiguous()
     if not dst_at.numel() or length <= 0:
         return
     BLOCK = min(4096, triton.next_power_of_2(length))

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from zipserve.kernels.host_copy import copy_runs_ref
-from zipserve.workers.transfer import HostLater, to_device
+from zipserve.workers.transfer import HostLater, keep_for_stream, to_device
 
 
 @dataclass
@@ -113,6 +113,7 @@ class HostKVStore:
         taken = torch.zeros(lg, H, n, dtype=torch.int8, device=ids.device).scatter_(2, best, 1)
         rest = ids.gather(2, taken.argsort(dim=2, stable=True)[..., : n - r])  # the others, in order
         for i, l in enumerate(range(layers.start, layers.stop)):
+            keep_for_stream(st.closed[l])  # (made by an earlier compression, maybe on the other stream)
             st.closed[l] = rest[i]
         flat = ids.gather(2, best).flatten()
         bs, d = self.block_size, self.head_dim
@@ -161,7 +162,8 @@ class HostKVStore:
         st = self.requests.get(request_id)
         fill = st.fill[0] if st is not None else 0
         new = -(-(evicted - min(evicted, (self.block_size - fill) % self.block_size)) // self.block_size)
-        if new * self.num_layers * self.num_kv_heads <= len(self.free):
+        # Ids given back but still in flight to the host count as free: put waits for them if it must.
+        if new * self.num_layers * self.num_kv_heads <= len(self.free) + self._freed.elements:
             return True
         self.dropped_entries += self.num_layers * self.num_kv_heads * evicted
         self.pool_full += 1
@@ -200,6 +202,8 @@ class HostKVStore:
         closing = []
         for start, end, off in chunks:
             if off == 0:
+                if len(self.free) < lg * H:  # admitted against ids still in flight (a pool near full)
+                    self._reap(wait=True)
                 opened = to_device([self.free.pop() for _ in range(lg * H)], torch.long, self.device)
             self._scatter(opened, off, kv, pos, g, start, end)
             lo, hi = keys[:, start:end].amin(1), keys[:, start:end].amax(1)
@@ -217,6 +221,9 @@ class HostKVStore:
                 self._freed.put(drop.flatten())
                 self.dropped_entries += drop.numel() * bs
                 closed = closed[:, closed.shape[1] - self.host_pages:]
+            keep_for_stream(st.closed[l])
+            if st.open[l] is not None:
+                keep_for_stream(st.open[l])
             st.closed[l] = closed
             st.open[l] = opened.view(lg, H)[i] if opened is not None else None
             st.fill[l] = fill

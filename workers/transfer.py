@@ -23,29 +23,40 @@ class HostLater:
     (all of them on the CPU, or with wait=True), oldest first, without blocking otherwise."""
 
     def __init__(self):
-        self._pending: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
+        # (host copy, its event or None, the device tensor kept alive until the copy has landed)
+        self._pending: list[tuple[torch.Tensor, torch.cuda.Event | None, torch.Tensor | None]] = []
+        self.elements = 0  # elements still in flight
 
     def put(self, t: torch.Tensor) -> None:
         if t.device.type != "cuda":
-            self._pending.append((t, None))
-            return
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        host.copy_(t, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        self._pending.append((host, done))
+            self._pending.append((t, None, None))
+        else:
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self._pending.append((host, done, t))
+        self.elements += t.numel()
 
     def ready(self, wait: bool = False) -> list[torch.Tensor]:
         out = []
         while self._pending:
-            host, done = self._pending[0]
+            host, done, _ = self._pending[0]
             if done is not None and not done.query():
                 if not wait:
                     break
                 done.synchronize()
             out.append(host)
             self._pending.pop(0)
+            self.elements -= host.numel()
         return out
 
     def __len__(self) -> int:
         return len(self._pending)
+
+
+def keep_for_stream(t: torch.Tensor) -> None:
+    """A device tensor made on another stream and read on the current one is about to be dropped: its
+    memory must not go back to its stream's pool before the current stream's reads of it have run."""
+    if t.is_cuda:
+        t.record_stream(torch.cuda.current_stream(t.device))
