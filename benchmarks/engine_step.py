@@ -64,10 +64,10 @@ class PhaseTimer:
         setattr(owner, attr, timed)
 
 
-def gpu_busy_ms(prof) -> float:
-    """Milliseconds in which at least one kernel or copy ran on the device (the union of their intervals):
-    step time beyond it is the GPU waiting (for the host, or between kernels)."""
-    spans = sorted((ev.time_range.start, ev.time_range.end) for ev in prof.events()
+def gpu_busy_ms(events) -> float:
+    """Milliseconds in which at least one of these profiler events (kernels, copies) ran on the device (the
+    union of their intervals): step time beyond it is the GPU waiting (for the host, or between kernels)."""
+    spans = sorted((ev.time_range.start, ev.time_range.end) for ev in events
                    if ev.device_type.name == "CUDA" and ev.device_time > 0)
     busy, end = 0.0, float("-inf")
     for s, e in spans:
@@ -189,7 +189,7 @@ def run_system(system: str, a, path: str, bandwidth: float) -> dict:
         "gpu_kernel_ms_per_step_by_kind": kinds,
         "gpu_kernel_ms_per_step_by_stream": streams,
         "gpu_kernel_ms_per_step": sum(kinds.values()), "kernels_per_step": count / n_prof,
-        "gpu_busy_ms_per_step": gpu_busy_ms(prof) / n_prof, "profiled_step_ms": profiled_ms,
+        "gpu_busy_ms_per_step": gpu_busy_ms(prof.events()) / n_prof, "profiled_step_ms": profiled_ms,
         "top_kernels_ms_per_step": top_kernels(prof, n_prof),
         "bandwidth_floor_ms": (weight_bytes + kv_bytes) / bandwidth * 1e3,
     }

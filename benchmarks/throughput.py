@@ -140,15 +140,7 @@ def profile_steps(step, steps: int) -> dict:
     names: dict[str, float] = {}
     for ev in (ev for ev in kernels if ev.device_resource_id != main):
         names[ev.name[:80]] = names.get(ev.name[:80], 0.0) + ev.device_time / 1e3 / steps
-
-    class _Only:  # gpu_busy_ms over a subset of the events
-        def __init__(self, evs):
-            self._evs = evs
-
-        def events(self):
-            return self._evs
-
-    busy, busy_main = gpu_busy_ms(prof), gpu_busy_ms(_Only([ev for ev in kernels if ev.device_resource_id == main]))
+    busy, busy_main = gpu_busy_ms(kernels), gpu_busy_ms([ev for ev in kernels if ev.device_resource_id == main])
     total, side_ms = sum(by_stream.values()), sum(v for k, v in by_stream.items() if k != main)
     return {"profile": {
         "steps": steps, "wall_ms_per_step": 1e3 * wall / steps, "kernel_ms_per_step": total / steps,

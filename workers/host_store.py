@@ -117,8 +117,8 @@ class HostKVStore:
             st.closed[l] = rest[i]
         flat = ids.gather(2, best).flatten()
         bs, d = self.block_size, self.head_dim
-        # The pages' contents move on the device's stream (copy_runs reads the pinned pool in place), so
-        # the ids go back to the free list at once: a later put's writes are queued after these reads.
+        # The pages' contents move on the device's stream (copy_runs reads the pinned pool in place); their
+        # ids reach the free list once their copy to the host lands, after these reads.
         kv, pos, g = self._gather(flat)
         self.bytes_to_device += kv.numel() * kv.element_size()
         self._freed.put(flat)
@@ -129,14 +129,13 @@ class HostKVStore:
     def _gather(self, pages: torch.Tensor):
         """The contents of host pages (ids [N]) on the device: K/V [N, 2, bs, D], positions and scores [N, bs]."""
         n, bs, d = pages.numel(), self.block_size, self.head_dim
-        at = pages
         to = torch.arange(n, device=self.device)
         kv = torch.empty(n, 2, bs, d, dtype=self.dtype, device=self.device)
         pos = torch.empty(n, bs, dtype=torch.long, device=self.device)
         g = torch.empty(n, bs, dtype=torch.float32, device=self.device)
-        self.copy_runs(kv, self.kv, to * (2 * bs * d), at * (2 * bs * d), 2 * bs * d)
-        self.copy_runs(pos, self.pos, to * bs, at * bs, bs)
-        self.copy_runs(g, self.g, to * bs, at * bs, bs)
+        self.copy_runs(kv, self.kv, to * (2 * bs * d), pages * (2 * bs * d), 2 * bs * d)
+        self.copy_runs(pos, self.pos, to * bs, pages * bs, bs)
+        self.copy_runs(g, self.g, to * bs, pages * bs, bs)
         return kv, pos, g
 
     def _scatter(self, pages: torch.Tensor, off: int, kv: torch.Tensor, pos: torch.Tensor, g: torch.Tensor | None,

@@ -51,9 +51,6 @@ class HostLater:
             self.elements -= host.numel()
         return out
 
-    def __len__(self) -> int:
-        return len(self._pending)
-
 
 def keep_for_stream(t: torch.Tensor) -> None:
     """A device tensor made on another stream and read on the current one is about to be dropped: its
