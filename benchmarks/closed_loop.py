@@ -85,6 +85,7 @@ class Engine:
     running: Callable[[], int]
     step_floor_s: Callable[[], float | None] = lambda: None
     abort: Callable[[str], None] = lambda rid: None
+    prompt_tokens: Callable[[], int] | None = None  # prompt tokens computed so far (tells steps with a prefill)
 
 
 def drive(engine: Engine, workload: Workload, concurrency: int, mode: str = "complete", warmup_s: float = 60.0,
@@ -116,10 +117,15 @@ def drive(engine: Engine, workload: Workload, concurrency: int, mode: str = "com
     floor_s, floor_known, running_sum, running_n, peak_running = 0.0, True, 0, 0, 0
     incomplete = False
     first_start = last_end = None  # of the steps counted
+    # Counted steps: [steps, seconds]. Under async scheduling a step() call waits for the step before's
+    # tokens, so a prefill's cost can land in the call after it: that call counts with the prefill.
+    by_kind = {"decode": [0, 0.0], "with prefill": [0, 0.0]}
+    prefilled = False  # the call before ran a prefill
     while engine.has_work():
         floor = engine.step_floor_s()
         t_before = clock() - t0
         running = engine.running()
+        prompt_before = engine.prompt_tokens() if engine.prompt_tokens is not None else 0
         outs = engine.step()
         t = clock() - t0
         n_step = 0
@@ -146,6 +152,12 @@ def drive(engine: Engine, workload: Workload, concurrency: int, mode: str = "com
             running_sum += running
             running_n += 1
             peak_running = max(peak_running, running)
+            if engine.prompt_tokens is not None:
+                now_prefilled = engine.prompt_tokens() > prompt_before
+                kind = by_kind["with prefill" if now_prefilled or prefilled else "decode"]
+                kind[0] += 1
+                kind[1] += t - t_before
+                prefilled = now_prefilled
             if floor is None:
                 floor_known = False
             else:
@@ -170,7 +182,20 @@ def drive(engine: Engine, workload: Workload, concurrency: int, mode: str = "com
     } | ({"window": [lo, hi]} if mode == "window" else {}) | extra
     if floor_known and steps:
         result |= {"bandwidth_floor_s": floor_s, "floor_fraction": floor_s / span}
+    if engine.prompt_tokens is not None and steps:
+        result["steps_by_kind"] = step_kinds(by_kind, span)
     return result
+
+
+def step_kinds(by_kind: dict, span: float) -> dict:
+    """Counted steps split by whether they (or the step before: see drive) ran a prefill chunk (a step that
+    admits a request cannot replay a decode graph), with the share of the window the prefill steps took
+    beyond a decode step's mean time."""
+    out = {k: {"steps": n, "mean_ms": 1e3 * s / n if n else None} for k, (n, s) in by_kind.items()}
+    (nd, sd), (npf, spf) = by_kind["decode"], by_kind["with prefill"]
+    if nd and npf:
+        out["prefill_steps_excess_share"] = (spf - npf * sd / nd) / span
+    return out
 
 
 def thin(timeline: list, points: int = 400) -> list:

@@ -95,9 +95,19 @@ def run_zipserve(system: str, path: str, workload: Workload, a, *, pool_pages: i
     engine = Engine(add=lambda rid, p, n: eng.add_request(rid, p, SamplingParams(temperature=0, max_tokens=n,
                                                                                   ignore_eos=True)),
                     step=step, has_work=eng.has_unfinished_requests, running=lambda: len(eng.scheduler.running),
-                    step_floor_s=floor, abort=eng.abort_request)
+                    step_floor_s=floor, abort=eng.abort_request, prompt_tokens=lambda: eng.num_prompt_tokens_computed)
+
+    def after() -> dict:
+        probe = workload.request(10**6)[0]  # a fresh request's prompt (not an aged one)
+        found = profile_steps(step, a.profile_steps) | profile_admission(
+            step, lambda: engine.add("admission-probe", probe, 64))
+        eng.abort_request("admission-probe")
+        return found
+
+    alloc0 = torch.cuda.memory_stats()
     result = drive(engine, workload, a.requests, a.mode, a.warmup, a.window, a.max_seconds,
-                   after=(lambda: profile_steps(step, a.profile_steps)) if a.profile_steps else None)
+                   after=after if a.profile_steps else None)
+    alloc1 = torch.cuda.memory_stats()
     torch.cuda.synchronize()
     gpu = clock.totals_ms()
     result |= {
@@ -109,6 +119,9 @@ def run_zipserve(system: str, path: str, workload: Workload, a, *, pool_pages: i
            if system == "compressed-recall" else {}),
         "preemptions": eng.scheduler.num_preemptions - preempt0,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        # cudaMalloc / cudaFree calls and out-of-memory retries (each frees the cache: a device sync) in the run
+        "allocator": {k: alloc1.get(k, 0) - alloc0.get(k, 0)
+                      for k in ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")},
     }
     del llm, eng
     gc.collect()
@@ -150,6 +163,39 @@ def profile_steps(step, steps: int) -> dict:
         "compression_only_share_of_busy_time": (busy - busy_main) / busy if busy else 0.0,
         "other_stream_kernels_ms_per_step": dict(sorted(names.items(), key=lambda x: -x[1])[:15]),
         "note": "profiled steps run after the window, with the profiler's overhead; not part of its figures"}}
+
+
+def profile_admission(step, admit, steps: int = 4) -> dict:
+    """Where an admission's extra time goes (a step with a prefill chunk runs eagerly, not from a decode
+    graph): `steps` decode steps, then a request admitted and `steps` more, each run profiled (host and
+    GPU): wall, GPU busy and kernel time, the kernels of most time and the host ops of most self time."""
+    from benchmarks.engine_step import gpu_busy_ms
+
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+
+    def run() -> dict:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.profiler.profile(activities=acts) as prof:
+            for _ in range(steps):
+                step()
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+        events = prof.events()
+        kernels = [ev for ev in events if ev.device_type.name == "CUDA" and ev.device_time > 0]
+        by_name: dict[str, float] = {}
+        for ev in kernels:
+            by_name[ev.name[:80]] = by_name.get(ev.name[:80], 0.0) + ev.device_time / 1e3
+        host = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
+        return {"wall_ms": 1e3 * wall, "busy_ms": gpu_busy_ms(kernels),
+                "kernel_ms": sum(ev.device_time for ev in kernels) / 1e3,
+                "kernels_ms": dict(sorted(by_name.items(), key=lambda x: -x[1])[:12]),
+                "host_self_ms": {e.key[:80]: [e.self_cpu_time_total / 1e3, e.count] for e in host}}
+
+    decode = run()
+    admit()
+    return {"admission_profile": {"steps": steps, "decode": decode, "with_admission": run(),
+                                  "note": "profiler overhead included in both runs; compare them, not absolute times"}}
 
 
 def run_vllm(path: str, workload: Workload, a, *, bandwidth: float, max_len: int) -> dict:

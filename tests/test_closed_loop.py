@@ -64,3 +64,36 @@ def test_aged_requests_carry_their_history_as_prompt_and_generate_the_rest():
         assert p1[: len(p0)] == p0 and len(p1) - len(p0) + n1 == n0 == 1000
         ages.append(len(p1) - len(p0))
     assert ages == [875, 625, 375, 125, 0, 0]  # spread over a lifetime, oldest first; later ones start fresh
+
+
+def test_steps_with_a_prefill_are_told_apart_and_their_excess_time_counted():
+    class _PrefillCosts(_FakeEngine):
+        """A step that prefills a newly added request takes 3 s of the fake clock instead of 1."""
+
+        def __init__(self, slots):
+            super().__init__(slots)
+            self.prompt_tokens, self.new, self.prefill_ends = 0, [], []
+
+        def add(self, rid, prompt, length):
+            super().add(rid, prompt, length)
+            self.new.append(len(prompt))
+
+        def step(self):
+            if self.new:
+                self.prompt_tokens += sum(self.new)
+                self.new = []
+                self.now += 2.0
+                self.prefill_ends.append(self.now + 1.0)
+            return super().step()
+
+    fake = _PrefillCosts(slots=4)
+    eng = fake.engine()
+    eng.prompt_tokens = lambda: fake.prompt_tokens
+    r = drive(eng, Workload(vocab=32000, output_len=5), concurrency=4, mode="window", warmup_s=10, window_s=40,
+              clock=fake.clock)
+    kinds = r["steps_by_kind"]
+    assert kinds["decode"]["mean_ms"] == pytest.approx(1000.0)
+    assert kinds["decode"]["steps"] + kinds["with prefill"]["steps"] == r["steps"]
+    counted = [t for t in fake.prefill_ends if r["window"][0] + 3 <= t <= r["window"][1]]
+    assert counted and kinds["with prefill"]["steps"] >= len(counted)
+    assert kinds["prefill_steps_excess_share"] == pytest.approx(2.0 * len(counted) / r["span_s"])

@@ -169,6 +169,8 @@ class ModelRunner:
             budget = (int(cfg.kv_cache_memory_gb * 2**30) - self.window_bytes - self.compression_scratch_bytes
                       - self.recall_device_bytes)
         elif self.device.type == "cuda":
+            # Blocks the allocator cached while loading the weights are free to the pool, not in use.
+            torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info(self.device)
             reserve = total * (1 - cfg.gpu_memory_utilization) + 2 * 2**30  # activations and workspace
             budget = int(free - reserve) - self.window_bytes - self.compression_scratch_bytes - self.recall_device_bytes
