@@ -17,6 +17,7 @@ sampling (temperature 0.6, top-p 0.95 by default). Over --steps decode steps it 
 from __future__ import annotations
 
 import argparse
+import bisect
 import dataclasses
 import functools
 import gc
@@ -75,6 +76,36 @@ def gpu_busy_ms(events) -> float:
             busy += e - max(s, end)
             end = e
     return busy / 1e3
+
+
+def overlap_slowdown_ms(main: list[tuple[str, float, float]], side: list[tuple[float, float]]) -> tuple[float, int]:
+    """Time side-stream work added to the main stream's kernels it ran beside: each main kernel (name, start,
+    end in microseconds) that overlaps a side interval counts its duration beyond the median of the same
+    kernel's runs that overlapped nothing. Returns (milliseconds, overlapped kernels with no clean run to
+    compare with, left uncounted)."""
+    merged: list[list[float]] = []
+    for s, e in sorted(side):
+        if merged and s <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], e)
+        else:
+            merged.append([s, e])
+    starts = [m[0] for m in merged]
+
+    def overlaps(s: float, e: float) -> bool:
+        i = bisect.bisect_right(starts, e) - 1  # the last side interval starting at or before e
+        return i >= 0 and merged[i][1] > s
+
+    clean: dict[str, list[float]] = {}
+    hit: list[tuple[str, float]] = []
+    for name, s, e in main:
+        (hit.append((name, e - s)) if overlaps(s, e) else clean.setdefault(name, []).append(e - s))
+    excess, unknown = 0.0, 0
+    for name, d in hit:
+        if name in clean:
+            excess += max(0.0, d - statistics.median(clean[name]))
+        else:
+            unknown += 1
+    return excess / 1e3, unknown
 
 
 def top_kernels(prof, steps: int, n: int = 30) -> list[tuple[str, float, float]]:

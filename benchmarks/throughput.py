@@ -134,7 +134,7 @@ def profile_steps(step, steps: int) -> dict:
     by stream: the stream with the most kernel time runs the forward, the others the compression (its own
     stream). Two shares: compression kernels of all kernel time, and the time only compression kept the
     GPU busy (the union of all kernel intervals minus the forward stream's) of all busy time."""
-    from benchmarks.engine_step import gpu_busy_ms
+    from benchmarks.engine_step import gpu_busy_ms, overlap_slowdown_ms
 
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -155,12 +155,20 @@ def profile_steps(step, steps: int) -> dict:
         names[ev.name[:80]] = names.get(ev.name[:80], 0.0) + ev.device_time / 1e3 / steps
     busy, busy_main = gpu_busy_ms(kernels), gpu_busy_ms([ev for ev in kernels if ev.device_resource_id == main])
     total, side_ms = sum(by_stream.values()), sum(v for k, v in by_stream.items() if k != main)
+    slowdown, unmatched = overlap_slowdown_ms(
+        [(ev.name, ev.time_range.start, ev.time_range.end) for ev in kernels if ev.device_resource_id == main],
+        [(ev.time_range.start, ev.time_range.end) for ev in kernels if ev.device_resource_id != main])
+    cost = busy - busy_main + slowdown  # what compression added to the GPU's busy time
     return {"profile": {
         "steps": steps, "wall_ms_per_step": 1e3 * wall / steps, "kernel_ms_per_step": total / steps,
         "forward_stream_kernel_ms_per_step": by_stream[main] / steps, "other_streams_kernel_ms_per_step": side_ms / steps,
         "busy_ms_per_step": busy / steps, "busy_only_other_streams_ms_per_step": (busy - busy_main) / steps,
         "compression_share_of_kernel_time": side_ms / total if total else 0.0,
         "compression_only_share_of_busy_time": (busy - busy_main) / busy if busy else 0.0,
+        "forward_slowdown_beside_compression_ms_per_step": slowdown / steps,
+        "forward_kernels_overlapped_without_a_clean_run": unmatched,
+        # the busy time compression ran alone, plus what the forward's kernels lost running beside it
+        "compression_cost_share_of_busy_time": cost / busy if busy else 0.0,
         "other_stream_kernels_ms_per_step": dict(sorted(names.items(), key=lambda x: -x[1])[:15]),
         "note": "profiled steps run after the window, with the profiler's overhead; not part of its figures"}}
 

@@ -97,3 +97,15 @@ def test_steps_with_a_prefill_are_told_apart_and_their_excess_time_counted():
     counted = [t for t in fake.prefill_ends if r["window"][0] + 3 <= t <= r["window"][1]]
     assert counted and kinds["with prefill"]["steps"] >= len(counted)
     assert kinds["prefill_steps_excess_share"] == pytest.approx(2.0 * len(counted) / r["span_s"])
+
+
+def test_overlap_slowdown_counts_what_side_work_added_to_the_kernels_it_ran_beside():
+    from benchmarks.engine_step import overlap_slowdown_ms
+
+    main = [("gemm", 0, 10), ("attn", 10, 15), ("gemm", 20, 30),  # clean runs: gemm 10 us, attn 5 us
+            ("gemm", 40, 56), ("attn", 56, 64), ("norm", 64, 66), ("gemm", 70, 79)]
+    side = [(45, 50), (48, 60), (65, 65.5)]  # merged to 45..60, then 65..65.5
+    ms, unmatched = overlap_slowdown_ms(main, side)
+    # gemm 40..56 (+6) and attn 56..64 (+3) overlap; norm overlaps but never ran clean; gemm 70..79 is clean
+    assert ms == pytest.approx(9e-3) and unmatched == 1
+    assert overlap_slowdown_ms(main, []) == (0.0, 0)
