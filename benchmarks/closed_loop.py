@@ -85,7 +85,7 @@ class Engine:
     running: Callable[[], int]
     step_floor_s: Callable[[], float | None] = lambda: None
     abort: Callable[[str], None] = lambda rid: None
-    prompt_tokens: Callable[[], int] | None = None  # prompt tokens computed so far (tells steps with a prefill)
+    prefill_tokens: Callable[[], int] | None = None  # prompt (or recomputed) tokens run so far: steps with a prefill
 
 
 def drive(engine: Engine, workload: Workload, concurrency: int, mode: str = "complete", warmup_s: float = 60.0,
@@ -125,7 +125,7 @@ def drive(engine: Engine, workload: Workload, concurrency: int, mode: str = "com
         floor = engine.step_floor_s()
         t_before = clock() - t0
         running = engine.running()
-        prompt_before = engine.prompt_tokens() if engine.prompt_tokens is not None else 0
+        prefill_before = engine.prefill_tokens() if engine.prefill_tokens is not None else 0
         outs = engine.step()
         t = clock() - t0
         n_step = 0
@@ -152,8 +152,8 @@ def drive(engine: Engine, workload: Workload, concurrency: int, mode: str = "com
             running_sum += running
             running_n += 1
             peak_running = max(peak_running, running)
-            if engine.prompt_tokens is not None:
-                now_prefilled = engine.prompt_tokens() > prompt_before
+            if engine.prefill_tokens is not None:
+                now_prefilled = engine.prefill_tokens() > prefill_before
                 kind = by_kind["with prefill" if now_prefilled or prefilled else "decode"]
                 kind[0] += 1
                 kind[1] += t - t_before
@@ -182,7 +182,7 @@ def drive(engine: Engine, workload: Workload, concurrency: int, mode: str = "com
     } | ({"window": [lo, hi]} if mode == "window" else {}) | extra
     if floor_known and steps:
         result |= {"bandwidth_floor_s": floor_s, "floor_fraction": floor_s / span}
-    if engine.prompt_tokens is not None and steps:
+    if engine.prefill_tokens is not None and steps:
         result["steps_by_kind"] = step_kinds(by_kind, span)
     return result
 

@@ -95,12 +95,19 @@ def run_zipserve(system: str, path: str, workload: Workload, a, *, pool_pages: i
     engine = Engine(add=lambda rid, p, n: eng.add_request(rid, p, SamplingParams(temperature=0, max_tokens=n,
                                                                                   ignore_eos=True)),
                     step=step, has_work=eng.has_unfinished_requests, running=lambda: len(eng.scheduler.running),
-                    step_floor_s=floor, abort=eng.abort_request, prompt_tokens=lambda: eng.num_prompt_tokens_computed)
+                    step_floor_s=floor, abort=eng.abort_request, prefill_tokens=lambda: eng.num_prefill_tokens_computed)
 
     def after() -> dict:
         probe = workload.request(10**6)[0]  # a fresh request's prompt (not an aged one)
+
+        def admit():  # the latest admitted request ends (aborted) and a fresh one arrives, as in the loop
+            if eng.scheduler.running:
+                eng.abort_request(eng.scheduler.running[-1].request_id)
+            engine.add("admission-probe", probe, 64)
+
         found = profile_steps(step, a.profile_steps) | profile_admission(
-            step, lambda: engine.add("admission-probe", probe, 64))
+            step, admit, lambda: eng.requests.get("admission-probe") is not None
+            and eng.requests["admission-probe"].num_computed_tokens > 0)
         eng.abort_request("admission-probe")
         return found
 
@@ -173,10 +180,11 @@ def profile_steps(step, steps: int) -> dict:
         "note": "profiled steps run after the window, with the profiler's overhead; not part of its figures"}}
 
 
-def profile_admission(step, admit, steps: int = 4) -> dict:
+def profile_admission(step, admit, admitted, steps: int = 4) -> dict:
     """Where an admission's extra time goes (a step with a prefill chunk runs eagerly, not from a decode
-    graph): `steps` decode steps, then a request admitted and `steps` more, each run profiled (host and
-    GPU): wall, GPU busy and kernel time, the kernels of most time and the host ops of most self time."""
+    graph): `steps` decode steps, then a request added (`admit`: room is made for it, as a request ending
+    makes room) and `steps` more, each run profiled (host and GPU): wall, GPU busy and kernel time, the
+    kernels of most time and the host ops of most self time. `admitted()`: whether its prefill ran."""
     from benchmarks.engine_step import gpu_busy_ms
 
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
@@ -202,7 +210,9 @@ def profile_admission(step, admit, steps: int = 4) -> dict:
 
     decode = run()
     admit()
-    return {"admission_profile": {"steps": steps, "decode": decode, "with_admission": run(),
+    with_admission = run()
+    return {"admission_profile": {"steps": steps, "decode": decode, "with_admission": with_admission,
+                                  "admitted": admitted(),
                                   "note": "profiler overhead included in both runs; compare them, not absolute times"}}
 
 

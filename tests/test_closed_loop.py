@@ -88,7 +88,7 @@ def test_steps_with_a_prefill_are_told_apart_and_their_excess_time_counted():
 
     fake = _PrefillCosts(slots=4)
     eng = fake.engine()
-    eng.prompt_tokens = lambda: fake.prompt_tokens
+    eng.prefill_tokens = lambda: fake.prompt_tokens
     r = drive(eng, Workload(vocab=32000, output_len=5), concurrency=4, mode="window", warmup_s=10, window_s=40,
               clock=fake.clock)
     kinds = r["steps_by_kind"]

@@ -104,7 +104,7 @@ class LLMEngine:
         self._arrivals = itertools.count()
         self.num_steps = 0
         self.num_generated_tokens = 0
-        self.num_prompt_tokens_computed = 0
+        self.num_prefill_tokens_computed = 0  # prompt tokens, and generated ones recomputed after a preemption
 
     # ---- requests ------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -220,8 +220,8 @@ class LLMEngine:
         self.compactions.launch_deferred(after=data_ready)  # on their own stream, beside this forward
         samplers = [c.seq for c in sched.chunks if c.samples]  # (before the chunks count as computed)
         for c in sched.chunks:
-            if not c.samples:
-                self.num_prompt_tokens_computed += c.num_new_tokens
+            if c.num_new_tokens > 1 or c.seq.num_computed_tokens < c.seq.num_prompt_tokens:  # not a decode
+                self.num_prefill_tokens_computed += c.num_new_tokens
             c.seq.num_computed_tokens += c.num_new_tokens
         return samplers, logits
 
