@@ -86,6 +86,39 @@ def test_aborted_requests_give_their_recall_pages_back(qwen3_path):
     assert s["recall_host_pages_used"] == 0 and s["free_pages"] == s["total_pages"]
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_abort_storm_with_recall_leaks_nothing(qwen3_path, device):
+    """Requests arriving over time, a third of them aborted at random points (queued, mid-prefill, while a
+    compression is in flight, with pages in the host store): every step keeps the engine's invariants, and
+    after the storm the host pool, the device pool and the compression queue are idle."""
+    import random
+
+    rng = random.Random(7)
+    kw = dict(device="cuda", backend="triton") if device == "cuda" else {}
+    llm = LLM(qwen3_path, block_size=4, budget_blocks=2, num_blocks=96, max_num_seqs=12, max_num_batched_tokens=24,
+              compression=dict(query_window=4, recall={"pages": 1, "host_gib": 0.002}), **kw)
+    eng = llm.engine
+    live, aborted, held, step = [], 0, 0, 0
+    for i in range(80):
+        prompt = [rng.randrange(3, 250) for _ in range(rng.randint(3, 40))]
+        eng.add_request(f"s{i}", prompt, SamplingParams(temperature=0, max_tokens=rng.randint(8, 120), ignore_eos=True))
+        live.append(f"s{i}")
+        for _ in range(rng.randint(0, 6)):
+            eng.step()
+            step += 1
+            eng.check_invariants()
+            held = max(held, eng.stats()["recall_host_pages_used"])
+        if rng.random() < 0.4:
+            aborted += eng.abort_request(live.pop(rng.randrange(len(live))))
+    while eng.has_unfinished_requests():
+        eng.step()
+        eng.check_invariants()
+        held = max(held, eng.stats()["recall_host_pages_used"])
+    s = eng.stats()
+    assert aborted >= 15 and held > 0 and s["recalled_pages"] > 0
+    assert s["recall_host_pages_used"] == 0 and s["free_pages"] == s["total_pages"] and not eng.compactions.busy
+
+
 @pytest.mark.parametrize("recall, msg", [
     ({"pages": 0}, "pages"),
     ({"host_gib": 0}, "host_gib"),
