@@ -270,7 +270,7 @@ REQ = st.tuples(st.integers(1, 40), st.integers(1, 60), st.sampled_from([None, 1
 @settings(max_examples=int(os.environ.get("ZIPSERVE_HYPOTHESIS_EXAMPLES", 60)), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(reqs=st.lists(REQ, min_size=1, max_size=10), num_blocks=st.integers(8, 30), chunk=st.integers(4, 40),
        abort_at=st.lists(st.integers(0, 60), max_size=3), prefix=st.booleans(), borrow=st.booleans(),
-       recall=st.sampled_from([None, dict(pages=1), dict(pages=2, host_pages=2, host_gib=2e-5)]))
+       recall=st.sampled_from([None, dict(pages=1, host_gib=1e-3), dict(pages=2, host_pages=2, host_gib=2e-5)]))
 def test_random_workloads_keep_invariants(qwen3_path, reqs, num_blocks, chunk, abort_at, prefix, borrow, recall):
     """Random mixes of budgets, prompt lengths, shared prefixes, aborts and a tight pool, with and without
     recall (and with a recall pool that runs out): invariants hold after every step (pages, reservations,

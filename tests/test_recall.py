@@ -34,7 +34,7 @@ def test_engine_with_recall_equals_dense_reference(model_factory, model, scoring
     if pages > 1:  # (and what the model says changed)
         plain = DenseCompressedReference(path, block_size, budget, CompressionConfig(**ccfg))
         assert [plain.generate(p, max_tokens) for p in PROMPTS] != expected
-    recall = {"pages": pages, "host_pages": host_pages}
+    recall = {"pages": pages, "host_pages": host_pages, "host_gib": 0.01}  # a small pool: invariants check it all
     llm = LLM(path, block_size=block_size, budget_blocks=budget, compression=dict(ccfg, recall=recall),
               max_num_batched_tokens=chunk, num_blocks=64)
     outs = run_checked(llm, PROMPTS, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
@@ -65,7 +65,7 @@ def test_pool_that_holds_nothing_is_permanent_eviction(qwen3_path):
 def test_aborted_requests_give_their_recall_pages_back(qwen3_path):
     """Requests aborted while their stores hold pages (and one aborted mid-prefill): the pool is idle after."""
     llm = LLM(qwen3_path, block_size=4, budget_blocks=2, num_blocks=64,
-              compression=dict(query_window=4, recall={"pages": 1}))
+              compression=dict(query_window=4, recall={"pages": 1, "host_gib": 0.01}))
     eng = llm.engine
     for i, p in enumerate(PROMPTS):
         eng.add_request(f"a{i}", p, SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))

@@ -7,7 +7,7 @@ from zipserve.workers import LLM, SamplingParams
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [(j * 7) % 200 + 3 for j in range(29)]]
 
 
-@pytest.mark.parametrize("budget,recall", [(None, None), (2, None), (2, {"pages": 1})], ids=["full", "2", "2-recall"])
+@pytest.mark.parametrize("budget,recall", [(None, None), (2, None), (2, {"pages": 1, "host_gib": 0.01})], ids=["full", "2", "2-recall"])
 def test_triton_backend_matches_torch_backend(qwen3_path, budget, recall):
     params = SamplingParams(temperature=0, max_tokens=30 if recall is None else 50, ignore_eos=True)
     common = dict(block_size=8, budget_blocks=budget, compression=dict(query_window=4, recall=recall),
