@@ -358,6 +358,12 @@ class OpenAIIngress:
             raise oa.APIError(400, f"kv_budget_blocks must be <= {info['total_pages'] - 1} (a request holds its "
                                    f"budget + 1 pages; a worker's KV pool has {info['total_pages']})",
                               param="kv_budget_blocks")
+        if body.kv_recall_pages is not None and info.get("recall_pages") is None:
+            raise oa.APIError(400, "kv_recall_pages needs workers started with compression.recall",
+                              param="kv_recall_pages")
+        if body.kv_recall_pages is not None and body.kv_recall_pages > info["recall_pages"]:
+            raise oa.APIError(400, f"kv_recall_pages must be <= {info['recall_pages']} (the workers' "
+                                   f"compression.recall.pages)", param="kv_recall_pages")
         if self.in_flight + len(prompts) > self.limit:  # refused before any work starts
             self.metrics.requests.inc(tags={"endpoint": endpoint, "status": "429"})
             raise oa.APIError(429, f"server is at capacity ({self.limit} concurrent requests); retry later",

@@ -7,7 +7,8 @@ ignored). OpenAI fields with no effect on a self-hosted server (`store`, `metada
 `structured_outputs`) becomes one engine constraint (workers/grammar.py); tools are shaped here and
 turned into a constraint by the ingress (cluster/tool_calls.py). zipserve's own
 fields: `top_k`, `min_p`, `ignore_eos`, `stop_token_ids`, `include_stop_str_in_output`, `kv_budget_blocks`
-(a per-request KV budget in pages, for engines started with compression).
+(a per-request KV budget in pages, for engines started with compression), `kv_recall_pages` (pages recalled
+per compression for this request, up to the engine's `compression.recall.pages`; 0: none).
 """
 
 from __future__ import annotations
@@ -126,6 +127,7 @@ class _Common(BaseModel):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     kv_budget_blocks: int | None = Field(None, ge=1)
+    kv_recall_pages: int | None = Field(None, ge=0)
 
     @field_validator("stop")
     @classmethod
@@ -181,7 +183,8 @@ class _Common(BaseModel):
                 "seed": self.seed, "max_tokens": max_tokens, "ignore_eos": self.ignore_eos, "stop": self.stop,
                 "stop_token_ids": self.stop_token_ids or [],
                 "include_stop_str_in_output": self.include_stop_str_in_output,
-                "budget_blocks": self.kv_budget_blocks, "logprobs": self.num_logprobs(),
+                "budget_blocks": self.kv_budget_blocks, "recall_pages": self.kv_recall_pages,
+                "logprobs": self.num_logprobs(),
                 "presence_penalty": self.presence_penalty or 0.0, "frequency_penalty": self.frequency_penalty or 0.0,
                 "repetition_penalty": self.repetition_penalty or 1.0, "min_tokens": self.min_tokens,
                 "logit_bias": {int(t): v for t, v in (self.logit_bias or {}).items()},

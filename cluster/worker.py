@@ -70,7 +70,8 @@ class EngineWorker:
         f = self.engine.facts
         return {"max_model_len": f["max_model_len"], "block_size": self.config.block_size,
                 "budget_blocks": self.config.budget_blocks, "vocab_size": f["vocab_size"],
-                "total_pages": f["num_blocks"], "max_num_seqs": self.config.max_num_seqs}
+                "total_pages": f["num_blocks"], "max_num_seqs": self.config.max_num_seqs,
+                "recall_pages": f["engine_recall_pages"]}
 
     async def generate(self, request: dict, route: dict | None = None):
         """request: {"prompt_token_ids", "params" (SamplingParams fields), "n", "request_id",

@@ -137,3 +137,13 @@ def test_responses_parse_with_the_openai_sdk():
     assert openai.types.Model.model_validate(json.loads(models)["data"][0]).id == "tiny"
     assert json.loads(oa.APIError(404, "no", param="model", code="model_not_found").body().model_dump_json()) == \
         {"error": {"message": "no", "type": "invalid_request_error", "param": "model", "code": "model_not_found"}}
+
+
+def test_kv_recall_pages_reaches_the_engine_params():
+    """The HTTP field becomes the engine's per-request recall_pages (the engine checks it: tests/test_recall.py)."""
+    from zipserve.cluster.openai_api import CompletionRequest
+    from zipserve.workers import SamplingParams
+
+    for asked in (None, 0, 3):
+        fields = CompletionRequest(model="m", prompt="x", kv_recall_pages=asked).sampling_params(8)
+        assert SamplingParams(**fields).recall_pages == asked

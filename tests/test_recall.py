@@ -86,6 +86,41 @@ def test_aborted_requests_give_their_recall_pages_back(qwen3_path):
     assert s["recall_host_pages_used"] == 0 and s["free_pages"] == s["total_pages"]
 
 
+def test_per_request_recall_pages_equal_the_dense_reference_at_that_setting(model_factory):
+    """One batch, three requests: the engine's recall (2 pages), 1 page, and none (recall_pages 0: its
+    evictions are not kept): each says what the dense reference says at its own setting."""
+    arch, kw = MODELS["qwen3-gqa2"]
+    path = model_factory(arch, **kw)
+    ccfg = dict(SCORING["attention-only"], query_window=2)
+    refs = {r: DenseCompressedReference(path, 4, 3, CompressionConfig(**ccfg), recall_pages=r) for r in (1, 2)}
+    refs[0] = DenseCompressedReference(path, 4, 3, CompressionConfig(**ccfg))
+    asked = [None, 1, 0, None]
+    expected = [refs[2 if r is None else r].generate(p, 32) for p, r in zip(PROMPTS, asked)]
+    for i in (1, 2):  # (each setting says something else: the engine cannot pass by ignoring it)
+        assert expected[i] != DenseCompressedReference(path, 4, 3, CompressionConfig(**ccfg), recall_pages=2).generate(
+            PROMPTS[i], 32)
+    llm = LLM(path, block_size=4, budget_blocks=3, compression=dict(ccfg, recall={"pages": 2, "host_gib": 0.01}),
+              max_num_batched_tokens=9, num_blocks=64)
+    params = [SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, recall_pages=r) for r in asked]
+    outs = run_checked(llm, PROMPTS, params)
+    assert [o.token_ids for o in outs] == expected
+    s = llm.stats()
+    assert s["recalled_pages"] > 0 and s["recall_host_pages_used"] == 0 and s["free_pages"] == s["total_pages"]
+
+
+def test_per_request_recall_pages_is_checked_against_the_engine(qwen3_path):
+    plain = LLM(qwen3_path, block_size=4, budget_blocks=2, num_blocks=64, compression=dict(query_window=4))
+    with pytest.raises(ValueError, match="recall_pages needs an engine started with compression.recall"):
+        plain.generate([PROMPTS[0]], SamplingParams(max_tokens=4, recall_pages=1), use_tqdm=False)
+    llm = LLM(qwen3_path, block_size=4, budget_blocks=2, num_blocks=64,
+              compression=dict(query_window=4, recall={"pages": 2, "host_gib": 0.01}))
+    with pytest.raises(ValueError, match="recall_pages must be <= 2"):
+        llm.generate([PROMPTS[0]], SamplingParams(max_tokens=4, recall_pages=3), use_tqdm=False)
+    with pytest.raises(ValueError, match="recall_pages must be None or a non-negative integer"):
+        SamplingParams(recall_pages=-1)
+    assert llm.stats()["running"] == llm.stats()["waiting"] == 0  # nothing was queued
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_abort_storm_with_recall_leaks_nothing(qwen3_path, device):
     """Requests arriving over time, a third of them aborted at random points (queued, mid-prefill, while a

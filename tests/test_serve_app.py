@@ -481,6 +481,8 @@ def test_continue_final_message_continues_the_assistant_text(client, oracle):
     ("/v1/chat/completions", {"continue_final_message": True}, "continue_final_message"),
     ("/v1/chat/completions", {"service_tier": "fastest"}, "service_tier"),
     ("/v1/completions", {"prompt": "x", "kv_budget_blocks": 200}, "kv_budget_blocks"),  # budget + 1 > the 200 pages
+    ("/v1/completions", {"prompt": "x", "kv_recall_pages": 1}, "kv_recall_pages"),  # workers keep no evictions
+    ("/v1/chat/completions", {"kv_recall_pages": -1}, "kv_recall_pages"),
 ], ids=lambda v: v if isinstance(v, str) and not v.startswith("/") else None)
 def test_refusals_name_their_param_in_openai_format(server, path, body, param):
     body = {"model": NAME, **({"messages": [{"role": "user", "content": "x"}]} if "chat" in path else {}), **body}

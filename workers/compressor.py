@@ -156,9 +156,9 @@ class Compressor:
         self.num_compressions += len(plans)
 
     def _run(self, plans: list[CompactionPlan]) -> None:
-        if self.store is not None:
+        if self.store is not None:  # (a request that asked for no recall keeps nothing in the store)
             for plan in plans:
-                self._compact_recall(plan)
+                (self._compact if plan.seq.params.recall_pages == 0 else self._compact_recall)(plan)
             return
         if not self.batched:
             for plan in plans:
@@ -322,7 +322,8 @@ class Compressor:
         dest = _index(plan.dest_table[:kp], dev)
         ring = _index(ring_order(n, self.cfg.query_window), dev)
         cfg = self.cfg.for_compression(keep, plan.seq.num_prompt_tokens)
-        r = min(self.cfg.recall.pages, self.store.closed_pages(rid))
+        asked = plan.seq.params.recall_pages
+        r = min(self.cfg.recall.pages if asked is None else asked, self.store.closed_pages(rid))
         evicted = n + r * bs - keep
         storing = self.store.admit(rid, evicted)
         tail = torch.arange(plan.num_positions - n + ns, plan.num_positions, device=dev)  # entries since the last

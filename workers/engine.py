@@ -38,7 +38,7 @@ from zipserve.workers.output_processor import OutputProcessor
 from zipserve.workers.outputs import RequestOutput
 from zipserve.workers.parallel import TPGroup
 from zipserve.workers.penalties import PenaltyState
-from zipserve.workers.request_limits import check_prompt
+from zipserve.workers.request_limits import RequestError, check_prompt
 from zipserve.workers.sampler import LogprobRows, SamplingError, sample, sample_on_device
 from zipserve.workers.sampling_params import SamplingParams
 from zipserve.workers.scheduler import Scheduler
@@ -150,6 +150,7 @@ class LLMEngine:
         """What a caller needs to validate requests without the engine (see check_request)."""
         return {"vocab_size": self.model_args.vocab_size, "max_model_len": self.max_model_len,
                 "engine_budget_blocks": self.config.budget_blocks, "block_size": self.config.block_size,
+                "engine_recall_pages": self.runner.recall.pages if self.runner.recall is not None else None,
                 "num_blocks": self.block_manager.num_blocks, "max_num_seqs": self.config.max_num_seqs}
 
     def validate_request(self, ids: list[int], params: SamplingParams) -> None:
@@ -516,5 +517,12 @@ def check_request(ids: list[int], params: SamplingParams, facts: dict) -> None:
     if params.budget_blocks is not None and params.budget_blocks + 1 > facts["num_blocks"]:
         raise ValueError(f"budget_blocks must be <= {facts['num_blocks'] - 1} (a request holds budget + 1 pages; "
                          f"the KV pool has {facts['num_blocks']})")
+    most = facts.get("engine_recall_pages")
+    if params.recall_pages is not None and most is None:
+        raise RequestError("this engine keeps no evicted entries; per-request recall_pages needs an engine started "
+                           "with compression.recall", "recall_pages")
+    if params.recall_pages is not None and params.recall_pages > most:
+        raise RequestError(f"recall_pages must be <= {most} (the engine's compression.recall.pages, which its "
+                           f"memory is planned for)", "recall_pages")
     if -(-len(ids) // facts["block_size"]) > facts["num_blocks"]:
         raise ValueError(f"prompt has {len(ids)} tokens; the KV pool holds {facts['num_blocks'] * facts['block_size']}")

@@ -30,6 +30,8 @@ class SamplingParams:
     bad_words: list[str] = field(default_factory=list)  # never generated (workers/bad_words.py)
     allowed_token_ids: list[int] | None = None  # vLLM's: sample only among these
     budget_blocks: int | None = None  # per-request KV budget in pages (None = the engine's)
+    recall_pages: int | None = None  # pages recalled per (layer, head) at each compression, up to the engine's
+    # compression.recall.pages (None = the engine's; 0 = none, and this request's evictions are not kept)
     structured: dict | None = None  # one output constraint (workers/grammar.py), checked by the engine
 
     def __post_init__(self):
@@ -49,6 +51,8 @@ class SamplingParams:
         _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative integers", self.stop_token_ids)
         _check(self.budget_blocks is None or (_is_int(self.budget_blocks) and self.budget_blocks >= 1),
                "budget_blocks must be None or a positive integer", self.budget_blocks)
+        _check(self.recall_pages is None or (_is_int(self.recall_pages) and self.recall_pages >= 0),
+               "recall_pages must be None or a non-negative integer", self.recall_pages)
         _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20), "logprobs must be None or in [0, 20]", self.logprobs)
         _check(self.prompt_logprobs is None or (_is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= 20),
                "prompt_logprobs must be None or in [0, 20]", self.prompt_logprobs)
