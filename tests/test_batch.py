@@ -61,8 +61,17 @@ def test_200_rows_equal_llm_generate_and_bad_rows_reported(ray_session, qwen3_pa
            json.dumps({"id": "x3", "prompt": [5], "temperature": -2}), json.dumps({"id": "x4"}),
            json.dumps({"id": "r0", "prompt": [5]}), json.dumps({"id": "x6", "prompt": [5], "colour": "red"})]
     _write(tmp_path / "in.jsonl", rows, bad)
-    summary = run(str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), model=qwen3_path, engine=ENGINE,
-                  min_workers=2, max_workers=2, num_cpus=1, batch_size=16, progress=False)
+    # Both actors up before rows flow (else, on a loaded machine, the first can serve every row before the
+    # second has loaded its engine, and the two-actor path goes untested).
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    before, ctx.wait_for_min_actors_s = ctx.wait_for_min_actors_s, 600
+    try:
+        summary = run(str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), model=qwen3_path, engine=ENGINE,
+                      min_workers=2, max_workers=2, num_cpus=1, batch_size=16, progress=False)
+    finally:
+        ctx.wait_for_min_actors_s = before
     out = _read(tmp_path / "out.jsonl")
     assert summary["output_rows"] == 200 == len(out) and summary["errors"] == 6
     want = _expected(qwen3_path, rows)
