@@ -136,6 +136,20 @@ def run_zipserve(system: str, path: str, workload: Workload, a, *, pool_pages: i
     return result
 
 
+def _profiled(step, steps: int, host: bool = False):
+    """Run `steps` engine steps under the torch profiler (GPU, and host ops too if `host`); returns the
+    profile, the wall seconds and its GPU kernels (and copies)."""
+    acts = [torch.profiler.ProfilerActivity.CUDA] + ([torch.profiler.ProfilerActivity.CPU] if host else [])
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t
+    return prof, wall, [ev for ev in prof.events() if ev.device_type.name == "CUDA" and ev.device_time > 0]
+
+
 def profile_steps(step, steps: int) -> dict:
     """Kernel time of `steps` engine steps in the steady state the window measured (torch profiler), split
     by stream: the stream with the most kernel time runs the forward, the others the compression (its own
@@ -143,14 +157,7 @@ def profile_steps(step, steps: int) -> dict:
     GPU busy (the union of all kernel intervals minus the forward stream's) of all busy time."""
     from benchmarks.engine_step import gpu_busy_ms, overlap_slowdown_ms
 
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - t
-    kernels = [ev for ev in prof.events() if ev.device_type.name == "CUDA" and ev.device_time > 0]
+    _, wall, kernels = _profiled(step, steps)
     if not kernels:
         return {"profile_error": "the profiler recorded no GPU kernels (CUPTI unavailable?)"}
     by_stream: dict[int, float] = {}
@@ -185,27 +192,14 @@ def profile_admission(step, admit, admitted, steps: int = 4) -> dict:
     graph): `steps` decode steps, then a request added (`admit`: room is made for it, as a request ending
     makes room) and `steps` more, each run profiled (host and GPU): wall, GPU busy and kernel time, the
     kernels of most time and the host ops of most self time. `admitted()`: whether its prefill ran."""
-    from benchmarks.engine_step import gpu_busy_ms
-
-    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    from benchmarks.engine_step import gpu_busy_ms, top_kernels
 
     def run() -> dict:
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        with torch.profiler.profile(activities=acts) as prof:
-            for _ in range(steps):
-                step()
-            torch.cuda.synchronize()
-        wall = time.perf_counter() - t
-        events = prof.events()
-        kernels = [ev for ev in events if ev.device_type.name == "CUDA" and ev.device_time > 0]
-        by_name: dict[str, float] = {}
-        for ev in kernels:
-            by_name[ev.name[:80]] = by_name.get(ev.name[:80], 0.0) + ev.device_time / 1e3
+        prof, wall, kernels = _profiled(step, steps, host=True)
         host = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
         return {"wall_ms": 1e3 * wall, "busy_ms": gpu_busy_ms(kernels),
                 "kernel_ms": sum(ev.device_time for ev in kernels) / 1e3,
-                "kernels_ms": dict(sorted(by_name.items(), key=lambda x: -x[1])[:12]),
+                "top_kernels_ms_per_step": top_kernels(prof, steps, 12),
                 "host_self_ms": {e.key[:80]: [e.self_cpu_time_total / 1e3, e.count] for e in host}}
 
     decode = run()
