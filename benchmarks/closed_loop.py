@@ -10,6 +10,7 @@ vLLM's process imports this with its own site packages.
 
 from __future__ import annotations
 
+import gc
 import math
 import random
 import time
@@ -88,6 +89,28 @@ class Engine:
     prefill_tokens: Callable[[], int] | None = None  # prompt (or recomputed) tokens run so far: steps with a prefill
 
 
+class GcPauses:
+    """Python's garbage-collector pauses while `on`: a pause stops the host's step loop, and once it outlasts
+    the step the GPU has queued, the GPU waits. Counted by the collector's own callbacks."""
+
+    def __init__(self, clock: Callable[[], float]):
+        self.clock, self.on = clock, False
+        self.count, self.total_s, self.longest_s, self._start = 0, 0.0, 0.0, None
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = self.clock()
+        elif self._start is not None:
+            d, self._start = self.clock() - self._start, None
+            if self.on:
+                self.count, self.total_s, self.longest_s = self.count + 1, self.total_s + d, max(self.longest_s, d)
+
+    def close(self) -> dict:
+        gc.callbacks.remove(self._callback)
+        return {"pauses": self.count, "total_ms": 1e3 * self.total_s, "longest_ms": 1e3 * self.longest_s}
+
+
 def drive(engine: Engine, workload: Workload, concurrency: int, mode: str = "complete", warmup_s: float = 60.0,
           window_s: float = 120.0, max_seconds: float = 600.0, timeline_points: int = 400,
           clock: Callable[[], float] = time.perf_counter, after: Callable[[], dict] | None = None) -> dict:
@@ -120,7 +143,9 @@ def drive(engine: Engine, workload: Workload, concurrency: int, mode: str = "com
     # Counted steps: [steps, seconds]. Under async scheduling a step() call waits for the step before's
     # tokens, so a prefill's cost can land in the call after it: that call counts with the prefill.
     by_kind = {"decode": [0, 0.0], "with prefill": [0, 0.0]}
+    decode_ms: list[float] = []
     prefilled = False  # the call before ran a prefill
+    collector = GcPauses(clock)
     while engine.has_work():
         floor = engine.step_floor_s()
         t_before = clock() - t0
@@ -144,6 +169,7 @@ def drive(engine: Engine, workload: Workload, concurrency: int, mode: str = "com
                 finished += lo <= t <= hi
                 if mode == "window" and t < hi:
                     add_next()
+        collector.on = lo <= t <= hi
         if lo <= t_before and t <= hi:
             first_start = t_before if first_start is None else first_start
             last_end = t
@@ -157,6 +183,8 @@ def drive(engine: Engine, workload: Workload, concurrency: int, mode: str = "com
                 kind = by_kind["with prefill" if now_prefilled or prefilled else "decode"]
                 kind[0] += 1
                 kind[1] += t - t_before
+                if kind is by_kind["decode"]:
+                    decode_ms.append(1e3 * (t - t_before))
                 prefilled = now_prefilled
             if floor is None:
                 floor_known = False
@@ -168,6 +196,8 @@ def drive(engine: Engine, workload: Workload, concurrency: int, mode: str = "com
         if t > max_seconds:
             incomplete = True
             break
+    collector.on = False
+    gc_pauses = collector.close()
     extra = after() if after is not None and engine.has_work() else {}
     for rid in [r for r in added if r not in ended]:  # the window's end (or the time limit) cut them off
         engine.abort(rid)
@@ -178,12 +208,12 @@ def drive(engine: Engine, workload: Workload, concurrency: int, mode: str = "com
         "requests_finished": finished, "requests_started": nxt, "steps": steps,
         "mean_running": running_sum / running_n if running_n else 0.0, "peak_running": peak_running,
         "ttft_s": percentiles(ttft), "itl_ms": {k: 1e3 * v for k, v in percentiles(gaps).items()},
-        "timeline": thin(timeline, timeline_points),
+        "timeline": thin(timeline, timeline_points), "gc_pauses": gc_pauses,
     } | ({"window": [lo, hi]} if mode == "window" else {}) | extra
     if floor_known and steps:
         result |= {"bandwidth_floor_s": floor_s, "floor_fraction": floor_s / span}
     if engine.prefill_tokens is not None and steps:
-        result["steps_by_kind"] = step_kinds(by_kind, span)
+        result["steps_by_kind"] = step_kinds(by_kind, span) | {"decode_ms": percentiles(decode_ms)}
     return result
 
 

@@ -78,6 +78,32 @@ def gpu_busy_ms(events) -> float:
     return busy / 1e3
 
 
+def gpu_gaps(kernels: list[tuple[str, float, float]], short_us: float = 10.0, top: int = 8) -> dict:
+    """Where the device sat idle between work (name, start, end in microseconds; all streams merged): gaps up
+    to `short_us` are kernel boundaries (launch latency, even inside a CUDA graph), longer ones the device
+    waiting for the host. The long ones are named by the work either side, the largest totals first."""
+    spans = sorted(kernels, key=lambda k: k[1])
+    short = [0, 0.0]
+    long: dict[str, list[float]] = {}
+    end, last = None, None
+    for name, s, e in spans:
+        if end is not None and s > end:
+            gap = s - end
+            if gap <= short_us:
+                short[0] += 1
+                short[1] += gap
+            else:
+                t = long.setdefault(f"{last[:60]} -> {name[:60]}", [0, 0.0])
+                t[0] += 1
+                t[1] += gap
+        if end is None or e > end:
+            end, last = e, name
+    longest = sorted(long.items(), key=lambda x: -x[1][1])[:top]
+    return {"short_gaps": short[0], "short_gap_ms": short[1] / 1e3,
+            "long_gaps": sum(v[0] for v in long.values()), "long_gap_ms": sum(v[1] for v in long.values()) / 1e3,
+            "long_gaps_between": {k: [int(v[0]), round(v[1] / 1e3, 4)] for k, v in longest}}
+
+
 def overlap_slowdown_ms(main: list[tuple[str, float, float]], side: list[tuple[float, float]]) -> tuple[float, int]:
     """Time side-stream work added to the main stream's kernels it ran beside: each main kernel (name, start,
     end in microseconds) that overlaps a side interval counts its duration beyond the median of the same

@@ -155,7 +155,7 @@ def profile_steps(step, steps: int) -> dict:
     by stream: the stream with the most kernel time runs the forward, the others the compression (its own
     stream). Two shares: compression kernels of all kernel time, and the time only compression kept the
     GPU busy (the union of all kernel intervals minus the forward stream's) of all busy time."""
-    from benchmarks.engine_step import gpu_busy_ms, overlap_slowdown_ms
+    from benchmarks.engine_step import gpu_busy_ms, gpu_gaps, overlap_slowdown_ms
 
     _, wall, kernels = _profiled(step, steps)
     if not kernels:
@@ -173,6 +173,8 @@ def profile_steps(step, steps: int) -> dict:
         [(ev.name, ev.time_range.start, ev.time_range.end) for ev in kernels if ev.device_resource_id == main],
         [(ev.time_range.start, ev.time_range.end) for ev in kernels if ev.device_resource_id != main])
     cost = busy - busy_main + slowdown  # what compression added to the GPU's busy time
+    gaps = gpu_gaps([(ev.name, ev.time_range.start, ev.time_range.end) for ev in kernels])
+    per_step = {k: v / steps for k, v in gaps.items() if k != "long_gaps_between"}
     return {"profile": {
         "steps": steps, "wall_ms_per_step": 1e3 * wall / steps, "kernel_ms_per_step": total / steps,
         "forward_stream_kernel_ms_per_step": by_stream[main] / steps, "other_streams_kernel_ms_per_step": side_ms / steps,
@@ -184,6 +186,8 @@ def profile_steps(step, steps: int) -> dict:
         # the busy time compression ran alone, plus what the forward's kernels lost running beside it
         "compression_cost_share_of_busy_time": cost / busy if busy else 0.0,
         "other_stream_kernels_ms_per_step": dict(sorted(names.items(), key=lambda x: -x[1])[:15]),
+        "kernels_per_step": len(kernels) / steps,
+        "idle_per_step": per_step, "long_idle_between": gaps["long_gaps_between"],
         "note": "profiled steps run after the window, with the profiler's overhead; not part of its figures"}}
 
 

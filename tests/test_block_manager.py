@@ -1,5 +1,6 @@
 """Page-pool invariants under random workloads (hypothesis), driving the scheduler with no model."""
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -109,3 +110,28 @@ def test_free_twice_is_caught():
     except AssertionError:
         return
     raise AssertionError("double free went unnoticed")
+
+
+
+@pytest.mark.parametrize("prompt_tokens", [24, 8], ids=["long prompt", "preempted after 16 tokens"])
+def test_full_kv_admission_waits_until_the_whole_known_sequence_fits(prompt_tokens):
+    """A full-KV request is admitted only once its whole known sequence fits the free pages (its prompt, and
+    after a preemption everything it recomputes), not just its first chunk: admitted on its first chunk, it
+    would find the pool taken by the running requests' growth part-way through its prefill and be preempted
+    again, its work lost."""
+    bm = BlockManager(10, 4, enable_prefix_cache=False)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=4)  # a page of prefill per step
+    runner = Sequence("run", list(range(1, 21)), 20, SamplingParams(max_tokens=20), 0)  # 5 pages, then grows
+    sched.add(runner)
+    for _ in range(5):
+        _fake_step(sched, bm, {"run": 20})
+    assert runner.num_output_tokens == 1 and bm.num_free_blocks == 5
+    # 24 known tokens (6 pages) either way; a preempted one carries 16 of them as output
+    waiting = Sequence("w", list(range(30, 54)), prompt_tokens, SamplingParams(max_tokens=20), 1)
+    sched.add(waiting)
+    out = sched.schedule()  # the runner takes its 6th page: 4 free, enough for a first chunk, not for 6 pages
+    assert [c.seq for c in out.chunks] == [runner] and waiting.status is Status.WAITING
+    sched.finish(runner)
+    out = sched.schedule()
+    assert [(c.seq, c.num_new_tokens) for c in out.chunks] == [(waiting, 4)]
+    bm.check_invariants(_live(sched))

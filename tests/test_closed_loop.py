@@ -93,6 +93,8 @@ def test_steps_with_a_prefill_are_told_apart_and_their_excess_time_counted():
               clock=fake.clock)
     kinds = r["steps_by_kind"]
     assert kinds["decode"]["mean_ms"] == pytest.approx(1000.0)
+    assert kinds["decode_ms"]["p50"] == pytest.approx(1000.0) and kinds["decode_ms"]["p99"] == pytest.approx(1000.0)
+    assert set(r["gc_pauses"]) == {"pauses", "total_ms", "longest_ms"}
     assert kinds["decode"]["steps"] + kinds["with prefill"]["steps"] == r["steps"]
     counted = [t for t in fake.prefill_ends if r["window"][0] + 3 <= t <= r["window"][1]]
     assert counted and kinds["with prefill"]["steps"] >= len(counted)
@@ -109,3 +111,35 @@ def test_overlap_slowdown_counts_what_side_work_added_to_the_kernels_it_ran_besi
     # gemm 40..56 (+6) and attn 56..64 (+3) overlap; norm overlaps but never ran clean; gemm 70..79 is clean
     assert ms == pytest.approx(9e-3) and unmatched == 1
     assert overlap_slowdown_ms(main, []) == (0.0, 0)
+
+
+def test_gpu_gaps_split_kernel_boundaries_from_host_waits():
+    from benchmarks.engine_step import gpu_gaps
+
+    kernels = [("a", 0, 10), ("side", 5, 12), ("b", 14, 20),  # 2 us after the merged end 12: a boundary
+               ("c", 50, 60),  # 30 us after b: the host
+               ("b", 60, 70), ("c", 100, 101), ("a", 101.5, 110)]  # 0; then 30 us b -> c; 0.5 us
+    g = gpu_gaps(kernels, short_us=10)
+    assert g["short_gaps"] == 2 and g["short_gap_ms"] == pytest.approx(2.5e-3)
+    assert g["long_gaps"] == 2 and g["long_gap_ms"] == pytest.approx(60e-3)
+    assert g["long_gaps_between"] == {"b -> c": [2, 0.06]}
+    assert gpu_gaps([])["long_gaps"] == 0
+
+
+def test_gc_pauses_count_only_collections_while_on():
+    import gc
+
+    from benchmarks.closed_loop import GcPauses
+
+    import time
+
+    pauses = GcPauses(time.perf_counter)
+    gc.collect()  # off: not counted
+    pauses.on = True
+    gc.collect()
+    gc.collect()
+    pauses.on = False
+    gc.collect()
+    r = pauses.close()
+    assert r["pauses"] == 2 and r["total_ms"] >= r["longest_ms"] > 0
+    assert pauses._callback not in gc.callbacks  # closed: nothing left behind

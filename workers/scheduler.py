@@ -4,7 +4,8 @@ One step mixes decode tokens and prefill chunks under `max_num_batched_tokens` (
 view: each request just has tokens not yet computed). Running requests go first, in arrival order;
 waiting requests are admitted FCFS while the token budget, the slots and the page pool allow.
 
-Full KV (budget None): requests grow freely; when one needs a page and none is free, the most recently
+Full KV (budget None): a request is admitted once its whole known sequence fits the free pages (not
+only its first chunk); requests grow freely; when one needs a page and none is free, the most recently
 admitted request is preempted (pages freed, recomputed later; the prefix cache often makes that cheap).
 
 Compressed PagedAttention (budget B pages): a request's cache never exceeds B + 1 pages once its prompt
@@ -184,7 +185,7 @@ class Scheduler:
             n = min(seq.num_tokens - start, budget)
             need = num_pages(start + n, self.block_size) - len(cached)
             unheld, held_once = self.hit_costs(cached)
-            if self.bm.num_free_blocks - unheld < need:
+            if self.bm.num_free_blocks - unheld < self._admission_need(seq, need, len(cached)):
                 break
             cost = self.admission_pages(seq, cached) + self._hits_locked(cached, borrowed)
             reserve = seq.budget_blocks is not None and avail >= cost
@@ -210,6 +211,16 @@ class Scheduler:
             out.chunks.append(ScheduledChunk(seq, n))
             budget -= n
         return out
+
+    def _admission_need(self, seq: Sequence, first_chunk: int, cached: int) -> int:
+        """Free pages a waiting request needs before it is admitted: a full-KV request's whole known
+        sequence (prompt, and any tokens it recomputes after a preemption), not just its first chunk, or
+        the chunks after the first find the pool taken by the running requests' growth and it is preempted
+        part-way through its prefill, its work lost. A compressed request's first chunk (its reservation
+        covers the rest)."""
+        if seq.budget_blocks is not None:
+            return first_chunk
+        return num_pages(seq.num_tokens, self.block_size) - cached
 
     def _hits_locked(self, cached: list[int], borrowed: Counter) -> int:
         """Prefix hits that only several opportunistic requests hold: reclaimable now, not once a reserved
