@@ -79,6 +79,10 @@ def run_zipserve(system: str, path: str, workload: Workload, a, *, pool_pages: i
                  ignore_eos=True), use_tqdm=False)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    # As the serving engine process does (workers/async_engine.py): what loading made is kept out of the
+    # collector's walks (undone below, so the next system's engine can collect this one).
+    gc.collect()
+    gc.freeze()
     weight_bytes = sum(p.numel() * p.element_size() for n, p in eng.runner.model.named_parameters()
                        if "embed_tokens" not in n)
     kv_token_bytes = eng.runner.bytes_per_block / bs
@@ -131,6 +135,7 @@ def run_zipserve(system: str, path: str, workload: Workload, a, *, pool_pages: i
                       for k in ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")},
     }
     del llm, eng
+    gc.unfreeze()
     gc.collect()
     torch.cuda.empty_cache()
     return result
