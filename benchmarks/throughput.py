@@ -68,7 +68,7 @@ def run_zipserve(system: str, path: str, workload: Workload, a, *, pool_pages: i
 
     compressed = system.startswith("compressed")
     overlap = not system.endswith("-sync")
-    bs, budget = a.block_size, a.budget
+    bs, budget = a.block_size if compressed or not a.full_block_size else a.full_block_size, a.budget
     extra = {"compression": {"recall": {"pages": a.recall_pages}}} if system == "compressed-recall" else {}
     llm = LLM(path, load_format="dummy", block_size=bs, num_blocks=pool_pages, max_num_seqs=a.requests,
               max_model_len=max_len, budget_blocks=budget if compressed else None, async_scheduling=overlap, **extra)
@@ -346,6 +346,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--window", type=float, default=120.0, help="window mode: seconds counted")
     ap.add_argument("--budget", type=int, default=8, help="compressed budget in pages")
     ap.add_argument("--block-size", type=int, default=256)
+    ap.add_argument("--full-block-size", type=int, help="--pool whole: full KV's page size, if not --block-size "
+                    "(full KV has no use for compression's large pages; a smaller one wastes less of the pool)")
     ap.add_argument("--systems", default="compressed,full,transformers",
                     help="of compressed, full, vllm, transformers, compressed-sync, full-sync (no async scheduling), "
                     "compressed-recall")
@@ -371,7 +373,8 @@ def run(args: argparse.Namespace) -> dict:
     b = args.budget * args.block_size + args.block_size / 2
     card = torch.cuda.get_device_name(dev)
     results = {"benchmark": "throughput", "device": card, "shape": args.shape, "requests": args.requests,
-               "budget_blocks": args.budget, "block_size": args.block_size, "pool": args.pool, "pool_pages": pool,
+               "budget_blocks": args.budget, "block_size": args.block_size,
+               "full_block_size": args.full_block_size or args.block_size, "pool": args.pool, "pool_pages": pool,
                "mode": args.mode, "copy_bandwidth_GBps": bw / 1e9, "lengths": []}
     for L in [int(x) for x in args.lengths.split(",")]:
         workload = Workload(vocab, L, mixed=args.mixed, aged=args.requests if args.mode == "window" else 0)
@@ -504,6 +507,8 @@ def main(argv=None):
     add_arguments(ap)
     ap.add_argument("--plot", help="only redraw the PNG of this result JSON")
     args = ap.parse_args(argv)
+    if args.full_block_size and args.pool != "whole":
+        ap.error("--full-block-size needs --pool whole (a budget pool is counted in --block-size pages)")
     if args.plot:
         with open(args.plot) as f:
             plot(json.load(f), args.plot.removesuffix(".json") + ".png")
