@@ -95,7 +95,9 @@ def _config(device: torch.device) -> _Config:
     if device.type != "cuda":  # interpreter: small tiles exercise the tile boundaries
         return _Config(16, 16, 4, 16, 4, 1, 64)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return _Config(128, 128, 8, 64, 4, 2, 4 * sms)  # picked by a sweep on H200 (bf16, D=128, GQA 8)
+    # Picked by sweeps on an H200 (bf16, D=128; benchmarks.attention_kernel, attention_kernel_h200.json): key
+    # tiles of 128 keep more K/V bytes in flight than 64 at the same warps and stages.
+    return _Config(128, 128, 8, 128, 4, 2, 4 * sms)
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
