@@ -30,7 +30,9 @@ class Workload:
     and generates the rest. Oldest first, as a first-come-first-served queue holds them in a steady state
     (an engine that cannot hold them all admits the oldest, which finish first). To every engine a prefilled history costs the same memory as a generated one (a
     compressed engine compresses a long prompt to its budget when its prefill ends, as it would have
-    compressed the generated history); only the warm-up's prefill work differs, and it is not counted."""
+    compressed the generated history); only the warm-up's prefill work differs, and it is not counted. Only
+    the requests an engine runs at once should be aged (`steady_running`): in a steady state the others wait,
+    and a waiting request has generated nothing."""
 
     vocab: int
     output_len: int
@@ -65,6 +67,24 @@ class Workload:
     def describe(self) -> dict:
         return {"output_len": self.output_len, "mixed": self.mixed, "seed": self.seed, "aged": self.aged} | (
             {"min_len": self.min_len, "max_len": self.max_len, "sigma": self.sigma} if self.mixed else {})
+
+
+def steady_running(workload: Workload, concurrency: int, pool_tokens: int, page_tokens: int,
+                   budget_pages: int | None = None, sample: int = 1024) -> int:
+    """How many of `concurrency` requests an engine with this pool runs at once in the closed loop's steady
+    state: the `aged` count that starts it there. The rest wait, and a waiting request has generated
+    nothing: aging it would make the engine prefill a history no real waiting request carries.
+
+    Compressed (budget_pages): each request reserves budget + 1 pages. Full KV: a request is running with a
+    chance in proportion to its length (it lives that long) at an age spread evenly over it, so it holds its
+    prompt, half its length and half a page on average, weighted by length."""
+    if budget_pages is not None:
+        return min(concurrency, pool_tokens // page_tokens // (budget_pages + 1))
+    fresh = Workload(**{**workload.__dict__, "aged": 0})
+    drawn = [fresh.request(i) for i in range(sample)]
+    weight = sum(n for _, n in drawn)
+    held = sum(n * (len(p) + n / 2 + page_tokens / 2) for p, n in drawn) / weight
+    return max(1, min(concurrency, int(pool_tokens // held)))
 
 
 def percentiles(xs: list[float]) -> dict:

@@ -25,6 +25,7 @@ transformers' engine is far slower; it runs the same requests for at most --hf-s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import logging
@@ -36,7 +37,7 @@ import time
 
 import torch
 
-from benchmarks.closed_loop import Engine, Workload, drive, percentiles, thin
+from benchmarks.closed_loop import Engine, Workload, drive, percentiles, steady_running, thin
 from benchmarks.decode_step import SHAPES, card_tag, config_folder, copy_bandwidth
 from benchmarks.provenance import write_result
 
@@ -73,6 +74,9 @@ def run_zipserve(system: str, path: str, workload: Workload, a, *, pool_pages: i
     llm = LLM(path, load_format="dummy", block_size=bs, num_blocks=pool_pages, max_num_seqs=a.requests,
               max_model_len=max_len, budget_blocks=budget if compressed else None, async_scheduling=overlap, **extra)
     eng = llm.engine
+    if workload.aged and a.aged == "capacity":
+        workload = dataclasses.replace(workload, aged=steady_running(
+            workload, a.requests, eng.block_manager.num_blocks * bs, bs, budget if compressed else None))
     # Warm up (Triton compiles, graph pools), including a compression at prefill end and one in decode.
     warm_prompt = [7] * ((budget + 1) * bs + 17 if compressed else 300)
     llm.generate([warm_prompt, workload.request(0)[0]], SamplingParams(temperature=0, max_tokens=bs + 32,
@@ -228,7 +232,7 @@ def run_vllm(path: str, workload: Workload, a, *, bandwidth: float, max_len: int
     weights, kv_bytes = _model_bytes(a.shape)
     spec = {"model": path, "gpu_memory_utilization": 0.9, "max_num_seqs": a.requests, "max_model_len": max_len,
             "workload": workload.describe() | {"vocab": workload.vocab}, "concurrency": a.requests, "mode": a.mode,
-            "warmup_s": warmup_of(a, "vllm"), "window_s": a.window, "max_seconds": a.max_seconds, "bandwidth": bandwidth,
+            "age_to_capacity": a.aged == "capacity", "warmup_s": warmup_of(a, "vllm"), "window_s": a.window, "max_seconds": a.max_seconds, "bandwidth": bandwidth,
             "weight_bytes": weights, "kv_bytes_per_token": kv_bytes}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=f"{a.vllm_site}:{root}", VLLM_USE_FLASHINFER_SAMPLER="0",
@@ -344,6 +348,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="window mode: this system's own warm-up (one whose window would still hold the prefills of "
                          "the aged prompts, e.g. compressed at 32k; its timeline shows when it is steady)")
     ap.add_argument("--window", type=float, default=120.0, help="window mode: seconds counted")
+    ap.add_argument("--aged", default="capacity", choices=("capacity", "offered"),
+                    help="window mode: how many requests start part-way through their lives: as many as each system "
+                         "runs at once in the steady state (capacity; the others wait fresh, as waiting requests do), "
+                         "or all N offered (each system then prefills histories for requests that only waited)")
     ap.add_argument("--budget", type=int, default=8, help="compressed budget in pages")
     ap.add_argument("--block-size", type=int, default=256)
     ap.add_argument("--full-block-size", type=int, help="--pool whole: full KV's page size, if not --block-size "

@@ -15,7 +15,7 @@ import json
 import sys
 import time
 
-from benchmarks.closed_loop import Engine, Workload, drive
+from benchmarks.closed_loop import Engine, Workload, drive, steady_running
 
 
 class _Metrics:
@@ -73,8 +73,11 @@ def main(spec_path: str, out_path: str) -> None:
     engine = Engine(add=add, step=step, has_work=eng.has_unfinished_requests,
                     running=lambda: int(metrics.get("vllm:num_requests_running")), step_floor_s=floor,
                     abort=lambda rid: eng.abort_request([rid]))
-    w = spec["workload"]
-    result = drive(engine, Workload(**w), spec["concurrency"], spec["mode"], spec["warmup_s"], spec["window_s"],
+    workload = Workload(**spec["workload"])
+    if workload.aged and spec.get("age_to_capacity"):
+        workload = Workload(**{**spec["workload"], "aged": steady_running(workload, spec["concurrency"], pool_tokens,
+                                                                           cache.block_size)})
+    result = drive(engine, workload, spec["concurrency"], spec["mode"], spec["warmup_s"], spec["window_s"],
                    spec["max_seconds"])
     metrics.at = -1.0
     import vllm

@@ -143,3 +143,22 @@ def test_gc_pauses_count_only_collections_while_on():
     r = pauses.close()
     assert r["pauses"] == 2 and r["total_ms"] >= r["longest_ms"] > 0
     assert pauses._callback not in gc.callbacks  # closed: nothing left behind
+
+
+def test_steady_running_ages_what_the_pool_holds_at_once():
+    from benchmarks.closed_loop import steady_running
+
+    w = Workload(vocab=32000, output_len=1000, aged=64)
+    prompts = [len(w.request(i)[0]) for i in range(64, 1088)]  # fresh ones (past the aged)
+    held = sum(prompts) / len(prompts) + 500 + 8  # prompt + half the length + half a page of 16
+    n = steady_running(w, 64, int(40 * held), 16)
+    assert 38 <= n <= 42  # 40 such requests fill the pool
+    assert steady_running(w, 64, 10**9, 16) == 64  # never more than are offered
+    assert steady_running(w, 64, 100 * 9 * 256, 256, budget_pages=8) == 64
+    assert steady_running(w, 256, 100 * 9 * 256 + 200, 256, budget_pages=8) == 100  # budget + 1 pages each
+    # mixed lengths: a long request is running longer, so the held mean is weighted by length
+    m = Workload(vocab=32000, output_len=4000, mixed=True, aged=8)
+    lens = [m.request(i)[1] for i in range(1024)]
+    weighted = sum(n * n / 2 for n in lens) / sum(lens)
+    assert weighted > sum(lens) / len(lens) / 2
+    assert steady_running(m, 10**6, 10**7, 16) < 10**7 / (sum(lens) / len(lens) / 2)
