@@ -90,14 +90,16 @@ class _Config:
     programs: int  # decode: aim for about this many programs
 
 
+# Picked by sweeps on an H200 (bf16, D=128; benchmarks.attention_kernel, attention_kernel_h200.json): decode key
+# tiles of 128 keep more K/V bytes in flight than 64 at the same warps and stages.
+GPU_TILES = dict(prefill_m=128, prefill_n=128, prefill_warps=8, decode_n=128, decode_warps=4, stages=2)
+
+
 @functools.lru_cache(maxsize=None)
 def _config(device: torch.device) -> _Config:
     if device.type != "cuda":  # interpreter: small tiles exercise the tile boundaries
         return _Config(16, 16, 4, 16, 4, 1, 64)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    # Picked by sweeps on an H200 (bf16, D=128; benchmarks.attention_kernel, attention_kernel_h200.json): key
-    # tiles of 128 keep more K/V bytes in flight than 64 at the same warps and stages.
-    return _Config(128, 128, 8, 128, 4, 2, 4 * sms)
+    return _Config(**GPU_TILES, programs=4 * torch.cuda.get_device_properties(device).multi_processor_count)
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:

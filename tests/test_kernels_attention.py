@@ -117,6 +117,24 @@ def test_paged_attention_cpu(poisoned, monkeypatch, kind, split, hints, shape, d
     torch.testing.assert_close(out, ref, **TOL[dtype], msg=lambda m: f"seed={seed} q={q_lens} kv={kv_lens}\n{m}")
 
 
+@pytest.mark.parametrize("block_size", [16, 256])
+@pytest.mark.parametrize("kind", ["decode", "mixed"])
+def test_paged_attention_gpu_tiles_cpu(poisoned, monkeypatch, kind, block_size):
+    """The tiles a GPU runs (GPU_TILES: 128 keys a step, 128-row query tiles) under the interpreter: tiles
+    that span several pages, or several tiles in one page, and contexts ending inside a tile."""
+    seed = _seed()
+    rng = random.Random(seed)
+    monkeypatch.setattr(pa, "_config", lambda device: pa._Config(**pa.GPU_TILES, programs=512))
+    monkeypatch.setattr(pa, "_MIN_PARTITION", 256)  # many programs wanted: long contexts split (split-K + reduce)
+    q_lens, kv_lens = _scenario(kind, rng)
+    kv_lens = [k + rng.randint(0, 700) for k in kv_lens]  # several 128-key tiles
+    batch = make_batch(q_lens, kv_lens, block_size=block_size, h_kv=2, group=4, head_dim=32, dtype=torch.float16)
+    for kw in ({}, dict(max_query_len=max(q_lens), max_kv_len=4096)):  # exact hints, and a CUDA graph's
+        out = pa.paged_attention_triton(**batch, **kw)
+        torch.testing.assert_close(out, pa.paged_attention_ref(**batch), **TOL[torch.float16],
+                                   msg=lambda m: f"seed={seed} q={q_lens} kv={kv_lens}\n{m}")
+
+
 def test_paged_attention_empty_batch(poisoned):
     batch = make_batch([0, 0], [3, 5], block_size=4, h_kv=1, group=2, head_dim=16, dtype=torch.float32)
     assert pa.paged_attention_triton(**batch).shape == (0, 2, 16)
