@@ -135,3 +135,28 @@ def test_full_kv_admission_waits_until_the_whole_known_sequence_fits(prompt_toke
     out = sched.schedule()
     assert [(c.seq, c.num_new_tokens) for c in out.chunks] == [(waiting, 4)]
     bm.check_invariants(_live(sched))
+
+
+@pytest.mark.parametrize("headroom_steps, pages, admitted", [
+    (8, 92, True), (8, 93, False),  # two growing requests x 8 steps = 16 tokens = 4 pages kept free
+    (0, 96, True), (0, 97, False),  # no headroom: what the request alone needs
+    (1000, 86, True), (1000, 87, False),  # capped at 5% of the pool (10 of 200 pages)
+])
+def test_full_kv_admission_keeps_growth_headroom(headroom_steps, pages, admitted):
+    """A full-KV admission leaves free pages for the running requests' next steps of growth, so that it does
+    not make the pool run out a few steps later (and the newcomer be preempted, its prefill lost)."""
+    bm = BlockManager(200, 4, enable_prefix_cache=False)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=1000, headroom_steps=headroom_steps)
+    a = Sequence("a", [5] * 400, 400, SamplingParams(max_tokens=50), 0)
+    b = Sequence("b", [6] * 8, 8, SamplingParams(max_tokens=50), 1)
+    sched.add(a)
+    sched.add(b)
+    for _ in range(2):
+        _fake_step(sched, bm, {"a": 50, "b": 50})
+    assert bm.num_free_blocks == 96 and a.kv_len == 401 and b.kv_len == 9  # no page needed next step
+    w = Sequence("w", [7] * (4 * pages), 4 * pages, SamplingParams(max_tokens=5), 2)
+    sched.add(w)
+    out = sched.schedule()
+    assert (w.status is Status.RUNNING) == admitted
+    assert len(out.chunks) == 2 + admitted
+    bm.check_invariants(_live(sched))

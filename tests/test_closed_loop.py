@@ -162,3 +162,19 @@ def test_steady_running_ages_what_the_pool_holds_at_once():
     weighted = sum(n * n / 2 for n in lens) / sum(lens)
     assert weighted > sum(lens) / len(lens) / 2
     assert steady_running(m, 10**6, 10**7, 16) < 10**7 / (sum(lens) / len(lens) / 2)
+
+
+def test_scheduler_sim_runs_the_engine_scheduler_in_the_closed_loop():
+    """The simulation drives the engine's own scheduler with modelled step times (deterministic: no clock),
+    and the admission headroom it was built to weigh shows in it: fewer preemptions and recomputes."""
+    from benchmarks.scheduler_sim import simulate
+
+    runs = {h: simulate(pool_tokens=64 * 256, block_size=16, output_len=1024, requests=64, warmup_s=5,
+                        window_s=20, headroom_steps=h) for h in (0, 128)}
+    for r in runs.values():
+        assert r["complete"] and r["tokens_per_s"] > 0 and 0 < r["mean_running"] <= 64
+        assert r["workload"]["aged"] == 18  # steady_running of this pool
+    assert runs[128]["preemptions"] < runs[0]["preemptions"]
+    assert runs[128]["recomputed_tokens"] < runs[0]["recomputed_tokens"]
+    assert simulate(pool_tokens=64 * 256, block_size=16, output_len=1024, requests=64, warmup_s=5, window_s=20,
+                    headroom_steps=0) == runs[0]  # the same every time

@@ -122,6 +122,10 @@ class EngineConfig(ConfigModel):
     # Compressed: requests that find no reservation run on pages reserved requests are owed but have not
     # taken yet, and are preempted (recomputed) when those are wanted; False: only on pages nobody reserved.
     borrow_reserved_pages: bool = True
+    # Full KV: a request is admitted only if the free pages left after it still cover this many steps of the
+    # running full-KV requests' growth (at most 5% of the pool), so that admitting it does not preempt
+    # (recompute) one of them a few steps later. 0: admit on what the request alone needs.
+    admission_headroom_steps: int = Field(128, ge=0)
     compression: CompressionConfig = CompressionConfig()  # a CompressionConfig or a mapping of its options
     seed: int = 0
     tokenizer: str | None = None  # None = the model folder

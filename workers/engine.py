@@ -86,7 +86,8 @@ class LLMEngine:
             self.max_model_len = pool_tokens
         self.block_manager = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_cache)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len,
-                                   borrow=cfg.borrow_reserved_pages and cfg.budget_blocks is not None)
+                                   borrow=cfg.borrow_reserved_pages and cfg.budget_blocks is not None,
+                                   headroom_steps=cfg.admission_headroom_steps)
         self.compactions = CompactionQueue(self.runner, self.block_manager, land_in_lockstep=tp.size > 1)
         self.pending: PendingStep | None = None  # the last step's tokens, still on the device
         self.tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)

@@ -57,9 +57,10 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int | None = None, borrow: bool = True):
+                 max_model_len: int | None = None, borrow: bool = True, headroom_steps: int = 0):
         self.bm = block_manager
         self.borrow = borrow
+        self.headroom_steps = headroom_steps
         self.block_size = block_manager.block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -213,14 +214,23 @@ class Scheduler:
         return out
 
     def _admission_need(self, seq: Sequence, first_chunk: int, cached: int) -> int:
-        """Free pages a waiting request needs before it is admitted: a full-KV request's whole known
+        """Free pages a waiting request needs before it is admitted. A full-KV request: its whole known
         sequence (prompt, and any tokens it recomputes after a preemption), not just its first chunk, or
         the chunks after the first find the pool taken by the running requests' growth and it is preempted
-        part-way through its prefill, its work lost. A compressed request's first chunk (its reservation
-        covers the rest)."""
+        part-way through its prefill, its work lost; and the running requests' growth headroom. A
+        compressed request: its first chunk (its reservation covers the rest)."""
         if seq.budget_blocks is not None:
             return first_chunk
-        return num_pages(seq.num_tokens, self.block_size) - cached
+        return num_pages(seq.num_tokens, self.block_size) - cached + self._growth_headroom()
+
+    def _growth_headroom(self) -> int:
+        """Pages kept free at a full-KV admission: `headroom_steps` of the running full-KV requests' growth (a
+        token a step each), at most 5% of the pool. Admitting into the last free pages makes the pool run out
+        within a few steps, and the request just admitted is then the one preempted and recomputed."""
+        if not self.headroom_steps:
+            return 0
+        growing = sum(1 for s in self.running if s.budget_blocks is None)
+        return min(num_pages(growing * self.headroom_steps, self.block_size), self.bm.num_blocks // 20)
 
     def _hits_locked(self, cached: list[int], borrowed: Counter) -> int:
         """Prefix hits that only several opportunistic requests hold: reclaimable now, not once a reserved
