@@ -176,5 +176,7 @@ def test_scheduler_sim_runs_the_engine_scheduler_in_the_closed_loop():
         assert r["workload"]["aged"] == 18  # steady_running of this pool
     assert runs[128]["preemptions"] < runs[0]["preemptions"]
     assert runs[128]["recomputed_tokens"] < runs[0]["recomputed_tokens"]
-    assert simulate(pool_tokens=64 * 256, block_size=16, output_len=1024, requests=64, warmup_s=5, window_s=20,
-                    headroom_steps=0) == runs[0]  # the same every time
+    again = simulate(pool_tokens=64 * 256, block_size=16, output_len=1024, requests=64, warmup_s=5, window_s=20,
+                     headroom_steps=0)
+    drop = lambda r: {k: v for k, v in r.items() if k != "gc_pauses"}  # noqa: E731 -- (the collector's, not the sim's)
+    assert drop(again) == drop(runs[0])  # the same every time
