@@ -10,6 +10,7 @@ vLLM's process imports this with its own site packages.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 import random
@@ -75,15 +76,16 @@ def steady_running(workload: Workload, concurrency: int, pool_tokens: int, page_
     state: the `aged` count that starts it there. The rest wait, and a waiting request has generated
     nothing: aging it would make the engine prefill a history no real waiting request carries.
 
-    Compressed (budget_pages): each request reserves budget + 1 pages. Full KV: a request is running with a
-    chance in proportion to its length (it lives that long) at an age spread evenly over it, so it holds its
-    prompt, half its length and half a page on average, weighted by length."""
+    Compressed (budget_pages): each request reserves budget + 1 pages. Full KV: as many aged requests as the
+    pool holds, each its prompt, half its length (ages are spread evenly over each request's life) and half
+    a page. With mixed lengths a true steady state runs long requests more often than they are drawn; the
+    aged requests are drawn as every request is, so this counts what fills the pool with them. Not
+    counted: prefix sharing (the system prompt) and an engine's own admission headroom (a few percent)."""
     if budget_pages is not None:
         return min(concurrency, pool_tokens // page_tokens // (budget_pages + 1))
-    fresh = Workload(**{**workload.__dict__, "aged": 0})
+    fresh = dataclasses.replace(workload, aged=0)
     drawn = [fresh.request(i) for i in range(sample)]
-    weight = sum(n for _, n in drawn)
-    held = sum(n * (len(p) + n / 2 + page_tokens / 2) for p, n in drawn) / weight
+    held = sum(len(p) + n / 2 + page_tokens / 2 for p, n in drawn) / len(drawn)
     return max(1, min(concurrency, int(pool_tokens // held)))
 
 
@@ -111,9 +113,11 @@ class Engine:
 
 class GcPauses:
     """Python's garbage-collector pauses while `on`: a pause stops the host's step loop, and once it outlasts
-    the step the GPU has queued, the GPU waits. Counted by the collector's own callbacks."""
+    the step the GPU has queued, the GPU waits. Counted by the collector's own callbacks, timed by the wall
+    clock whatever clock the driver runs on; this process's collector only (vLLM's engine core runs in a
+    process of its own)."""
 
-    def __init__(self, clock: Callable[[], float]):
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
         self.clock, self.on = clock, False
         self.count, self.total_s, self.longest_s, self._start = 0, 0.0, 0.0, None
         gc.callbacks.append(self._callback)
@@ -165,59 +169,60 @@ def drive(engine: Engine, workload: Workload, concurrency: int, mode: str = "com
     by_kind = {"decode": [0, 0.0], "with prefill": [0, 0.0]}
     decode_ms: list[float] = []
     prefilled = False  # the call before ran a prefill
-    collector = GcPauses(clock)
-    while engine.has_work():
-        floor = engine.step_floor_s()
-        t_before = clock() - t0
-        running = engine.running()
-        prefill_before = engine.prefill_tokens() if engine.prefill_tokens is not None else 0
-        outs = engine.step()
-        t = clock() - t0
-        n_step = 0
-        for rid, n_new, done in outs:
-            if n_new:
-                n_step += n_new
-                if rid not in first:
-                    first[rid] = t
-                    if lo <= added[rid] < hi:
-                        ttft.append(t - added[rid])
-                elif lo <= t <= hi:
-                    gaps += [(t - last[rid]) / n_new] * n_new  # per token: a merged output shares its gap
-                last[rid] = t
-            if done:
-                ended.add(rid)
-                finished += lo <= t <= hi
-                if mode == "window" and t < hi:
-                    add_next()
-        collector.on = lo <= t <= hi
-        if lo <= t_before and t <= hi:
-            first_start = t_before if first_start is None else first_start
-            last_end = t
-            tokens += n_step
-            steps += 1
-            running_sum += running
-            running_n += 1
-            peak_running = max(peak_running, running)
-            if engine.prefill_tokens is not None:
-                now_prefilled = engine.prefill_tokens() > prefill_before
-                kind = by_kind["with prefill" if now_prefilled or prefilled else "decode"]
-                kind[0] += 1
-                kind[1] += t - t_before
-                if kind is by_kind["decode"]:
-                    decode_ms.append(1e3 * (t - t_before))
-                prefilled = now_prefilled
-            if floor is None:
-                floor_known = False
-            else:
-                floor_s += floor
-        timeline.append((round(t, 3), running, n_step))
-        if mode == "window" and t >= hi:
-            break
-        if t > max_seconds:
-            incomplete = True
-            break
-    collector.on = False
-    gc_pauses = collector.close()
+    collector = GcPauses()
+    try:
+        while engine.has_work():
+            floor = engine.step_floor_s()
+            t_before = clock() - t0
+            running = engine.running()
+            prefill_before = engine.prefill_tokens() if engine.prefill_tokens is not None else 0
+            outs = engine.step()
+            t = clock() - t0
+            n_step = 0
+            for rid, n_new, done in outs:
+                if n_new:
+                    n_step += n_new
+                    if rid not in first:
+                        first[rid] = t
+                        if lo <= added[rid] < hi:
+                            ttft.append(t - added[rid])
+                    elif lo <= t <= hi:
+                        gaps += [(t - last[rid]) / n_new] * n_new  # per token: a merged output shares its gap
+                    last[rid] = t
+                if done:
+                    ended.add(rid)
+                    finished += lo <= t <= hi
+                    if mode == "window" and t < hi:
+                        add_next()
+            collector.on = lo <= t <= hi
+            if lo <= t_before and t <= hi:
+                first_start = t_before if first_start is None else first_start
+                last_end = t
+                tokens += n_step
+                steps += 1
+                running_sum += running
+                running_n += 1
+                peak_running = max(peak_running, running)
+                if engine.prefill_tokens is not None:
+                    now_prefilled = engine.prefill_tokens() > prefill_before
+                    kind = by_kind["with prefill" if now_prefilled or prefilled else "decode"]
+                    kind[0] += 1
+                    kind[1] += t - t_before
+                    if kind is by_kind["decode"]:
+                        decode_ms.append(1e3 * (t - t_before))
+                    prefilled = now_prefilled
+                if floor is None:
+                    floor_known = False
+                else:
+                    floor_s += floor
+            timeline.append((round(t, 3), running, n_step))
+            if mode == "window" and t >= hi:
+                break
+            if t > max_seconds:
+                incomplete = True
+                break
+    finally:
+        gc_pauses = collector.close()
     extra = after() if after is not None and engine.has_work() else {}
     for rid in [r for r in added if r not in ended]:  # the window's end (or the time limit) cut them off
         engine.abort(rid)

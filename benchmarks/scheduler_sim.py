@@ -2,7 +2,8 @@
 admission and preemption rules cost in requests running, preemptions and recomputed tokens.
 
 The engine's own Scheduler and BlockManager run the workload of `benchmarks.throughput --mode window`
-through `closed_loop.drive`; a step's time is modelled, not measured: the weights and the K/V the step
+through `closed_loop.drive`, stepped as the synchronous engine steps (no async scheduling: a sampled
+token is known at once); a step's time is modelled, not measured: the weights and the K/V the step
 reads over the card's bandwidth, plus a cost per prefilled token and a fixed overhead per step. Policies
 can be compared this way in seconds before a GPU run measures them (the README cites it).
 
@@ -56,7 +57,7 @@ class SimulatedEngine:
         read = prefill = 0
         for c in out.chunks:
             read += c.seq.kv_len + c.num_new_tokens
-            if c.num_new_tokens > 1 or c.seq.num_computed_tokens < c.seq.num_prompt_tokens:
+            if c.prefills:
                 prefill += c.num_new_tokens
                 self.recomputed += c.num_new_tokens if c.seq.num_preemptions else 0
         self.prefilled += prefill
@@ -102,6 +103,7 @@ def simulate(pool_tokens: int, block_size: int, output_len: int, *, requests: in
                           bandwidth_gbps * 1e9, prefill_us_per_token * 1e-6, step_overhead_ms * 1e-3, headroom_steps)
     r = drive(sim.as_engine(), workload, requests, "window", warmup_s, window_s, clock=lambda: sim.now)
     r.pop("timeline")
+    r.pop("gc_pauses")  # this process's collector, not the simulated engine's
     return r | {"preemptions": sim.scheduler.num_preemptions, "recomputed_tokens": sim.recomputed,
                 "pool_tokens": pool_tokens, "block_size": block_size, "headroom_steps": headroom_steps}
 

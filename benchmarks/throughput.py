@@ -25,6 +25,7 @@ transformers' engine is far slower; it runs the same requests for at most --hf-s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -83,10 +84,6 @@ def run_zipserve(system: str, path: str, workload: Workload, a, *, pool_pages: i
                  ignore_eos=True), use_tqdm=False)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    # As the serving engine process does (workers/async_engine.py): what loading made is kept out of the
-    # collector's walks (undone below, so the next system's engine can collect this one).
-    gc.collect()
-    gc.freeze()
     weight_bytes = sum(p.numel() * p.element_size() for n, p in eng.runner.model.named_parameters()
                        if "embed_tokens" not in n)
     kv_token_bytes = eng.runner.bytes_per_block / bs
@@ -120,8 +117,9 @@ def run_zipserve(system: str, path: str, workload: Workload, a, *, pool_pages: i
         return found
 
     alloc0 = torch.cuda.memory_stats()
-    result = drive(engine, workload, a.requests, a.mode, warmup_of(a, system), a.window, a.max_seconds,
-                   after=after if a.profile_steps else None)
+    with _frozen_heap():
+        result = drive(engine, workload, a.requests, a.mode, warmup_of(a, system), a.window, a.max_seconds,
+                       after=after if a.profile_steps else None)
     alloc1 = torch.cuda.memory_stats()
     torch.cuda.synchronize()
     gpu = clock.totals_ms()
@@ -139,10 +137,22 @@ def run_zipserve(system: str, path: str, workload: Workload, a, *, pool_pages: i
                       for k in ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")},
     }
     del llm, eng
-    gc.unfreeze()
     gc.collect()
     torch.cuda.empty_cache()
     return result
+
+
+@contextlib.contextmanager
+def _frozen_heap():
+    """As the serving engine process does (workers/async_engine.py): what exists now (the engine, loaded and
+    warm) is kept out of the collector's walks while the run lasts, then handed back to it, so that the next
+    system's engine in this process can collect this one."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _profiled(step, steps: int, host: bool = False):
@@ -371,6 +381,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.full_block_size and args.pool != "whole":
+        raise ValueError("--full-block-size needs --pool whole (a budget pool is counted in --block-size pages)")
     if not torch.cuda.is_available():
         raise RuntimeError("the throughput benchmark needs a CUDA GPU")
     dev = torch.device("cuda")
@@ -515,8 +527,6 @@ def main(argv=None):
     add_arguments(ap)
     ap.add_argument("--plot", help="only redraw the PNG of this result JSON")
     args = ap.parse_args(argv)
-    if args.full_block_size and args.pool != "whole":
-        ap.error("--full-block-size needs --pool whole (a budget pool is counted in --block-size pages)")
     if args.plot:
         with open(args.plot) as f:
             plot(json.load(f), args.plot.removesuffix(".json") + ".png")

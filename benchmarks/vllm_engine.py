@@ -11,6 +11,7 @@ and KV-cache usage (the bandwidth floor counts the used share of its pool as the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -75,8 +76,8 @@ def main(spec_path: str, out_path: str) -> None:
                     abort=lambda rid: eng.abort_request([rid]))
     workload = Workload(**spec["workload"])
     if workload.aged and spec.get("age_to_capacity"):
-        workload = Workload(**{**spec["workload"], "aged": steady_running(workload, spec["concurrency"], pool_tokens,
-                                                                           cache.block_size)})
+        workload = dataclasses.replace(workload, aged=steady_running(workload, spec["concurrency"], pool_tokens,
+                                                                     cache.block_size))
     result = drive(engine, workload, spec["concurrency"], spec["mode"], spec["warmup_s"], spec["window_s"],
                    spec["max_seconds"])
     metrics.at = -1.0
@@ -84,7 +85,8 @@ def main(spec_path: str, out_path: str) -> None:
 
     result |= {"system": "vLLM", "version": vllm.__version__, "start_s": start_s, "kv_pool_tokens": pool_tokens,
                "preemptions": int(metrics.get("vllm:num_preemptions") - preempt0),
-               "note": "running and the floor's K/V bytes from vLLM's metrics, sampled every 0.25 s"}
+               "note": "running and the floor's K/V bytes from vLLM's metrics, sampled every 0.25 s; gc_pauses are "
+                       "this front-end process's only (vLLM's engine core runs in a process of its own)"}
     with open(out_path, "w") as f:
         json.dump(result, f)
 

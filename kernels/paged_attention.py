@@ -8,6 +8,7 @@ cache entries j <= kv_len[b] - q_len[b] + i (cache order, so this stays right af
 import functools
 import math
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 import triton
@@ -92,7 +93,8 @@ class _Config:
 
 # Picked by sweeps on an H200 (bf16, D=128; benchmarks.attention_kernel, attention_kernel_h200.json): decode key
 # tiles of 128 keep more K/V bytes in flight than 64 at the same warps and stages.
-GPU_TILES = dict(prefill_m=128, prefill_n=128, prefill_warps=8, decode_n=128, decode_warps=4, stages=2)
+GPU_TILES = MappingProxyType(dict(prefill_m=128, prefill_n=128, prefill_warps=8, decode_n=128, decode_warps=4,
+                                  stages=2))
 
 
 @functools.lru_cache(maxsize=None)

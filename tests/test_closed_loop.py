@@ -156,12 +156,14 @@ def test_steady_running_ages_what_the_pool_holds_at_once():
     assert steady_running(w, 64, 10**9, 16) == 64  # never more than are offered
     assert steady_running(w, 64, 100 * 9 * 256, 256, budget_pages=8) == 64
     assert steady_running(w, 256, 100 * 9 * 256 + 200, 256, budget_pages=8) == 100  # budget + 1 pages each
-    # mixed lengths: a long request is running longer, so the held mean is weighted by length
+    # mixed lengths: as many as fill the pool with aged requests as they are drawn (ages spread over each life)
     m = Workload(vocab=32000, output_len=4000, mixed=True, aged=8)
-    lens = [m.request(i)[1] for i in range(1024)]
-    weighted = sum(n * n / 2 for n in lens) / sum(lens)
-    assert weighted > sum(lens) / len(lens) / 2
-    assert steady_running(m, 10**6, 10**7, 16) < 10**7 / (sum(lens) / len(lens) / 2)
+    fresh = [Workload(vocab=32000, output_len=4000, mixed=True).request(i) for i in range(1024)]
+    held = sum(len(p) + n / 2 + 8 for p, n in fresh) / len(fresh)
+    assert steady_running(m, 10**6, 10**7, 16) == int(10**7 // held)
+    aged = Workload(vocab=32000, output_len=4000, mixed=True, aged=steady_running(m, 10**6, 10**7, 16))
+    filled = sum(len(aged.request(i)[0]) + 8 for i in range(aged.aged))  # their histories are in their prompts
+    assert 0.9 * 10**7 <= filled <= 1.1 * 10**7
 
 
 def test_scheduler_sim_runs_the_engine_scheduler_in_the_closed_loop():
@@ -176,7 +178,5 @@ def test_scheduler_sim_runs_the_engine_scheduler_in_the_closed_loop():
         assert r["workload"]["aged"] == 18  # steady_running of this pool
     assert runs[128]["preemptions"] < runs[0]["preemptions"]
     assert runs[128]["recomputed_tokens"] < runs[0]["recomputed_tokens"]
-    again = simulate(pool_tokens=64 * 256, block_size=16, output_len=1024, requests=64, warmup_s=5, window_s=20,
-                     headroom_steps=0)
-    drop = lambda r: {k: v for k, v in r.items() if k != "gc_pauses"}  # noqa: E731 -- (the collector's, not the sim's)
-    assert drop(again) == drop(runs[0])  # the same every time
+    assert simulate(pool_tokens=64 * 256, block_size=16, output_len=1024, requests=64, warmup_s=5, window_s=20,
+                    headroom_steps=0) == runs[0]  # the same every time

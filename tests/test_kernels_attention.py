@@ -124,8 +124,8 @@ def test_paged_attention_gpu_tiles_cpu(poisoned, monkeypatch, kind, block_size):
     that span several pages, or several tiles in one page, and contexts ending inside a tile."""
     seed = _seed()
     rng = random.Random(seed)
+    # as many programs as a GPU wants: contexts over 256 keys split into partitions (split-K, then the reduce)
     monkeypatch.setattr(pa, "_config", lambda device: pa._Config(**pa.GPU_TILES, programs=512))
-    monkeypatch.setattr(pa, "_MIN_PARTITION", 256)  # many programs wanted: long contexts split (split-K + reduce)
     q_lens, kv_lens = _scenario(kind, rng)
     kv_lens = [k + rng.randint(0, 700) for k in kv_lens]  # several 128-key tiles
     batch = make_batch(q_lens, kv_lens, block_size=block_size, h_kv=2, group=4, head_dim=32, dtype=torch.float16)

@@ -222,7 +222,7 @@ class LLMEngine:
         self.compactions.launch_deferred(after=data_ready)  # on their own stream, beside this forward
         samplers = [c.seq for c in sched.chunks if c.samples]  # (before the chunks count as computed)
         for c in sched.chunks:
-            if c.num_new_tokens > 1 or c.seq.num_computed_tokens < c.seq.num_prompt_tokens:  # not a decode
+            if c.prefills:
                 self.num_prefill_tokens_computed += c.num_new_tokens
             c.seq.num_computed_tokens += c.num_new_tokens
         return samplers, logits

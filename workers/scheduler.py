@@ -5,7 +5,9 @@ view: each request just has tokens not yet computed). Running requests go first,
 waiting requests are admitted FCFS while the token budget, the slots and the page pool allow.
 
 Full KV (budget None): a request is admitted once its whole known sequence fits the free pages (not
-only its first chunk); requests grow freely; when one needs a page and none is free, the most recently
+only its first chunk) with some left for the running requests' growth (`headroom_steps`); admission is
+FCFS, so a request at the head that does not fit holds the others back until enough of the running ones
+have finished; requests grow freely; when one needs a page and none is free, the most recently
 admitted request is preempted (pages freed, recomputed later; the prefix cache often makes that cheap).
 
 Compressed PagedAttention (budget B pages): a request's cache never exceeds B + 1 pages once its prompt
@@ -46,6 +48,12 @@ class ScheduledChunk:
     def samples(self) -> bool:
         """True when the chunk reaches the end of the known tokens, so the step samples one more."""
         return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+    @property
+    def prefills(self) -> bool:
+        """True unless the chunk is one decode token: it runs prompt tokens, or tokens recomputed after a
+        preemption (read before the step counts the chunk as computed)."""
+        return self.num_new_tokens > 1 or self.seq.num_computed_tokens < self.seq.num_prompt_tokens
 
 
 @dataclass
@@ -215,21 +223,23 @@ class Scheduler:
 
     def _admission_need(self, seq: Sequence, first_chunk: int, cached: int) -> int:
         """Free pages a waiting request needs before it is admitted. A full-KV request: its whole known
-        sequence (prompt, and any tokens it recomputes after a preemption), not just its first chunk, or
-        the chunks after the first find the pool taken by the running requests' growth and it is preempted
-        part-way through its prefill, its work lost; and the running requests' growth headroom. A
+        sequence (prompt, and any tokens it recomputes after a preemption), plus the growth headroom. Were
+        it admitted on its first chunk alone, its later chunks could find the pool taken by the running
+        requests' growth, and it would be preempted part-way through its prefill, its work lost. A
         compressed request: its first chunk (its reservation covers the rest)."""
         if seq.budget_blocks is not None:
             return first_chunk
         return num_pages(seq.num_tokens, self.block_size) - cached + self._growth_headroom()
 
     def _growth_headroom(self) -> int:
-        """Pages kept free at a full-KV admission: `headroom_steps` of the running full-KV requests' growth (a
-        token a step each), at most 5% of the pool. Admitting into the last free pages makes the pool run out
-        within a few steps, and the request just admitted is then the one preempted and recomputed."""
-        if not self.headroom_steps:
+        """Pages kept free at a full-KV admission: `headroom_steps` of growth (a token a step) of the running
+        full-KV requests and the one admitted, at most 5% of the pool (none on a pool under 20 pages).
+        Admitting into the last free pages makes the pool run out within a few steps, and the request just
+        admitted is then the one preempted and recomputed. None while nothing runs, so the head of the queue
+        always gets in once the running requests have drained."""
+        if not self.headroom_steps or not self.running:
             return 0
-        growing = sum(1 for s in self.running if s.budget_blocks is None)
+        growing = 1 + sum(1 for s in self.running if s.budget_blocks is None)
         return min(num_pages(growing * self.headroom_steps, self.block_size), self.bm.num_blocks // 20)
 
     def _hits_locked(self, cached: list[int], borrowed: Counter) -> int:
