@@ -117,16 +117,16 @@ class GcPauses:
     clock whatever clock the driver runs on; this process's collector only (vLLM's engine core runs in a
     process of its own)."""
 
-    def __init__(self, clock: Callable[[], float] = time.perf_counter):
-        self.clock, self.on = clock, False
+    def __init__(self):
+        self.on = False
         self.count, self.total_s, self.longest_s, self._start = 0, 0.0, 0.0, None
         gc.callbacks.append(self._callback)
 
     def _callback(self, phase: str, info: dict) -> None:
         if phase == "start":
-            self._start = self.clock()
+            self._start = time.perf_counter()
         elif self._start is not None:
-            d, self._start = self.clock() - self._start, None
+            d, self._start = time.perf_counter() - self._start, None
             if self.on:
                 self.count, self.total_s, self.longest_s = self.count + 1, self.total_s + d, max(self.longest_s, d)
 

@@ -70,7 +70,8 @@ def run_zipserve(system: str, path: str, workload: Workload, a, *, pool_pages: i
 
     compressed = system.startswith("compressed")
     overlap = not system.endswith("-sync")
-    bs, budget = a.block_size if compressed or not a.full_block_size else a.full_block_size, a.budget
+    bs = a.full_block_size if a.full_block_size and not compressed else a.block_size
+    budget = a.budget
     extra = {"compression": {"recall": {"pages": a.recall_pages}}} if system == "compressed-recall" else {}
     llm = LLM(path, load_format="dummy", block_size=bs, num_blocks=pool_pages, max_num_seqs=a.requests,
               max_model_len=max_len, budget_blocks=budget if compressed else None, async_scheduling=overlap, **extra)

@@ -131,9 +131,7 @@ def test_gc_pauses_count_only_collections_while_on():
 
     from benchmarks.closed_loop import GcPauses
 
-    import time
-
-    pauses = GcPauses(time.perf_counter)
+    pauses = GcPauses()
     gc.collect()  # off: not counted
     pauses.on = True
     gc.collect()

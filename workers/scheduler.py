@@ -233,13 +233,14 @@ class Scheduler:
 
     def _growth_headroom(self) -> int:
         """Pages kept free at a full-KV admission: `headroom_steps` of growth (a token a step) of the running
-        full-KV requests and the one admitted, at most 5% of the pool (none on a pool under 20 pages).
+        requests and the one admitted, at most 5% of the pool (none on a pool under 20 pages). Only full-KV
+        requests ask, and an engine runs full KV for all its requests or for none.
         Admitting into the last free pages makes the pool run out within a few steps, and the request just
         admitted is then the one preempted and recomputed. None while nothing runs, so the head of the queue
         always gets in once the running requests have drained."""
         if not self.headroom_steps or not self.running:
             return 0
-        growing = 1 + sum(1 for s in self.running if s.budget_blocks is None)
+        growing = len(self.running) + 1
         return min(num_pages(growing * self.headroom_steps, self.block_size), self.bm.num_blocks // 20)
 
     def _hits_locked(self, cached: list[int], borrowed: Counter) -> int:
