@@ -49,7 +49,8 @@ def test_unknown_keys_are_named_with_the_known_ones(qwen3_path):
 @pytest.mark.parametrize("bad", [
     dict(block_size="16"), dict(max_num_seqs=True), dict(gpu_memory_utilization="0.9"), dict(enforce_eager=1),
     dict(gpu_memory_utilization=0), dict(load_format="gguf"), dict(compression=dict(query_window=2.0)),
-    dict(compression=dict(score_decay=float("nan")))])
+    dict(compression=dict(score_decay=float("nan"))), dict(admission_headroom_steps=-1),
+    dict(admission_headroom_steps=1.5)])
 def test_values_are_strict(bad, qwen3_path):
     with pytest.raises(ValueError, match=next(iter(bad))):
         EngineConfig.from_kwargs(qwen3_path, **bad)
