@@ -153,6 +153,20 @@ def test_abort_storm_with_recall_leaks_nothing(qwen3_path, device):
     assert s["recall_host_pages_used"] == 0 and s["free_pages"] == s["total_pages"] and not eng.compactions.busy
 
 
+def test_compression_warm_up_with_recall_leaves_everything_idle(qwen3_path):
+    """The compressor's warm-up (run before the first request where the kernels compile, on a GPU) goes
+    through the recalling path too, and leaves the host store and the device pool as it found them."""
+    llm = LLM(qwen3_path, block_size=4, budget_blocks=2, num_blocks=16,
+              compression=dict(query_window=4, recall={"pages": 1, "host_gib": 0.002}))
+    eng = llm.engine
+    comp = eng.runner.compressor
+    comp.warm_up(2, comp.q_window.shape[1] - 1, 7)
+    s = eng.stats()
+    assert s["recall_host_pages_used"] == 0 and s["free_pages"] == s["total_pages"] and s["compressions"] == 0
+    out = llm.generate([[5, 6, 7, 8, 9]], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].token_ids) == 20 and eng.stats()["recalled_pages"] > 0
+
+
 @pytest.mark.parametrize("recall, msg", [
     ({"pages": 0}, "pages"),
     ({"host_gib": 0}, "host_gib"),

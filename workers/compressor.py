@@ -220,7 +220,8 @@ class Compressor:
         from types import SimpleNamespace
 
         bs, keep = self.block_size, budget_blocks * self.block_size
-        seq = SimpleNamespace(request_id=None, window_slot=window_slot, num_prompt_tokens=num_prompt_tokens)
+        seq = SimpleNamespace(request_id=None, window_slot=window_slot, num_prompt_tokens=num_prompt_tokens,
+                              params=SimpleNamespace(recall_pages=None))  # recall: the engine's pages
         src = list(range(budget_blocks + 1))
         return CompactionPlan(seq, src, src[:budget_blocks] + [src[-1]], [], keep + bs, keep, 0,
                               0 if first else keep, first)
