@@ -30,10 +30,17 @@ class DenseCompressedReference:
     today's permanent eviction. recall_pages=0 is the policy without recall.
 
     Only full pages are recalled, so every layer and head has the same number of candidates (each evicts
-    the same number of entries at each compression)."""
+    the same number of entries at each compression).
+
+    query_pages (per-step recall, a study of what issue 27's query-time trigger could buy; not in the engine):
+    every decode step's attention also sees, per layer and KV head, the query_pages stored closed pages of
+    highest bound for a decode step's own query (the max over the head's group), without their joining
+    the cache or the scores. query_lag 0: chosen by this step's query (an ideal recall that lands at once);
+    1: chosen by the previous step's query (a recall decided at the end of a step and landed before the
+    next). Extra pages beyond the budget: an upper bound on the accuracy such a recall can reach."""
 
     def __init__(self, path: str, block_size: int, budget_blocks: int | None, ccfg, recall_pages: int = 0,
-                 host_pages: int | None = None):
+                 host_pages: int | None = None, query_pages: int = 0, query_lag: int = 0):
         from transformers import AutoModelForCausalLM
 
         self.hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -42,6 +49,7 @@ class DenseCompressedReference:
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         self.bs, self.budget, self.c = block_size, budget_blocks, ccfg
         self.recall_pages, self.host_pages = recall_pages, host_pages
+        self.query_pages, self.query_lag = query_pages, query_lag
         self.kept_log = []  # per compression: [layer][head] -> list of original token positions kept
         self.recalled_log = []  # per compression: [layer][head] -> positions of the recalled candidates
         self.dropped_pages = 0  # stored pages dropped for host_pages (per layer and head, summed)
@@ -82,6 +90,15 @@ class DenseCompressedReference:
                 Gs.append(torch.cat([G[h]] + [p["g"] for p in chosen])[order])
         G_new = torch.stack(Gs) if G is not None else None
         return torch.stack(Ks, 1), torch.stack(Vs, 1), Ps, G_new, recalled
+
+    def _pages_for(self, store_h, qg):
+        """K, V of the query_pages closed pages of highest bound for the queries qg [group, D] (None: none)."""
+        pages = store_h["closed"]
+        if not pages:
+            return None
+        bounds = [torch.maximum(qg * p["kmin"], qg * p["kmax"]).sum(-1).max().item() for p in pages]
+        best = sorted(range(len(pages)), key=lambda i: (-bounds[i], -i))[: self.query_pages]
+        return torch.cat([pages[i]["k"] for i in best]), torch.cat([pages[i]["v"] for i in best])
 
     def _store(self, store, K, V, pos, G, keeps):
         """Store what one layer's compression did not keep, per KV head, in position order: the open page
@@ -176,7 +193,7 @@ class DenseCompressedReference:
 
     # ---- the model, one request --------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, prompt: list[int], max_tokens: int) -> list[int]:
+    def generate(self, prompt: list[int], max_tokens: int, stop_token: int | None = None) -> list[int]:
         model = self.hf.model
         L = len(model.layers)
         K = [torch.empty(0, self.n_kv, self.head_dim) for _ in range(L)]
@@ -191,6 +208,8 @@ class DenseCompressedReference:
         tokens, out = list(prompt), []
         self.prompt_len = len(prompt)
         todo = list(prompt)
+        lagged = [[None] * self.n_kv for _ in range(L)]  # query_lag 1: pages the last step's query chose
+        group = self.n_heads // self.n_kv
         while True:
             start = len(tokens) - len(todo)
             positions = torch.arange(start, len(tokens))
@@ -215,12 +234,23 @@ class DenseCompressedReference:
                 for hh in range(self.n_kv):
                     pos_of[li][hh] = torch.cat([pos_of[li][hh], positions])
                 o = torch.empty(T, self.n_heads, self.head_dim)
-                for t in range(T):
-                    visible = N0 + t + 1
-                    for hq in range(self.n_heads):
-                        hk = hq // (self.n_heads // self.n_kv)
-                        w = torch.softmax(K[li][:visible, hk] @ q[t, hq] / math.sqrt(self.head_dim), 0)
-                        o[t, hq] = w @ V[li][:visible, hk]
+                if T == 1 and self.query_pages:  # a decode step with per-step recall: resident + chosen pages
+                    for hk in range(self.n_kv):
+                        qg = q[0, hk * group: (hk + 1) * group]
+                        chosen = self._pages_for(stores[li][hk], qg)
+                        if self.query_lag:
+                            chosen, lagged[li][hk] = lagged[li][hk], chosen
+                        k_all, v_all = K[li][:, hk], V[li][:, hk]
+                        if chosen is not None:
+                            k_all, v_all = torch.cat([chosen[0], k_all]), torch.cat([chosen[1], v_all])
+                        o[0, hk * group: (hk + 1) * group] = torch.softmax(qg @ k_all.T / math.sqrt(self.head_dim), -1) @ v_all
+                else:
+                    for t in range(T):
+                        visible = N0 + t + 1
+                        for hq in range(self.n_heads):
+                            hk = hq // (self.n_heads // self.n_kv)
+                            w = torch.softmax(K[li][:visible, hk] @ q[t, hq] / math.sqrt(self.head_dim), 0)
+                            o[t, hq] = w @ V[li][:visible, hk]
                 a = attn.o_proj(o.reshape(T, -1))
                 h = h + a[None]
                 h = h + layer.mlp(layer.post_attention_layernorm(h))
@@ -228,7 +258,7 @@ class DenseCompressedReference:
             nxt = int(logits.argmax())
             out.append(nxt)
             tokens.append(nxt)
-            if len(out) == max_tokens:
+            if len(out) == max_tokens or nxt == stop_token:
                 self.resident = [[pos_of[li][hh].tolist() for hh in range(self.n_kv)] for li in range(L)]
                 return out
             # Compression point: cache reached budget + 1 full pages (or a long prompt ended).
@@ -246,7 +276,7 @@ class DenseCompressedReference:
                         recalled_log.append(recalled)
                     S, G = self._scores(qs, K[li], G_prev, n_compressions == 0, keep_n)
                     keeps = [self._keep(S[hh], keep_n) for hh in range(self.n_kv)]
-                    if self.recall_pages:
+                    if self.recall_pages or self.query_pages:
                         self._store(stores[li], K[li], V[li], pos_of[li], G if self.c.use_global_score else None, keeps)
                     K[li] = torch.stack([K[li][keeps[hh], hh] for hh in range(self.n_kv)], dim=1)
                     V[li] = torch.stack([V[li][keeps[hh], hh] for hh in range(self.n_kv)], dim=1)

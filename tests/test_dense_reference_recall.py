@@ -52,3 +52,30 @@ def test_recall_conserves_entries_and_brings_some_back(qwen3_path):
             stored = [p for page in store["closed"] for p in page["pos"].tolist()]
             stored += store["open"]["pos"] if store["open"] is not None else []
             assert sorted(stored + ref.resident[li][h]) == list(range(seen))
+
+
+def test_per_step_recall_of_every_stored_page_is_full_attention(qwen3_path):
+    """query_pages >= every stored page, no lag: each decode step attends over the resident entries and
+    everything ever evicted (each compression evicts whole pages here), so greedy decoding is full KV's,
+    while the cache is compressed as often as without it."""
+    full = DenseCompressedReference(qwen3_path, 4, None, CCFG)
+    everything = DenseCompressedReference(qwen3_path, 4, 2, CCFG, query_pages=10**6)
+    plain = DenseCompressedReference(qwen3_path, 4, 2, CCFG)
+    want, got, compressed = full.generate(PROMPT, 40), everything.generate(PROMPT, 40), plain.generate(PROMPT, 40)
+    assert got == want and compressed != want  # (without the pages the compressed output differs)
+    assert everything.kept_log and len(everything.kept_log) == len(plain.kept_log)
+
+
+def test_per_step_recall_picks_the_pages_of_highest_bound_for_the_query(qwen3_path):
+    ref = DenseCompressedReference(qwen3_path, 4, 2, CCFG, query_pages=2)
+    d = ref.head_dim
+    qg = torch.zeros(2, d)
+    qg[0, 0] = 1.0  # the group's first query looks along channel 0, the second sees nothing
+    pages = []
+    for i, top in enumerate([0.1, 3.0, -2.0, 2.0]):  # channel-0 maxima; bounds 0.1, 3, 0, 2
+        k = torch.zeros(4, d)
+        k[:, 0] = torch.tensor([top, top - 1, top - 2, top - 3])
+        pages.append({"k": k, "v": k + i, "kmin": k.amin(0), "kmax": k.amax(0)})
+    k, v = ref._pages_for({"closed": pages}, qg)
+    assert torch.equal(k, torch.cat([pages[1]["k"], pages[3]["k"]])) and torch.equal(v[4:], pages[3]["v"])
+    assert ref._pages_for({"closed": []}, qg) is None
