@@ -10,7 +10,8 @@ asks whether a decision made from each decode step's own query could: the dense 
 layer and KV head, over the resident cache plus the stored pages of highest Quest bound for that step's
 query (`lag` 0: chosen by the same step, a recall that lands at once; 1: chosen by the previous step, a
 recall decided at the end of a step and landed before the next). The chosen pages come on top of the
-budget, so this bounds from above what such a recall can reach; it is not the engine. Each setting is
+budget (with --within-budget the cache keeps that many pages fewer, so resident + recalled fit the budget),
+so this bounds from above what such a recall can reach; it is not the engine. Each setting is
 `pages:lag`; 0:0 is the policy without recall, and full KV runs too (--no-full skips it). CPU, fp32,
 greedy until <eos>, one process per worker over the problems.
 """
@@ -74,11 +75,13 @@ def run(args: argparse.Namespace) -> dict:
     for pages, lag in tqdm(settings, desc="query recall", unit="setting"):
         t = time.perf_counter()
         with ProcessPoolExecutor(args.workers) as pool:
-            rows = [r for part in pool.map(_solve, [(args.model, s, args.block_size, None if pages is None else blocks,
-                                                     pages, lag) for s in shares]) for r in part]
+            cache = None if pages is None else blocks - pages * args.within_budget
+            rows = [r for part in pool.map(_solve, [(args.model, s, args.block_size, cache, pages, lag) for s in shares])
+                    for r in part]
         rows.sort(key=lambda r: r["problem"])
-        row = {"setting": "full KV" if pages is None else f"{pages} pages, lag {lag}", "query_pages": pages,
-               "lag": lag, "accuracy": sum(r["correct"] for r in rows) / len(rows),
+        label = "full KV" if pages is None else f"{pages} pages, lag {lag}" + (f", cache {cache}" if args.within_budget else "")
+        row = {"setting": label, "query_pages": pages,
+               "lag": lag, "cache_blocks": cache, "accuracy": sum(r["correct"] for r in rows) / len(rows),
                "mean_correct_step_fraction": sum(r["correct_steps"] / r["steps"] for r in rows) / len(rows),
                "seconds": time.perf_counter() - t, "per_problem": [r["correct"] for r in rows]}
         results["runs"].append(row)
@@ -122,6 +125,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--settings", default="0:0,4:0,4:1", help="pages:lag, comma-separated")
     ap.add_argument("--no-full", action="store_true", help="skip the full-KV run")
+    ap.add_argument("--within-budget", action="store_true",
+                    help="the cache keeps `pages` pages fewer than the budget (resident + recalled = the budget)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--tag", default="")
