@@ -50,6 +50,7 @@ class DenseCompressedReference:
         self.bs, self.budget, self.c = block_size, budget_blocks, ccfg
         self.recall_pages, self.host_pages = recall_pages, host_pages
         self.query_pages, self.query_lag = query_pages, query_lag
+        self.query_selections = self.query_page_loads = 0  # per-step recall: (layer, head) choices, pages new to them
         self.kept_log = []  # per compression: [layer][head] -> list of original token positions kept
         self.recalled_log = []  # per compression: [layer][head] -> positions of the recalled candidates
         self.dropped_pages = 0  # stored pages dropped for host_pages (per layer and head, summed)
@@ -92,13 +93,15 @@ class DenseCompressedReference:
         return torch.stack(Ks, 1), torch.stack(Vs, 1), Ps, G_new, recalled
 
     def _pages_for(self, store_h, qg):
-        """K, V of the query_pages closed pages of highest bound for the queries qg [group, D] (None: none)."""
+        """K, V and first positions of the query_pages closed pages of highest bound for the queries qg
+        [group, D] (None: none)."""
         pages = store_h["closed"]
         if not pages:
             return None
         bounds = [torch.maximum(qg * p["kmin"], qg * p["kmax"]).sum(-1).max().item() for p in pages]
         best = sorted(range(len(pages)), key=lambda i: (-bounds[i], -i))[: self.query_pages]
-        return torch.cat([pages[i]["k"] for i in best]), torch.cat([pages[i]["v"] for i in best])
+        return (torch.cat([pages[i]["k"] for i in best]), torch.cat([pages[i]["v"] for i in best]),
+                {int(pages[i]["pos"][0]) for i in best})
 
     def _store(self, store, K, V, pos, G, keeps):
         """Store what one layer's compression did not keep, per KV head, in position order: the open page
@@ -209,6 +212,7 @@ class DenseCompressedReference:
         self.prompt_len = len(prompt)
         todo = list(prompt)
         lagged = [[None] * self.n_kv for _ in range(L)]  # query_lag 1: pages the last step's query chose
+        last_chosen = [[set() for _ in range(self.n_kv)] for _ in range(L)]
         group = self.n_heads // self.n_kv
         while True:
             start = len(tokens) - len(todo)
@@ -238,6 +242,10 @@ class DenseCompressedReference:
                     for hk in range(self.n_kv):
                         qg = q[0, hk * group: (hk + 1) * group]
                         chosen = self._pages_for(stores[li][hk], qg)
+                        now = chosen[2] if chosen is not None else set()
+                        self.query_selections += 1  # what a recall would move: pages not chosen last step
+                        self.query_page_loads += len(now - last_chosen[li][hk])
+                        last_chosen[li][hk] = now
                         if self.query_lag:
                             chosen, lagged[li][hk] = lagged[li][hk], chosen
                         k_all, v_all = K[li][:, hk], V[li][:, hk]

@@ -76,6 +76,9 @@ def test_per_step_recall_picks_the_pages_of_highest_bound_for_the_query(qwen3_pa
         k = torch.zeros(4, d)
         k[:, 0] = torch.tensor([top, top - 1, top - 2, top - 3])
         pages.append({"k": k, "v": k + i, "kmin": k.amin(0), "kmax": k.amax(0)})
-    k, v = ref._pages_for({"closed": pages}, qg)
+    for i, page in enumerate(pages):
+        page["pos"] = torch.arange(4) + 4 * i
+    k, v, first = ref._pages_for({"closed": pages}, qg)
+    assert first == {4, 12}
     assert torch.equal(k, torch.cat([pages[1]["k"], pages[3]["k"]])) and torch.equal(v[4:], pages[3]["v"])
     assert ref._pages_for({"closed": []}, qg) is None

@@ -51,7 +51,8 @@ def _solve(job: tuple) -> list[dict]:
         ids = ref.generate(encode(tokenizer, p.prompt), len(p.trace) + 16, stop_token=tokenizer.eos_token_id)
         grade = check(p, tokenizer.decode(ids, skip_special_tokens=True))
         rows.append({"problem": i, "correct": grade["correct"], "correct_steps": grade["correct_steps"],
-                     "steps": grade["steps"]})
+                     "steps": grade["steps"], "selections": ref.query_selections, "page_loads": ref.query_page_loads})
+        ref.query_selections = ref.query_page_loads = 0
     return rows
 
 
@@ -83,7 +84,9 @@ def run(args: argparse.Namespace) -> dict:
         row = {"setting": label, "query_pages": pages,
                "lag": lag, "cache_blocks": cache, "accuracy": sum(r["correct"] for r in rows) / len(rows),
                "mean_correct_step_fraction": sum(r["correct_steps"] / r["steps"] for r in rows) / len(rows),
-               "seconds": time.perf_counter() - t, "per_problem": [r["correct"] for r in rows]}
+               "seconds": time.perf_counter() - t, "per_problem": [r["correct"] for r in rows],
+               # what a per-step recall would copy: pages not chosen at the step before, per (layer, head) choice
+               "page_loads_per_selection": sum(r["page_loads"] for r in rows) / max(1, sum(r["selections"] for r in rows))}
         results["runs"].append(row)
         log.info("%-18s accuracy %.3f (%.0f s)", row["setting"], row["accuracy"], row["seconds"])
         full = next((r["accuracy"] for r in results["runs"] if r["query_pages"] is None), None)
