@@ -1,7 +1,10 @@
 """What a per-step (query-time) recall of evicted KV could buy on the task models: an upper bound.
 
-    python -m benchmarks.quality.query_recall --model benchmarks/quality/models/registers --problems 32 \
+    python -m tests.query_recall_study --model benchmarks/quality/models/registers --problems 32 \
         --budget 0.25 --settings 4:0,4:1 --workers 2
+
+It lives beside the oracle it measures (tests/ is absent from an installed package, which the benchmarks
+must not depend on) and runs from a checkout; it writes to benchmarks/results like a benchmark.
 
 Issue 27's recall decides at each compression, from the query window; on the `registers` task the value a
 line reads next sits in a register nobody has read lately, which that window cannot point at. This study
@@ -31,7 +34,7 @@ from benchmarks.provenance import write_result
 from benchmarks.quality.task import check, encode, generate
 from benchmarks.quality.task_accuracy import trained_args, trained_mode
 
-log = logging.getLogger("benchmarks.quality.query_recall")
+log = logging.getLogger("tests.query_recall_study")
 
 
 def _solve(job: tuple) -> list[dict]:
