@@ -62,6 +62,11 @@ class DenseCompressedReference:
         q = qs[:, h * group: (h + 1) * group].reshape(-1, self.head_dim)
         return torch.maximum(q * page["kmin"], q * page["kmax"]).sum(-1).max().item()
 
+    def _best_pages(self, pages, qs, h, n) -> list[int]:
+        """Indices of the n pages of highest bound for qs (ties: the later closed), best first."""
+        bounds = [self._bound(qs, h, p) for p in pages]
+        return sorted(range(len(pages)), key=lambda i: (-bounds[i], -i))[:n]
+
     def _candidates(self, store, qs, K, V, pos, G, n_prev):
         """One layer's candidates, per KV head: its resident entries and those of its recall_pages closed
         pages of highest bound (ties: the later closed), merged in position order. Returns K, V [N', H, D],
@@ -70,8 +75,7 @@ class DenseCompressedReference:
         Ks, Vs, Ps, Gs, recalled = [], [], [], [], []
         for h in range(self.n_kv):
             pages = store[h]["closed"]
-            bounds = [self._bound(qs, h, p) for p in pages]
-            best = sorted(range(len(pages)), key=lambda i: (-bounds[i], -i))[: self.recall_pages]
+            best = self._best_pages(pages, qs, h, self.recall_pages)
             chosen = [pages[i] for i in sorted(best)]
             store[h]["closed"] = [p for i, p in enumerate(pages) if i not in best]
             r_pos = torch.cat([p["pos"] for p in chosen]) if chosen else torch.empty(0, dtype=torch.long)
@@ -92,14 +96,13 @@ class DenseCompressedReference:
         G_new = torch.stack(Gs) if G is not None else None
         return torch.stack(Ks, 1), torch.stack(Vs, 1), Ps, G_new, recalled
 
-    def _pages_for(self, store_h, qg):
-        """K, V and first positions of the query_pages closed pages of highest bound for the queries qg
-        [group, D] (None: none)."""
+    def _pages_for(self, store_h, q, h):
+        """K, V and first positions of KV head h's query_pages closed pages of highest bound for the step's
+        queries q [1, H_q, D] (None: none)."""
         pages = store_h["closed"]
         if not pages:
             return None
-        bounds = [torch.maximum(qg * p["kmin"], qg * p["kmax"]).sum(-1).max().item() for p in pages]
-        best = sorted(range(len(pages)), key=lambda i: (-bounds[i], -i))[: self.query_pages]
+        best = self._best_pages(pages, q, h, self.query_pages)
         return (torch.cat([pages[i]["k"] for i in best]), torch.cat([pages[i]["v"] for i in best]),
                 {int(pages[i]["pos"][0]) for i in best})
 
@@ -241,7 +244,7 @@ class DenseCompressedReference:
                 if T == 1 and self.query_pages:  # a decode step with per-step recall: resident + chosen pages
                     for hk in range(self.n_kv):
                         qg = q[0, hk * group: (hk + 1) * group]
-                        chosen = self._pages_for(stores[li][hk], qg)
+                        chosen = self._pages_for(stores[li][hk], q, hk)
                         now = chosen[2] if chosen is not None else set()
                         self.query_selections += 1  # what a recall would move: pages not chosen last step
                         self.query_page_loads += len(now - last_chosen[li][hk])

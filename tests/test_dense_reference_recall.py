@@ -69,8 +69,8 @@ def test_per_step_recall_of_every_stored_page_is_full_attention(qwen3_path):
 def test_per_step_recall_picks_the_pages_of_highest_bound_for_the_query(qwen3_path):
     ref = DenseCompressedReference(qwen3_path, 4, 2, CCFG, query_pages=2)
     d = ref.head_dim
-    qg = torch.zeros(2, d)
-    qg[0, 0] = 1.0  # the group's first query looks along channel 0, the second sees nothing
+    q = torch.zeros(1, ref.n_heads, d)
+    q[0, 0, 0] = 1.0  # KV head 0's group: the first query looks along channel 0, the others see nothing
     pages = []
     for i, top in enumerate([0.1, 3.0, -2.0, 2.0]):  # channel-0 maxima; bounds 0.1, 3, 0, 2
         k = torch.zeros(4, d)
@@ -78,7 +78,7 @@ def test_per_step_recall_picks_the_pages_of_highest_bound_for_the_query(qwen3_pa
         pages.append({"k": k, "v": k + i, "kmin": k.amin(0), "kmax": k.amax(0)})
     for i, page in enumerate(pages):
         page["pos"] = torch.arange(4) + 4 * i
-    k, v, first = ref._pages_for({"closed": pages}, qg)
+    k, v, first = ref._pages_for({"closed": pages}, q, 0)
     assert first == {4, 12}
     assert torch.equal(k, torch.cat([pages[1]["k"], pages[3]["k"]])) and torch.equal(v[4:], pages[3]["v"])
-    assert ref._pages_for({"closed": []}, qg) is None
+    assert ref._pages_for({"closed": []}, q, 0) is None
