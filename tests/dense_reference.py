@@ -37,10 +37,12 @@ class DenseCompressedReference:
     highest bound for a decode step's own query (the max over the head's group), without their joining
     the cache or the scores. query_lag 0: chosen by this step's query (an ideal recall that lands at once);
     1: chosen by the previous step's query (a recall decided at the end of a step and landed before the
-    next). Extra pages beyond the budget: an upper bound on the accuracy such a recall can reach."""
+    next). Extra pages beyond the budget: an upper bound on the accuracy such a recall can reach.
+    query_newest_of > query_pages: the query_pages newest (by last position) of the query_newest_of pages
+    of highest bound, so that of several writes the query matches alike the latest wins."""
 
     def __init__(self, path: str, block_size: int, budget_blocks: int | None, ccfg, recall_pages: int = 0,
-                 host_pages: int | None = None, query_pages: int = 0, query_lag: int = 0):
+                 host_pages: int | None = None, query_pages: int = 0, query_lag: int = 0, query_newest_of: int = 0):
         from transformers import AutoModelForCausalLM
 
         self.hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -49,7 +51,7 @@ class DenseCompressedReference:
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         self.bs, self.budget, self.c = block_size, budget_blocks, ccfg
         self.recall_pages, self.host_pages = recall_pages, host_pages
-        self.query_pages, self.query_lag = query_pages, query_lag
+        self.query_pages, self.query_lag, self.query_newest_of = query_pages, query_lag, query_newest_of
         self.query_selections = self.query_page_loads = 0  # per-step recall: (layer, head) choices, pages new to them
         self.kept_log = []  # per compression: [layer][head] -> list of original token positions kept
         self.recalled_log = []  # per compression: [layer][head] -> positions of the recalled candidates
@@ -102,7 +104,9 @@ class DenseCompressedReference:
         pages = store_h["closed"]
         if not pages:
             return None
-        best = self._best_pages(pages, q, h, self.query_pages)
+        best = self._best_pages(pages, q, h, max(self.query_pages, self.query_newest_of))
+        if self.query_newest_of > self.query_pages:
+            best = sorted(best, key=lambda i: -int(pages[i]["pos"][-1]))[: self.query_pages]
         return (torch.cat([pages[i]["k"] for i in best]), torch.cat([pages[i]["v"] for i in best]),
                 {int(pages[i]["pos"][0]) for i in best})
 

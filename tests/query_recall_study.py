@@ -44,11 +44,11 @@ def _solve(job: tuple) -> list[dict]:
     from tests.dense_reference import DenseCompressedReference
     from zipserve.workers.config import CompressionConfig
 
-    model, problems, block_size, budget, pages, lag = job
+    model, problems, block_size, budget, pages, lag, newest_of = job
     torch.set_num_threads(1)
     tokenizer = AutoTokenizer.from_pretrained(model)
     ref = DenseCompressedReference(model, block_size, budget, CompressionConfig(), query_pages=pages or 0,
-                                   query_lag=lag)
+                                   query_lag=lag, query_newest_of=newest_of)
     rows = []
     for i, p in problems:
         ids = ref.generate(encode(tokenizer, p.prompt), len(p.trace) + 16, stop_token=tokenizer.eos_token_id)
@@ -80,11 +80,13 @@ def run(args: argparse.Namespace) -> dict:
         t = time.perf_counter()
         with ProcessPoolExecutor(args.workers) as pool:
             cache = None if pages is None else blocks - pages * args.within_budget
-            rows = [r for part in pool.map(_solve, [(args.model, s, args.block_size, cache, pages, lag) for s in shares])
+            rows = [r for part in pool.map(_solve, [(args.model, s, args.block_size, cache, pages, lag, args.newest_of)
+                                                 for s in shares])
                     for r in part]
         rows.sort(key=lambda r: r["problem"])
-        label = "full KV" if pages is None else f"{pages} pages, lag {lag}" + (f", cache {cache}" if args.within_budget else "")
-        row = {"setting": label, "query_pages": pages,
+        label = "full KV" if pages is None else (f"{pages} pages, lag {lag}" + (f", cache {cache}" if args.within_budget else "")
+                                                 + (f", newest of {args.newest_of}" if args.newest_of else ""))
+        row = {"setting": label, "query_pages": pages, "newest_of": args.newest_of,
                "lag": lag, "cache_blocks": cache, "accuracy": sum(r["correct"] for r in rows) / len(rows),
                "mean_correct_step_fraction": sum(r["correct_steps"] / r["steps"] for r in rows) / len(rows),
                "seconds": time.perf_counter() - t, "per_problem": [r["correct"] for r in rows],
@@ -133,6 +135,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--no-full", action="store_true", help="skip the full-KV run")
     ap.add_argument("--within-budget", action="store_true",
                     help="the cache keeps `pages` pages fewer than the budget (resident + recalled = the budget)")
+    ap.add_argument("--newest-of", type=int, default=0,
+                    help="recall the `pages` newest of this many pages of highest bound (0: the highest)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--tag", default="")

@@ -82,3 +82,9 @@ def test_per_step_recall_picks_the_pages_of_highest_bound_for_the_query(qwen3_pa
     assert first == {4, 12}
     assert torch.equal(k, torch.cat([pages[1]["k"], pages[3]["k"]])) and torch.equal(v[4:], pages[3]["v"])
     assert ref._pages_for({"closed": []}, q, 0) is None
+    # query_newest_of: of the 2 pages of highest bound (1 and 3), the newest (3), not the highest (1)
+    ref.query_pages, ref.query_newest_of = 1, 2
+    k, v, first = ref._pages_for({"closed": pages}, q, 0)
+    assert first == {12} and torch.equal(k, pages[3]["k"])
+    ref.query_newest_of = 3  # pages 1, 3 and 0 (bound 0.1): page 3 is still the newest of them
+    assert ref._pages_for({"closed": pages}, q, 0)[2] == {12}
