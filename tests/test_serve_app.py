@@ -310,8 +310,8 @@ def test_first_and_last_chunks_carry_the_workers_capacity(server, oracle):
 def test_many_streams_over_the_multiplexed_channel_are_exact_ordered_and_none_starved(server, oracle):
     """24 concurrent streamed chats share each worker's one stream to the ingress (cluster/channel.py):
     every stream's text equals the engine's greedy output (so its chunks arrived complete and in order),
-    per-chunk usage (continuous_usage_stats) counts up to max_tokens, and every stream got tokens before
-    the last stream started finishing (none was held back until the others were done)."""
+    per-chunk usage (continuous_usage_stats) counts up to max_tokens, and most streams got tokens before
+    the first one finished (none was held back until the others were done)."""
     prompts = [f"{i} little pigs went to market and" for i in range(24)]
     want = {p: oracle(_chat_prompt(oracle, [{"role": "user", "content": p}]), 48, ignore_eos=True).text for p in prompts}
 
@@ -345,9 +345,12 @@ def test_many_streams_over_the_multiplexed_channel_are_exact_ordered_and_none_st
         assert text == want[p], p
         assert counts == sorted(counts) and counts[-1] == 48
         assert first is not None and finish is not None
-    # Two replicas of 16 slots: all 24 decode together (even split 16 / 8), so every stream's first token
-    # comes before any stream's last one.
-    assert max(r[3] for r in results) < min(r[4] for r in results)
+    # Two replicas of 16 slots run all 24 together. A channel that held streams back until others were done
+    # would let at most one stream per replica start before the first finish. Concurrent delivery lets
+    # them all start, less any the ingress admitted late on a loaded machine; so at least half must.
+    first_finish = min(r[4] for r in results)
+    started = sum(r[3] < first_finish for r in results)
+    assert started >= len(results) // 2, (started, sorted(r[3] - first_finish for r in results))
 
 
 # ---- API parity: logprobs, echo, neutral fields, vLLM extras, errors naming their param ---------------
