@@ -52,7 +52,6 @@ class DenseCompressedReference:
         self.bs, self.budget, self.c = block_size, budget_blocks, ccfg
         self.recall_pages, self.host_pages = recall_pages, host_pages
         self.query_pages, self.query_lag, self.query_newest_of = query_pages, query_lag, query_newest_of
-        self.query_selections = self.query_page_loads = 0  # per-step recall: (layer, head) choices, pages new to them
         self.kept_log = []  # per compression: [layer][head] -> list of original token positions kept
         self.recalled_log = []  # per compression: [layer][head] -> positions of the recalled candidates
         self.dropped_pages = 0  # stored pages dropped for host_pages (per layer and head, summed)
@@ -215,6 +214,7 @@ class DenseCompressedReference:
         # [layer][head] -> {"closed": full pages, oldest first; "open": the page being filled, or None}
         stores = [[{"closed": [], "open": None} for _ in range(self.n_kv)] for _ in range(L)]
         self.stores = stores  # (the last request's, for tests)
+        self.query_selections = self.query_page_loads = 0  # last request: per-step choices, pages new to them
         tokens, out = list(prompt), []
         self.prompt_len = len(prompt)
         todo = list(prompt)

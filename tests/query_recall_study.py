@@ -55,7 +55,6 @@ def _solve(job: tuple) -> list[dict]:
         grade = check(p, tokenizer.decode(ids, skip_special_tokens=True))
         rows.append({"problem": i, "correct": grade["correct"], "correct_steps": grade["correct_steps"],
                      "steps": grade["steps"], "selections": ref.query_selections, "page_loads": ref.query_page_loads})
-        ref.query_selections = ref.query_page_loads = 0
     return rows
 
 
